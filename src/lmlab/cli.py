@@ -1,0 +1,72 @@
+"""``lmlab <command>``: a map from subcommand to a plain function.
+
+Each entry names ``module:function``; the function takes the remaining argv and returns
+an exit code. Modules are imported only when their command runs, so ``lmlab --help``
+stays fast and optional dependencies stay optional. A ``UserError`` becomes one line on
+stderr and its exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmlab.errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lmlab.train.commands:train_main", "train a model from a config (pretraining)"),
+    "generate": ("lmlab.eval.commands:generate_main", "sample text from a run directory"),
+    "eval": ("lmlab.eval.commands:eval_main", "evaluate a run (perplexity, memorization)"),
+    "config": ("lmlab.train.commands:config_main", "show or validate a resolved config"),
+    "tokenizer": ("lmlab.data.commands:tokenizer_main", "train a byte-level BPE tokenizer"),
+    "data": ("lmlab.data.commands:data_main", "tokenize local files into memmap shards"),
+    "sft": ("lmlab.train.commands:sft_main", "supervised fine-tuning on chat / prompt-completion data"),
+    "align": ("lmlab.train.commands:align_main", "preference optimization (DPO, IPO, SimPO, LN-DPO, ORPO)"),
+    "reward": ("lmlab.train.commands:reward_main", "train or score a reward model"),
+    "import-hf": ("lmlab.models.hf_commands:import_main", "import a local Hugging Face checkpoint as a run"),
+    "export-hf": ("lmlab.models.hf_commands:export_main", "export a run in Hugging Face format"),
+    "export": ("lmlab.train.commands:export_main", "consolidate a run's checkpoint into one safetensors file"),
+    "sweep": ("lmlab.science.commands:sweep_main", "run a sweep of configs; collect results"),
+    "fit": ("lmlab.science.commands:fit_main", "fit a scaling law to sweep results"),
+    "predict": ("lmlab.science.commands:predict_main", "predict from a fitted law"),
+    "report": ("lmlab.report.commands:report_main", "write an HTML report for a run or sweep"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lmlab <command> [args]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'lmlab <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from lmlab import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lmlab: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[name][0]
+    module_name, func_name = target.split(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as err:
+        print(f"lmlab {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"lmlab {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""CLI entry points: ``lmlab generate`` and ``lmlab eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lmlab.errors import UserError
+
+
+def generate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmlab generate", description="Sample text from a run's latest checkpoint.")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
+        raise UserError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0 and --max-new-tokens >= 1")
+
+    from lmlab.models.generation import generate
+    from lmlab.train.checkpoint import load_model
+
+    model, _, tokenizer = load_model(args.run_dir, device=args.device)
+    if tokenizer is None:
+        raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    ids = prefix + tokenizer.encode(args.prompt)
+    for i in range(args.num_samples):
+        new = generate(
+            model,
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=tokenizer.eos_id,
+            generator=gen,
+        )
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmlab eval", description="Evaluate a run.")
+    sub = p.add_subparsers(dest="kind", required=True)
+    ppl = sub.add_parser("perplexity", help="validation loss and perplexity")
+    ppl.add_argument("run_dir")
+    ppl.add_argument("--data", help="prepared data directory (default: the run's own data)")
+    ppl.add_argument("--split", default="val", choices=["train", "val"])
+    ppl.add_argument("--tokens", type=int, default=None, help="token budget (default: train.eval_tokens)")
+    ppl.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    from lmlab.eval.perplexity import perplexity
+    from lmlab.train.checkpoint import load_model
+
+    model, cfg, tokenizer = load_model(args.run_dir, device=args.device)
+    data_dir = Path(args.data) if args.data else _run_data_dir(Path(args.run_dir))
+    out = perplexity(
+        model,
+        tokenizer,
+        data_dir,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.micro_batch_size,
+        budget_tokens=args.tokens or cfg.train.eval_tokens,
+        split=args.split,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+def _run_data_dir(run_dir: Path) -> Path:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        data_dir = json.loads(summary.read_text()).get("data_dir")
+        if data_dir and Path(data_dir).is_dir():
+            return Path(data_dir)
+    raise UserError(f"{run_dir}: its data directory is not available; pass --data DIR")

@@ -1,0 +1,265 @@
+"""Checkpoints: atomic, checksummed, safe to load, pruned to the last K.
+
+Layout: ``RUN_DIR/checkpoints/step_0000100/`` holds ``model.safetensors`` (weights),
+``train_state.pt`` (optimizer, sampler position, RNG states, step; tensors and plain
+Python only, loaded with ``weights_only=True`` so nothing can run code) and
+``meta.json`` (step, model config, parameter shapes, SHA-256 of each file).
+
+A checkpoint is written into a hidden temporary directory, every file is fsynced, and
+the directory is renamed into place; a process killed mid-write leaves the previous
+checkpoints untouched and the partial one invisible. Loading verifies the checksums
+(corruption) and the model config and parameter shapes (a checkpoint from another model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmlab import __version__
+from lmlab.config import ModelConfig
+from lmlab.errors import CheckpointError
+
+CKPT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+
+
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied weights stored once and tensors made contiguous on CPU."""
+    seen: dict[int, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen and tensor.numel() > 0:
+            continue  # tied weight (e.g. lm_head == tok_embeddings)
+        seen[key] = name
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module | dict[str, torch.Tensor],
+    *,
+    model_cfg: ModelConfig,
+    train_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Atomically write the checkpoint of ``step``; prune to ``keep_last``; return its directory."""
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = model if isinstance(model, dict) else model_state_dict(model)
+    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "lmlab", "step": str(step)})
+    files = [MODEL_FILE]
+    if train_state is not None:
+        torch.save(train_state, tmp / STATE_FILE)
+        files.append(STATE_FILE)
+    for name in files:
+        _fsync_file(tmp / name)
+    info = {
+        "format_version": FORMAT_VERSION,
+        "lmlab_version": __version__,
+        "step": step,
+        "model_config": asdict(model_cfg),
+        "shapes": {k: list(v.shape) for k, v in weights.items()},
+        "sha256": {name: _sha256(tmp / name) for name in files},
+        **(meta or {}),
+    }
+    (tmp / META_FILE).write_text(json.dumps(info, indent=1))
+    _fsync_file(tmp / META_FILE)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. final == periodic): replace atomically
+        old = root / f".old_{step_dir_name(step)}_{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Completed checkpoints, oldest first (temporary directories are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and (p / META_FILE).is_file():
+            try:
+                found.append((int(p.name[len("step_") :]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, and stale temporary dirs."""
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        shutil.rmtree(p, ignore_errors=True)
+    root = Path(run_dir) / CKPT_DIR
+    for p in root.glob(".tmp_step_*"):
+        if p.name.endswith(f"_{os.getpid()}"):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: not a checkpoint ({META_FILE} is missing)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{ckpt / META_FILE}: corrupted ({err})") from None
+
+
+def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """Check file checksums and (if given) that the checkpoint belongs to ``model_cfg``."""
+    meta = read_meta(ckpt)
+    for name, digest in meta.get("sha256", {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt}: {name} is missing")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: corrupted (checksum mismatch); earlier checkpoints may still be intact")
+    if model_cfg is not None:
+        theirs = meta.get("model_config", {})
+        ours = asdict(model_cfg)
+        diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs run {ours[k]!r}" for k in _ARCH_KEYS if theirs.get(k) != ours[k]]
+        if diffs:
+            raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(diffs)})")
+    return meta
+
+
+_ARCH_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "tie_embeddings",
+    "qk_norm",
+    "attn_bias",
+)
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """Verify and load ``model.safetensors`` into ``model`` (strict); return the meta."""
+    meta = verify_checkpoint(ckpt, model_cfg)
+    try:
+        weights = load_file(str(ckpt / MODEL_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable ({err})") from None
+    expected = model_state_dict(model)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    bad_shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or bad_shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if bad_shapes:
+            parts.append(f"shape mismatch {bad_shapes[:3]}")
+        raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(parts)})")
+    model.load_state_dict(weights, strict=False)  # tied weights are stored once
+    return meta
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt}: no training state ({STATE_FILE}); cannot resume from a weights-only checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupted file
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (-> its latest checkpoint) or a checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"run directory does not exist: {p}")
+    if (p / META_FILE).is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"{p}: no checkpoint found (expected {CKPT_DIR}/step_*/)")
+    return latest
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Load ``(model, cfg, tokenizer)`` from a run directory or a checkpoint directory."""
+    from lmlab.config import load_config
+    from lmlab.data.tokenizer import TextTokenizer
+    from lmlab.models.decoder import Decoder
+
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
+    cfg = load_config(run_dir / "config.yaml")
+    tok_path = run_dir / "tokenizer.json"
+    tokenizer = TextTokenizer.load(tok_path) if tok_path.is_file() else None
+    model = Decoder(cfg.model)
+    load_weights(ckpt, model, cfg.model)
+    model.to(device).eval()
+    return model, cfg, tokenizer
