@@ -21,7 +21,7 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--out", help="run directory to create (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     from lmlab.train.pretrain import run_pretraining
 
@@ -52,7 +52,7 @@ def config_main(argv: list[str]) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.action == "show":
         print(dump_yaml(cfg), end="")

@@ -85,6 +85,8 @@ def run_pretraining(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quie
 
     data_dir, tokenizer = prepare_run_data(cfg, run_dir)
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+    if resume:  # refuse a mismatched model before anything in the run directory is rewritten
+        ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(run_dir), cfg.model)
     save_config(cfg, run_dir / "config.yaml")
     (run_dir / "env.json").write_text(json.dumps(environment(device), indent=1))
     manifest = load_manifest(data_dir)
