@@ -147,6 +147,82 @@ class SampleConfig:
 
 
 @dataclass
+class GoldfishConfig:
+    """Goldfish loss (SCIENCE.md §5): drop ~1/k of the targets from the loss, chosen by a hash of the context."""
+
+    enabled: bool = False
+    k: int = 4
+    strategy: Literal["hash", "static"] = "hash"
+    context_width: int = 13
+    start: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher (an lmlab run dir or an imported HF run) with the same tokenizer."""
+
+    teacher: str | None = None
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5  # generalized JSD mixture weight
+    temperature: float = 1.0
+    alpha: float = 0.5  # total = alpha * KD + (1 - alpha) * CE
+    topk_cache: int = 0  # >0: cache the teacher's top-k log-probs on disk and run the teacher once
+
+
+@dataclass
+class ObjectiveConfig:
+    """Switches on the token-level LM objective, combinable; each component is logged."""
+
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0  # PaLM z-loss coefficient (1e-4 in the paper)
+    neftune_alpha: float = 0.0  # NEFTune noise (training only); 0 = off
+    goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning data: JSONL conversations or prompt/completion pairs."""
+
+    train_file: str | None = None
+    val_file: str | None = None
+    loss_on: Literal["assistant", "all"] = "assistant"
+    packing: bool = True
+    overlong: Literal["truncate", "drop"] = "truncate"
+    chat_template: str | None = None  # None: the tokenizer's own, else lmlab's built-in template
+    epochs: float = 0.0  # > 0: set train.steps from the dataset size
+
+
+@dataclass
+class AlignConfig:
+    """Preference optimization (SCIENCE.md §7)."""
+
+    train_file: str | None = None
+    val_file: str | None = None
+    loss: Literal["dpo", "ipo", "simpo", "ln_dpo", "orpo"] = "dpo"
+    beta: float = 0.1
+    gamma: float = 0.5  # SimPO target margin
+    label_smoothing: float = 0.0  # cDPO
+    orpo_lambda: float = 0.1
+    sft_weight: float = 0.0  # optional NLL on the chosen answer
+    precompute_reference: bool = False
+    identical_pairs: Literal["skip", "error"] = "skip"
+    diagnostics_every: int = 50  # gradient-entanglement probe cadence (steps)
+    max_prompt_len: int = 128
+    max_len: int = 256
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training through torchrun (DDP or FSDP2)."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    activation_checkpointing: Literal["none", "full"] = "none"
+    mixed_precision_param: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
 class RunConfig:
     """The whole run."""
 
@@ -158,6 +234,11 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    init_from: str | None = None  # start from the weights of an lmlab run dir (e.g. an imported HF model)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- validation
@@ -215,6 +296,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be >= 300 (256 bytes + specials)")
     if t.precision == "fp16" and t.device == "cpu":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    ob = cfg.objective
+    if not 0.0 <= ob.label_smoothing < 1.0:
+        raise ConfigError(f"objective.label_smoothing={ob.label_smoothing} must be in [0, 1)")
+    _positive("objective.z_loss", ob.z_loss, allow_zero=True)
+    _positive("objective.neftune_alpha", ob.neftune_alpha, allow_zero=True)
+    if ob.goldfish.k < 2:
+        raise ConfigError(f"objective.goldfish.k={ob.goldfish.k} must be >= 2")
+    _positive("objective.goldfish.context_width", ob.goldfish.context_width)
+    if not 0.0 <= ob.distill.alpha <= 1.0:
+        raise ConfigError(f"objective.distill.alpha={ob.distill.alpha} must be in [0, 1]")
+    _positive("objective.distill.temperature", ob.distill.temperature)
+    if not 0.0 < ob.distill.beta < 1.0:
+        raise ConfigError(f"objective.distill.beta={ob.distill.beta} must be in (0, 1)")
+    if cfg.align.beta <= 0:
+        raise ConfigError(f"align.beta={cfg.align.beta} must be > 0")
     _positive("sample.temperature", cfg.sample.temperature, allow_zero=True)
     if not 0.0 < cfg.sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p={cfg.sample.top_p} must be in (0, 1]")

@@ -52,7 +52,7 @@ def config_main(argv: list[str]) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*")
-    args = p.parse_intermixed_args(argv)
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.action == "show":
         print(dump_yaml(cfg), end="")

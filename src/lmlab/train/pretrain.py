@@ -15,8 +15,8 @@ import torch
 from lmlab.config import RunConfig, save_config
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import CheckpointError, ConfigError, UserError
-from lmlab.objectives.lm import causal_lm_loss
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.train.loop import Trainer, evaluate_lm
 from lmlab.train.metrics import MetricsLogger
 from lmlab.train.runtime import environment, resolve_device, seed_everything
@@ -38,10 +38,6 @@ class LMBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
-
-
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    return causal_lm_loss(model(batch["input_ids"]), batch["labels"])
 
 
 def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> RunConfig:
@@ -102,7 +98,9 @@ def run_pretraining(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quie
         t = cfg.train
         return evaluate_lm(m, eval_batches(val_tokens, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
 
-    trainer = Trainer(cfg, run_dir, model, batches, lm_loss, device=device, eval_fn=eval_fn)
+    attach_objective_hooks(model, cfg.objective, pad_id=None)
+    loss_fn = build_lm_loss(cfg.objective)
+    trainer = Trainer(cfg, run_dir, model, batches, loss_fn, device=device, eval_fn=eval_fn)
     if resume:
         ckpt = trainer.resume()
         if not quiet:
