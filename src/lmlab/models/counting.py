@@ -1,0 +1,115 @@
+"""Parameter and FLOP counts of a decoder from its config alone (no model is built).
+
+Conventions (used by ``summary.json`` and the scaling-law fitters):
+
+- ``embedding`` parameters are the token embedding V·d plus the lm_head V·d when it is
+  not tied; ``non_embedding`` is everything else (attention, MLP, biases and norms).
+- Forward FLOPs per token follow Kaplan et al. 2020 (arXiv 2001.08361, Table 1):
+  ``2·N_matmul + 2·n_layers·seq_len·d_attn + 2·d_model·V``, where N_matmul counts the
+  weights of the q/k/v/o and MLP projections (biases and norms are negligible and left
+  out), ``2·n_layers·seq_len·d_attn`` is Kaplan's attention term (d_attn = n_heads·head_dim
+  = d_model) with the causal mask *not* halving it, and ``2·d·V`` is the lm_head matmul.
+  Chinchilla (Hoffmann et al. 2022, App. F) counts the logits and the weighted sum of
+  attention separately (4·seq_len·d per layer); we keep Kaplan's term.
+- Training FLOPs = 3 × forward (backward ≈ 2 × forward), i.e. ≈ 6·N per token.
+
+``python -m lmlab.models.counting`` prints the README table of the named sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from lmlab.config import ModelConfig
+from lmlab.models.mlp import ffn_hidden_size
+from lmlab.models.sizes import SIZES
+
+
+def _layer_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul weights, all parameters) of one block."""
+    d, hd = cfg.d_model, cfg.head_dim
+    q_out, kv_out = cfg.n_heads * hd, cfg.kv_heads * hd
+    attn_matmul = d * q_out + 2 * d * kv_out + q_out * d  # q, k, v, o
+    mlp_matmul = 3 * d * ffn_hidden_size(cfg)  # gate, up, down
+    matmul = attn_matmul + mlp_matmul
+    bias = (q_out + 2 * kv_out) if cfg.attn_bias else 0
+    qk_norm = 2 * hd if cfg.qk_norm else 0
+    norms = 2 * d  # attn_norm, mlp_norm
+    return matmul, matmul + bias + qk_norm + norms
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """``{"total", "non_embedding", "embedding"}`` parameter counts (tied weights once)."""
+    _, per_layer = _layer_params(cfg)
+    embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    non_embedding = cfg.n_layers * per_layer + cfg.d_model  # + final norm
+    return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
+    """``{"forward", "training"}`` FLOPs per token at context ``seq_len`` (conventions above)."""
+    matmul, _ = _layer_params(cfg)
+    d_attn = cfg.n_heads * cfg.head_dim
+    forward = 2 * cfg.n_layers * matmul + 2 * cfg.n_layers * seq_len * d_attn + 2 * cfg.d_model * cfg.vocab_size
+    return {"forward": forward, "training": 3 * forward}
+
+
+def size_config(name: str, vocab_size: int) -> ModelConfig:
+    """The ``ModelConfig`` of a named size (``lmlab.models.sizes``) with a given vocabulary."""
+    return replace(ModelConfig(), size=name, vocab_size=vocab_size, **SIZES[name])
+
+
+def size_table(vocab_size: int = 32000, seq_len: int = 2048) -> list[dict]:
+    """One row per named size: name, layers, width, heads, kv_heads, params, non_embedding_params,
+    flops_per_token (training FLOPs per token, 3 × forward)."""
+    rows = []
+    for name in SIZES:
+        cfg = size_config(name, vocab_size)
+        params = count_params(cfg)
+        rows.append(
+            {
+                "name": name,
+                "layers": cfg.n_layers,
+                "width": cfg.d_model,
+                "heads": cfg.n_heads,
+                "kv_heads": cfg.kv_heads,
+                "params": params["total"],
+                "non_embedding_params": params["non_embedding"],
+                "flops_per_token": flops_per_token(cfg, seq_len)["training"],
+            }
+        )
+    return rows
+
+
+def _human(n: float, billions: str = "B") -> str:
+    for unit, scale in ((billions, 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Render ``size_table`` rows as a markdown table."""
+    header = "| size | layers | width | heads | kv heads | params | non-embedding | training FLOPs/token |"
+    lines = [header, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['layers']} | {r['width']} | {r['heads']} | {r['kv_heads']} | "
+            f"{_human(r['params'])} | {_human(r['non_embedding_params'])} | {_human(r['flops_per_token'], 'G')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmlab.models.counting", description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    args = parser.parse_args(argv)
+    print(markdown_table(size_table(args.vocab_size, args.seq_len)))
+    print(f"\nVocabulary {args.vocab_size}, context {args.seq_len}; training FLOPs = 3 x forward (Kaplan et al. 2020).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

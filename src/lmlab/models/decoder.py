@@ -1,0 +1,160 @@
+"""The Llama-style decoder: token embeddings, pre-norm blocks (attention + SwiGLU, each with
+a residual), a final RMSNorm and the output projection (tied to the embeddings or not).
+
+Single-device and plain PyTorch (DESIGN.md principle 1): FSDP, activation checkpointing
+and ``torch.compile`` wrap ``model.layers[i]`` from outside. Parameter names follow
+docs/CONTRACTS.md (Model) and map one-to-one onto Hugging Face Llama names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError
+from lmlab.models.attention import Attention, KVCache, LayerKVCache, attention_mask
+from lmlab.models.mlp import SwiGLU, ffn_hidden_size
+from lmlab.models.norms import RMSNorm
+from lmlab.models.rope import RotaryEmbedding
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 at every document boundary: [B, T] ids -> [B, T] positions.
+
+    A boundary is any change of id between neighbours, e.g. doc_ids [7, 7, 7, 2, 2] gives
+    [0, 1, 2, 0, 1].
+    """
+    seq = doc_ids.shape[1]
+    index = torch.arange(seq, device=doc_ids.device).expand_as(doc_ids)  # [B, T]
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values  # [B, T]
+    return index - start
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, ffn_hidden_size(cfg))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model built from ``ModelConfig`` (see docs/CONTRACTS.md, Model).
+
+    It holds no buffers (the RoPE tables are built lazily), so it can be created on the meta
+    device, materialised with ``to_empty(device=...)`` and initialised with ``init_weights()``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ConfigError(
+                f"model.vocab_size={cfg.vocab_size}: set it, or take it from the tokenizer, before building"
+            )
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Tied: the output projection reuses tok_embeddings.weight and has no parameter of its own.
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for linear and embedding weights, zero biases, unit norm gains;
+        the projections that write into the residual stream (o_proj, down_proj) get
+        init_std / sqrt(2·n_layers) (GPT-2, Radford et al. 2019), two per block."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.layers:
+            nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty cache for incremental decoding with ``forward(..., kv_cache=cache)``."""
+        return KVCache(len(self.layers))
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``input_ids`` [B, T] -> final-normed hidden states [B, T, d].
+
+        ``position_ids`` default to 0..T−1 (restarting per document when ``doc_ids`` is
+        given; continuing after the cached positions with ``kv_cache``). ``doc_ids`` [B, T]
+        restricts attention to the same document. ``kv_cache`` is extended in place.
+        """
+        batch, seq = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        max_position = None
+        if position_ids is None:
+            if doc_ids is not None:
+                position_ids = document_positions(doc_ids)
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+            max_position = past + seq - 1
+        rope = self.rope(position_ids, max_position)  # cos, sin: [B, T, head_dim]
+        mask = attention_mask(seq, past, doc_ids, input_ids.device)
+        hidden = self.tok_embeddings(input_ids)  # [B, T, d]
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, rope, mask, None if kv_cache is None else kv_cache.layers[i])
+        return self.norm(hidden)
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden [..., d] -> logits [..., V]."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.tok_embeddings.weight)
+        return self.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """``input_ids`` [B, T] -> logits [B, T, V]; arguments as in ``forward_hidden``."""
+        hidden = self.forward_hidden(input_ids, position_ids=position_ids, doc_ids=doc_ids, kv_cache=kv_cache)
+        return self.output(hidden)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); ``non_embedding`` leaves out the token
+        embedding and an untied lm_head (the convention of ``lmlab.models.counting``)."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.tok_embeddings.weight.numel()
+            if self.lm_head is not None:
+                total -= self.lm_head.weight.numel()
+        return total

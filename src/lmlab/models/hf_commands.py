@@ -1,0 +1,185 @@
+"""``lmlab import-hf`` and ``lmlab export-hf``: move models between Hugging Face directories
+and lmlab run directories (docs/CONTRACTS.md, Run directory).
+
+Import writes ``config.yaml`` (a ``RunConfig`` whose model section describes the HF model),
+``tokenizer.json`` and the weights as a step-0 checkpoint, so every lmlab command (generate,
+eval, sft, align, a teacher for distillation) can use the model. Export writes
+``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json`` and
+``tokenizer_config.json`` that ``transformers`` loads with ``AutoModelForCausalLM`` /
+``AutoTokenizer``. Both are local-only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import RunConfig, TokenizerConfig, TrainConfig, save_config, validate
+from lmlab.errors import CheckpointError, DataError, UserError
+from lmlab.models import hf
+
+# The chat layout written by export when the tokenizer has lmlab's chat tokens: each message is
+# <|role|> content <|end|>, and a generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- import
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = None) -> RunConfig:
+    """Turn a local HF model directory into an lmlab run directory; return its ``RunConfig``."""
+    from lmlab.data.tokenizer import TextTokenizer
+    from lmlab.models.decoder import Decoder
+    from lmlab.train.checkpoint import save_checkpoint
+
+    src, out = Path(hf_dir), Path(run_dir)
+    if not src.is_dir():
+        raise UserError(f"Hugging Face directory not found: {src}")
+    if (out / "config.yaml").exists():
+        raise UserError(f"{out} already holds a run (config.yaml); choose a new --out directory")
+    hf_config = hf.read_hf_config(src)
+    model_cfg = hf.hf_config_to_model_config(hf_config, source=str(src / "config.json"))
+    tok_src = src / "tokenizer.json"
+    if not tok_src.is_file():
+        raise DataError(
+            f"{src} has no tokenizer.json; save the fast tokenizer first "
+            "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
+        )
+    tokenizer = TextTokenizer.load(tok_src)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise DataError(
+            f"{tok_src} has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}"
+        )
+    state = hf.hf_state_dict_to_lmlab(hf.load_hf_state_dict(src), model_cfg)
+    with torch.device("meta"):  # check names and shapes without allocating the model
+        skeleton = Decoder(model_cfg)
+    hf.check_state_dict(skeleton, state, source=str(src))
+    cfg = RunConfig(
+        name=name or src.resolve().name,
+        model=model_cfg,
+        tokenizer=TokenizerConfig(path=str((out / "tokenizer.json").resolve())),
+        train=replace(TrainConfig(), seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len)),
+    )
+    validate(cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tok_src, out / "tokenizer.json")
+    if (src / "tokenizer_config.json").is_file():  # kept for export (chat template, special tokens)
+        shutil.copyfile(src / "tokenizer_config.json", out / "tokenizer_config.json")
+    save_checkpoint(
+        out,
+        0,
+        state,
+        model_cfg=model_cfg,
+        meta={
+            "source": "import-hf",
+            "hf_dir": str(src.resolve()),
+            "architecture": hf.hf_architecture(hf_config, str(src)),
+        },
+    )
+    save_config(cfg, out / "config.yaml")
+    return cfg
+
+
+def import_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmlab import-hf",
+        description="Import a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3; safetensors) as a run.",
+    )
+    parser.add_argument("hf_dir", help="directory with config.json, model.safetensors[.index.json], tokenizer.json")
+    parser.add_argument("--out", required=True, help="run directory to create")
+    parser.add_argument("--name", default=None, help="run name (default: the HF directory's name)")
+    args = parser.parse_args(argv)
+    cfg = import_hf(args.hf_dir, args.out, name=args.name)
+    m = cfg.model
+    print(
+        f"imported {args.hf_dir} -> {args.out}: {m.n_layers} layers, d_model {m.d_model}, "
+        f"{m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _tokenizer_config(tokenizer: Any, run_dir: Path, max_seq_len: int) -> dict[str, Any]:
+    """``tokenizer_config.json`` for ``PreTrainedTokenizerFast``: special tokens and a chat template."""
+    imported = run_dir / "tokenizer_config.json"
+    base: dict[str, Any] = json.loads(imported.read_text()) if imported.is_file() else {}
+    out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len}
+    for role, tid in (
+        ("bos_token", tokenizer.bos_id),
+        ("eos_token", tokenizer.eos_id),
+        ("pad_token", tokenizer.pad_id),
+    ):
+        if tid is not None:
+            out[role] = tokenizer.id_to_token(tid)
+    if base.get("chat_template"):
+        out["chat_template"] = base["chat_template"]
+    elif all(tokenizer.token_to_id(t) is not None for t in _CHAT_TOKENS):
+        out["chat_template"] = CHAT_TEMPLATE
+    return out
+
+
+def _generation_config(cfg: RunConfig, tokenizer: Any) -> dict[str, Any]:
+    s = cfg.sample
+    out: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if tokenizer.pad_id is not None:
+        out["pad_token_id"] = tokenizer.pad_id
+    if s.temperature > 0:
+        out.update(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    else:
+        out["do_sample"] = False
+    return out
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Write the run's (latest, or the given checkpoint directory's) model in HF format to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    from lmlab.train.checkpoint import load_model, model_state_dict
+
+    model, cfg, tokenizer = load_model(run_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"{run_dir}: the run has no tokenizer.json; a Hugging Face export needs one")
+    hf_config = hf.model_config_to_hf_config(
+        cfg.model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, dtype=dtype
+    )
+    run = Path(run_dir)
+    run_root = run.parent.parent if (run / "meta.json").is_file() else run
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.to(_DTYPES[dtype]) for k, v in hf.lmlab_state_dict_to_hf(model_state_dict(model)).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg, tokenizer), indent=2))
+    (out / "tokenizer.json").write_text(tokenizer.to_json())
+    tok_cfg = _tokenizer_config(tokenizer, run_root, cfg.model.max_seq_len)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    return out
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmlab export-hf",
+        description="Export a run (its latest checkpoint, or a checkpoint directory) in Hugging Face format.",
+    )
+    parser.add_argument("run_dir", help="run directory, or one of its checkpoints/step_* directories")
+    parser.add_argument("out_dir", help="directory to write config.json, model.safetensors, tokenizer files")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights")
+    args = parser.parse_args(argv)
+    out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype)
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {args.run_dir} -> {out} ({arch}, {args.dtype})")
+    return 0

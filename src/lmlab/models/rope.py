@@ -1,0 +1,74 @@
+"""Rotary position embedding (RoPE; Su et al. 2021, "RoFormer", arXiv 2104.09864).
+
+Pairs of channels of q and k are rotated by an angle ``position · theta^(-2i/d)``, so the
+dot product <q_m, k_n> depends on positions only through m − n. We use the *rotate-half*
+layout of Hugging Face Llama: channel i is paired with channel i + d/2 (not 2i with
+2i+1), so HF checkpoints load without permuting the q/k projection rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dimension split in two halves."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by the angles whose cos/sin are given as [B, T, D]."""
+    cos = cos.unsqueeze(1).to(x.dtype)  # [B, 1, T, D], broadcast over heads
+    sin = sin.unsqueeze(1).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, looked up by ``position_ids``.
+
+    The table is built lazily (on first use, on the device of the positions) up to
+    ``max_seq_len`` and rebuilt longer when a position beyond it is requested, so the
+    module holds no state that checkpoints or meta-device initialisation must handle.
+    Angles are computed in fp32.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.theta = theta
+        self._cos: torch.Tensor | None = None  # [L, D] fp32
+        self._sin: torch.Tensor | None = None
+
+    def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        """theta^(-2i/d) for i = 0 .. d/2 − 1, fp32 [D/2]."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def _build(self, length: int, device: torch.device) -> None:
+        positions = torch.arange(length, dtype=torch.int64, device=device).float()  # [L]
+        freqs = torch.outer(positions, self.inv_freq(device))  # [L, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [L, D]: rotate-half layout
+        self._cos, self._sin = angles.cos(), angles.sin()
+
+    def forward(self, position_ids: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``position_ids`` [B, T] (int) -> (cos, sin), each fp32 [B, T, D].
+
+        ``max_position`` is an upper bound on the positions when the caller knows one; it
+        avoids reading the largest position back from the device (a sync on GPU).
+        """
+        if max_position is None:
+            max_position = int(position_ids.max().item()) if position_ids.numel() else 0
+        needed = max_position + 1
+        cache = self._cos
+        if cache is None or cache.device != position_ids.device or cache.shape[0] < needed:
+            self._build(max(needed, self.max_seq_len, 0 if cache is None else cache.shape[0]), position_ids.device)
+        return self._cos[position_ids], self._sin[position_ids]
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"

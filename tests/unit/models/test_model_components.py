@@ -1,0 +1,106 @@
+"""Components of the decoder: RMSNorm, RoPE, SwiGLU width, packed positions and masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmlab.config import ModelConfig
+from lmlab.models.attention import KVCache, attention_mask
+from lmlab.models.decoder import document_positions
+from lmlab.models.mlp import ffn_hidden_size
+from lmlab.models.norms import RMSNorm
+from lmlab.models.rope import RotaryEmbedding, apply_rotary, rotate_half
+
+
+def test_rmsnorm_hand_example():
+    norm = RMSNorm(2, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0]))
+    # x = [3, 4]: rms = sqrt((9 + 16) / 2) = sqrt(12.5)
+    out = norm(torch.tensor([[3.0, 4.0]]))
+    rms = math.sqrt(12.5)
+    torch.testing.assert_close(out, torch.tensor([[3.0 / rms, 8.0 / rms]]))
+
+
+def test_rmsnorm_eps_and_dtype():
+    norm = RMSNorm(4, eps=1.0)
+    out = norm(torch.zeros(1, 4) + 1.0)  # mean(x²) = 1, so 1/sqrt(1 + 1)
+    torch.testing.assert_close(out, torch.full((1, 4), 1 / math.sqrt(2.0)))
+    half = norm.to(torch.bfloat16)(torch.randn(3, 4, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16
+
+
+def test_rotate_half_layout():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    torch.testing.assert_close(rotate_half(x), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+
+def test_rope_angles_hand_example():
+    rope = RotaryEmbedding(head_dim=4, max_seq_len=8, theta=100.0)
+    cos, sin = rope(torch.tensor([[0, 3]]))
+    # inv_freq = [1, 100^(-1/2)] = [1, 0.1]; position 3 -> angles [3, 0.3, 3, 0.3]
+    angles = torch.tensor([3.0, 0.3, 3.0, 0.3])
+    torch.testing.assert_close(cos[0, 1], angles.cos())
+    torch.testing.assert_close(sin[0, 1], angles.sin())
+    torch.testing.assert_close(cos[0, 0], torch.ones(4))
+
+
+def test_rope_relative_position_property():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(head_dim=16, max_seq_len=64)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        cos_m, sin_m = rope(torch.tensor([[m]]))
+        cos_n, sin_n = rope(torch.tensor([[n]]))
+        return (apply_rotary(q, cos_m, sin_m) * apply_rotary(k, cos_n, sin_n)).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score(0, 0), (q * k).sum(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_rope_cache_extends_beyond_max_seq_len():
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=4)
+    cos, _ = rope(torch.tensor([[1, 2]]))
+    assert rope._cos.shape[0] == 4
+    cos_far, sin_far = rope(torch.tensor([[10]]))
+    assert rope._cos.shape[0] == 11
+    inv = rope.inv_freq()
+    torch.testing.assert_close(cos_far[0, 0, :4], (10 * inv).cos())
+    torch.testing.assert_close(sin_far[0, 0, 4:], (10 * inv).sin())
+
+
+def test_ffn_hidden_default_and_override():
+    assert ffn_hidden_size(ModelConfig(d_model=256, ffn_multiple_of=64)) == 704  # 682.7 -> 704
+    assert ffn_hidden_size(ModelConfig(d_model=96, ffn_multiple_of=1)) == 256
+    assert ffn_hidden_size(ModelConfig(d_model=256, ffn_hidden=100)) == 100
+
+
+def test_document_positions_restart_per_document():
+    doc_ids = torch.tensor([[7, 7, 7, 2, 2, 5], [1, 1, 1, 1, 1, 1]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert torch.equal(document_positions(doc_ids), expected)
+
+
+def test_attention_mask_cases():
+    assert attention_mask(5, 0, None, torch.device("cpu")) is None  # is_causal fast path
+    assert attention_mask(1, 7, None, torch.device("cpu")) is None  # one query sees all keys
+    offset = attention_mask(2, 3, None, torch.device("cpu"))
+    assert offset.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    packed = attention_mask(4, 0, torch.tensor([[0, 0, 1, 1]]), torch.device("cpu"))
+    assert packed.shape == (1, 1, 4, 4)
+    assert packed[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    with pytest.raises(ValueError):
+        attention_mask(2, 3, torch.tensor([[0, 0]]), torch.device("cpu"))
+
+
+def test_kv_cache_length():
+    cache = KVCache(2)
+    assert cache.length == 0
+    cache.layers[0].update(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    cache.layers[0].update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    assert cache.length == 4
