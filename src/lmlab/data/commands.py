@@ -1,0 +1,108 @@
+"""``lmlab tokenizer ...`` and ``lmlab data ...``: command-line front ends of the data modules.
+
+* ``lmlab tokenizer train (FILES... | --world NAME --n-docs N --seed S) --vocab-size V --out DIR``
+* ``lmlab data prepare FILES... --tokenizer PATH --out DIR [--text-field F] [--val-fraction X]
+  [--workers N] [--shard-tokens N] [--seed S]``
+* ``lmlab data synth --world NAME --n-docs N --seed S --out FILE.jsonl``
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+from lmlab.data.prepare import DEFAULT_SHARD_TOKENS, expand_paths, file_sha256, prepare_shards, read_documents
+from lmlab.data.synthetic import get_world, world_names
+from lmlab.data.tokenizer import TextTokenizer
+from lmlab.errors import DataError
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmlab tokenizer", description="Train a byte-level BPE tokenizer.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train on local files or on a synthetic world")
+    train.add_argument("files", nargs="*", help=".txt/.jsonl/.parquet files or directories")
+    train.add_argument("--world", help=f"a synthetic world instead of files ({', '.join(world_names())})")
+    train.add_argument("--n-docs", type=int, default=20000, help="documents to train on (default 20000)")
+    train.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    train.add_argument("--text-field", default="text", help="JSONL field / parquet column (default text)")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--out", required=True, help="output directory (gets tokenizer.json)")
+    args = parser.parse_args(argv)
+
+    if bool(args.files) == bool(args.world):
+        parser.error("give either FILES or --world NAME (not both)")
+    if args.n_docs <= 0:
+        parser.error("--n-docs must be > 0")
+    if args.world:
+        texts = get_world(args.world).documents(args.seed, args.n_docs)
+    else:
+        texts = (d.text for d in itertools.islice(read_documents(args.files, args.text_field), args.n_docs))
+    tok = TextTokenizer.train_bpe(texts, args.vocab_size, args.min_frequency)
+    path = tok.save(Path(args.out) / "tokenizer.json")
+    print(f"wrote {path} (vocab {tok.vocab_size}, hash {tok.hash[:8]})")
+    return 0
+
+
+def data_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lmlab data", description="Prepare token shards or synthetic text.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="tokenize files into train/val memmap shards")
+    prep.add_argument("files", nargs="+", help=".txt/.jsonl/.parquet files or directories")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--workers", type=int, default=1)
+    prep.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    synth = sub.add_parser("synth", help="write a synthetic world's documents as JSONL")
+    synth.add_argument("--world", required=True, help=", ".join(world_names()))
+    synth.add_argument("--n-docs", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="output .jsonl file")
+    args = parser.parse_args(argv)
+
+    if args.action == "prepare":
+        return _prepare(args)
+    return _synth(args, parser)
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    tok = TextTokenizer.load(args.tokenizer)
+    files = expand_paths(args.files)
+    manifest = prepare_shards(
+        read_documents(files, args.text_field),
+        tok,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        shard_tokens=args.shard_tokens,
+        num_workers=args.workers,
+        source_hashes={str(f): file_sha256(f) for f in files},
+    )
+    print(f"prepared {args.out} (tokenizer {tok.hash[:8]}, vocab {tok.vocab_size}, {manifest['dtype']})")
+    for split, info in manifest["splits"].items():
+        print(f"  {split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards")
+    print(f"  unigram entropy (train): {manifest['unigram_entropy']:.4f} nats/token")
+    return 0
+
+
+def _synth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.n_docs <= 0:
+        parser.error("--n-docs must be > 0")
+    world = get_world(args.world)
+    out = Path(args.out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory; give a .jsonl file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for text in world.documents(args.seed, args.n_docs):
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    print(f"wrote {args.n_docs} {world.name} documents (seed {args.seed}) to {out}")
+    return 0

@@ -1,0 +1,435 @@
+"""Tokenize documents into flat memmap shards with a manifest.
+
+Reading (``read_documents``) streams documents from ``.txt`` (one file = one document), ``.jsonl``
+(one JSON object per line) and ``.parquet`` files; every malformed input is a ``DataError`` naming
+the file (and line). Writing (``prepare_shards``) tokenizes in a process pool over chunks of
+documents (results are consumed in order, so the output is identical for any ``num_workers``),
+appends EOS after every document, routes each document to ``train`` or ``val`` by a hash of
+``(seed, document index)`` (stable when the corpus grows), and writes ``train_XXXX.bin`` /
+``val_XXXX.bin`` (uint16 when the vocabulary fits, else uint32), ``tokenizer.json`` and
+``manifest.json`` into a temporary directory that is renamed into place, so a half-written
+directory is never visible under the final name.
+
+The manifest records the train split's unigram entropy H = -Σ_v p(v) log p(v) (nats/token), the
+loss of the best model that ignores context; a trained model's validation loss is compared to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.data.tokenizer import TextTokenizer
+from lmlab.errors import DataError
+
+FORMAT_VERSION = 1
+DEFAULT_SHARD_TOKENS = 64 * 2**20
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document's text and where it came from (``line`` is 1-based for JSONL, the row for parquet)."""
+
+    text: str
+    source: str
+    line: int | None = None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files to read, in order: a file as given, a directory as its supported files (recursive, sorted)."""
+    out: list[Path] = []
+    given = [Path(p) for p in paths]
+    if not given:
+        raise DataError("no data files given")
+    for p in given:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
+            if not found:
+                raise DataError(f"directory {p} has no {'/'.join(SUPPORTED_SUFFIXES)} files")
+            out.extend(found)
+        elif p.is_file():
+            if p.suffix not in SUPPORTED_SUFFIXES:
+                raise DataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUPPORTED_SUFFIXES)})")
+            out.append(p)
+        else:
+            raise DataError(f"data file not found: {p}")
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:
+    """Stream the documents of ``paths``. Paths are checked now; file contents as they are read."""
+    files = expand_paths(paths)
+
+    def generate() -> Iterator[Document]:
+        for f in files:
+            n = 0
+            reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix]
+            for doc in reader(f, text_field):
+                n += 1
+                yield doc
+            if n == 0:
+                raise DataError(f"{f}: empty file (no documents)")
+
+    return generate()
+
+
+def _read_txt(path: Path, text_field: str) -> Iterator[Document]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if text.strip():
+        yield Document(text, str(path))
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                keys = ", ".join(map(str, obj)) or "none"
+                raise DataError(f"{path}:{lineno}: no field {text_field!r} (keys present: {keys})")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+            yield Document(text, str(path), lineno)
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'lmlab[data]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and friends
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{path}: no column {text_field!r} (columns present: {', '.join(names) or 'none'})")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}: row {row}: column {text_field!r} must hold strings")
+            yield Document(text, str(path), row)
+
+
+# --------------------------------------------------------------------------- splitting and statistics
+
+
+def is_val_doc(seed: int, index: int, val_fraction: float) -> bool:
+    """True when document ``index`` belongs to the validation split: u(seed, index) < val_fraction,
+    with u uniform in [0, 1) from a BLAKE2b hash (independent of the corpus size and of other docs)."""
+    if val_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < val_fraction
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """-Σ p log p in nats over the token frequencies ``counts`` (0 for an empty count)."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0].astype(np.float64) / float(total)
+    return float(-(p * np.log(p)).sum())
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab ≤ 65535), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+class _ShardWriter:
+    """Appends token arrays to ``{split}_{k:04d}.bin`` files of at most ``shard_tokens`` tokens."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, vocab_size: int):
+        self.dir, self.split, self.dtype, self.cap = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.documents = 0
+        self._fh = None
+        self._in_shard = 0
+        self._pending: list[np.ndarray] = []  # tokens not yet in ``counts`` (counted in batches)
+        self._pending_len = 0
+
+    def _count(self) -> None:
+        if self._pending:
+            self.counts += np.bincount(np.concatenate(self._pending), minlength=len(self.counts))
+            self._pending, self._pending_len = [], 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.documents += 1
+        self._pending.append(tokens)
+        self._pending_len += len(tokens)
+        if self._pending_len >= 1 << 20:
+            self._count()
+        pos = 0
+        while pos < len(tokens):
+            if self._fh is None or self._in_shard == self.cap:
+                self._open_next()
+            take = min(self.cap - self._in_shard, len(tokens) - pos)
+            tokens[pos : pos + take].astype(self.dtype).tofile(self._fh)
+            self._in_shard += take
+            self.shards[-1]["tokens"] += take
+            pos += take
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):04d}.bin"
+        self._fh = open(self.dir / name, "wb")
+        self._in_shard = 0
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def summary(self) -> dict:
+        self._count()
+        tokens = int(sum(s["tokens"] for s in self.shards))
+        return {
+            "shards": self.shards,
+            "tokens": tokens,
+            "documents": self.documents,
+            "unigram_entropy": unigram_entropy(self.counts),
+        }
+
+
+# --------------------------------------------------------------------------- tokenizing in a pool
+
+_WORKER_TOKENIZER: TextTokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    from tokenizers import Tokenizer
+
+    _WORKER_TOKENIZER = TextTokenizer(Tokenizer.from_str(tokenizer_json), source="<worker>")
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    assert _WORKER_TOKENIZER is not None
+    return _WORKER_TOKENIZER.encode_batch(texts)
+
+
+def _chunks(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _serial_tokenizers_in_children() -> Iterator[None]:
+    """Start workers with ``TOKENIZERS_PARALLELISM=false`` (one process per core is our parallelism, and
+    it silences the library's fork warning); the parent's setting is restored once they have started."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _encoded(
+    docs: Iterable[Document], tokenizer: TextTokenizer, num_workers: int, chunk_docs: int
+) -> Iterator[tuple[Document, list[int]]]:
+    """(document, ids) in input order. With workers, a bounded window of chunks is in flight at a time."""
+    chunks = _chunks(docs, chunk_docs)
+    if num_workers <= 1:
+        for chunk in chunks:
+            yield from zip(chunk, tokenizer.encode_batch([d.text for d in chunk]))
+        return
+    # fork: workers start fast and need no importable __main__; they only run the Rust tokenizer on a
+    # fresh Tokenizer object (tokenizers turns its own thread pool off in forked children).
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with _serial_tokenizers_in_children():
+        pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.to_json(),))
+    with pool:
+        while True:
+            window = [c for _, c in zip(range(2 * num_workers), chunks)]
+            if not window:
+                break
+            results = pool.map(_encode_chunk, [[d.text for d in c] for c in window], chunksize=1)
+            for chunk, ids in zip(window, results):
+                yield from zip(chunk, ids)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def prepare_shards(
+    documents: Iterable[Document],
+    tokenizer: TextTokenizer,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.01,
+    seed: int = 0,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    num_workers: int = 1,
+    chunk_docs: int = 256,
+    source_hashes: dict[str, str | None] | None = None,
+    overwrite: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Tokenize ``documents`` into ``out_dir`` and return the manifest (see the module docstring).
+
+    ``source_hashes`` maps a document's ``source`` to the SHA-256 of its file (None for generated
+    text). With ``overwrite=False`` an existing prepared ``out_dir`` (one another process finished
+    first) is kept and its manifest returned. ``extra`` is stored in the manifest as is.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if shard_tokens <= 0:
+        raise DataError(f"shard_tokens={shard_tokens} must be > 0")
+    out = Path(out_dir)
+    _check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = _write(
+            documents, tokenizer, tmp, val_fraction, seed, shard_tokens, num_workers, chunk_docs, source_hashes
+        )
+        manifest.update(extra or {})
+        tokenizer.save(tmp / "tokenizer.json")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return _publish(tmp, out, overwrite) or manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(
+    documents: Iterable[Document],
+    tokenizer: TextTokenizer,
+    tmp: Path,
+    val_fraction: float,
+    seed: int,
+    shard_tokens: int,
+    num_workers: int,
+    chunk_docs: int,
+    source_hashes: dict[str, str | None] | None,
+) -> dict:
+    vocab = tokenizer.vocab_size
+    dtype = token_dtype(vocab)
+    eos = tokenizer.eos_id
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens, vocab) for s in ("train", "val")}
+    sources: dict[str, dict] = {}
+    held: np.ndarray | None = None  # the latest train document, written one step late (see below)
+    n_docs = 0
+    for index, (doc, ids) in enumerate(_encoded(documents, tokenizer, num_workers, chunk_docs)):
+        n_docs += 1
+        tokens = np.empty(len(ids) + 1, dtype=np.int64)
+        tokens[:-1] = ids
+        tokens[-1] = eos
+        src = sources.setdefault(doc.source, {"path": doc.source, "documents": 0, "tokens": 0})
+        src["documents"] += 1
+        src["tokens"] += len(tokens)
+        if is_val_doc(seed, index, val_fraction):
+            writers["val"].write(tokens)
+        else:
+            if held is not None:
+                writers["train"].write(held)
+            held = tokens
+    if n_docs == 0:
+        raise DataError("no documents to prepare (the input is empty)")
+    # At least one validation document when one is asked for: the last train document moves to val.
+    if val_fraction > 0 and writers["val"].documents == 0:
+        if writers["train"].documents == 0:
+            raise DataError(f"only {n_docs} document(s): need at least 2 to make train and val splits")
+        writers["val"].write(held)
+    elif held is not None:
+        writers["train"].write(held)
+    for w in writers.values():
+        w.close()
+    if writers["train"].documents == 0:
+        raise DataError(f"all {n_docs} documents went to the validation split; lower val_fraction")
+    splits = {s: w.summary() for s, w in writers.items()}
+    for src in sources.values():
+        src["sha256"] = (source_hashes or {}).get(src["path"])
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "bos_id": tokenizer.bos_id,
+        "tokenizer_hash": tokenizer.hash,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "sources": list(sources.values()),
+        "splits": splits,
+        "unigram_entropy": splits["train"]["unigram_entropy"],
+    }
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and not (out / MANIFEST).is_file():
+        if not out.is_dir() or any(out.iterdir()):
+            raise DataError(f"refusing to write into {out}: it exists and is not a prepared data directory")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> dict | None:
+    """Rename ``tmp`` to ``out``. Returns the manifest kept instead when ``out`` was already prepared."""
+    if out.is_dir() and (out / MANIFEST).is_file():
+        if not overwrite:
+            return json.loads((out / MANIFEST).read_text())
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+        return None
+    if out.is_dir():
+        out.rmdir()  # empty (checked by _check_target)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if (out / MANIFEST).is_file() and not overwrite:  # another process published first
+            return json.loads((out / MANIFEST).read_text())
+        raise
+    return None

@@ -1,0 +1,110 @@
+"""Reading prepared data directories (written by ``lmlab.data.prepare``).
+
+``TokenShards`` memory-maps a split's ``.bin`` shards and presents them as one flat token array:
+``read(start, length)`` may cross shard boundaries. ``check_tokenizer`` refuses to train on
+shards tokenized with a different vocabulary (compared by ``TextTokenizer.hash``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.data.prepare import FORMAT_VERSION, MANIFEST
+from lmlab.data.tokenizer import TextTokenizer
+from lmlab.errors import DataError
+
+_REQUIRED_KEYS = ("format_version", "dtype", "vocab_size", "eos_id", "tokenizer_hash", "splits")
+
+
+def load_manifest(directory: str | Path) -> dict:
+    """The manifest of a prepared directory; a missing, corrupt or newer-format one is a ``DataError``."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not d.is_dir():
+        raise DataError(f"prepared data directory not found: {d}")
+    if not path.is_file():
+        raise DataError(f"{d} is not a prepared data directory: {MANIFEST} is missing (run 'lmlab data prepare')")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: corrupt manifest ({err})") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in _REQUIRED_KEYS):
+        missing = [k for k in _REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+        raise DataError(f"{path}: corrupt manifest (missing {', '.join(missing)})")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format version {manifest['format_version']} is newer than this lmlab reads ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def check_tokenizer(manifest: dict, tokenizer: TextTokenizer, directory: str | Path = "") -> None:
+    """``DataError`` unless ``tokenizer`` is the one the shards were tokenized with."""
+    want = manifest["tokenizer_hash"]
+    if tokenizer.hash != want:
+        where = f" in {directory}" if directory else ""
+        raise DataError(
+            f"shards{where} were tokenized with tokenizer {want[:8]}, but the run uses {tokenizer.hash[:8]}"
+        )
+
+
+class TokenShards:
+    """One split of a prepared directory as a flat, read-only token sequence."""
+
+    def __init__(self, directory: Path, split: str, manifest: dict, arrays: list[np.memmap]):
+        self.directory = directory
+        self.split = split
+        self.manifest = manifest
+        self._arrays = arrays
+        sizes = np.array([len(a) for a in arrays], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])  # shard k covers [starts[k], starts[k+1])
+        self._len = int(self._starts[-1])
+
+    @classmethod
+    def open(cls, directory: str | Path, split: str = "train") -> TokenShards:
+        d = Path(directory)
+        manifest = load_manifest(d)
+        info = manifest["splits"].get(split)
+        if info is None:
+            raise DataError(f"{d}: no split {split!r} (splits: {', '.join(manifest['splits'])})")
+        dtype = np.dtype(manifest["dtype"])
+        arrays = []
+        for shard in info["shards"]:
+            path = d / shard["file"]
+            if not path.is_file():
+                raise DataError(f"{d}: shard {shard['file']} is missing")
+            expected = shard["tokens"] * dtype.itemsize
+            if path.stat().st_size != expected:
+                raise DataError(
+                    f"{path}: {path.stat().st_size} bytes, the manifest says {shard['tokens']} tokens ({expected} bytes)"
+                )
+            if shard["tokens"]:
+                arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        if not arrays:
+            raise DataError(f"{d}: the {split} split has no tokens")
+        return cls(d, split, manifest, arrays)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["eos_id"])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start+length)`` as int64, across shard boundaries."""
+        if start < 0 or length < 0 or start + length > self._len:
+            raise IndexError(f"read({start}, {length}) is outside [0, {self._len}) of {self.directory}/{self.split}")
+        out = np.empty(length, dtype=np.int64)
+        k = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = 0
+        while pos < length:
+            local = start + pos - int(self._starts[k])
+            take = min(len(self._arrays[k]) - local, length - pos)
+            out[pos : pos + take] = self._arrays[k][local : local + take]
+            pos += take
+            k += 1
+        return out
