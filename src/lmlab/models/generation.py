@@ -52,6 +52,9 @@ def sample_next(
     scaled = logits.float() / temperature
     scaled = top_p_filter(top_k_filter(scaled, top_k), top_p)
     probs = scaled.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # A CPU generator gives the same samples on every device: draw on the CPU.
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -113,3 +113,17 @@ def test_generate_restores_training_mode(model):
     generate(model, [1, 2], 2, temperature=0)
     assert model.training
     model.eval()
+
+
+def test_cpu_generator_works_for_any_device_logits():
+    """Regression: sampling with a CPU generator must not fail when the logits live elsewhere
+    (CUDA runs crashed in samples.txt). On CPU the path is the same call; on CUDA it is exercised for real."""
+    import torch
+
+    from lmlab.models.generation import sample_next
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.randn(3, 11, device=device)
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0))
+    b = sample_next(logits.cpu(), 1.0, generator=torch.Generator().manual_seed(0))
+    assert a.device.type == device and torch.equal(a.cpu(), b)
