@@ -490,6 +490,8 @@ def load_yaml(path: str | Path) -> dict:
 def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
     data = load_yaml(path) if path is not None else {}
+    if cls is RunConfig:
+        _drop_dims_of_overridden_size(data, list(overrides))
     apply_overrides(data, list(overrides))
     if cls is RunConfig:
         _expand_named_size(data)
@@ -500,6 +502,19 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
     elif isinstance(cfg, RunConfig):
         validate(cfg)
     return cfg
+
+
+def _drop_dims_of_overridden_size(data: dict, overrides: list[str]) -> None:
+    """A ``model.size`` given on the command line beats dimensions written in the YAML file
+    (explicit dimension overrides on the command line still beat the named size)."""
+    from lmlab.models.sizes import SIZES
+
+    if not any(o.split("=", 1)[0].strip() == "model.size" for o in overrides):
+        return
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in {k for dims in SIZES.values() for k in dims}:
+            model.pop(key, None)
 
 
 def _expand_named_size(data: dict) -> None:

@@ -96,7 +96,28 @@ def test_cli_config_show_and_validate(tmp_path, capsys):
 def test_shipped_configs_build():
     from pathlib import Path
 
-    configs = sorted(Path(__file__).resolve().parents[2].glob("configs/**/*.yaml"))
+    import yaml
+
+    from lmlab.science.sweep import load_sweep
+
+    root = Path(__file__).resolve().parents[2]
+    configs = sorted([*root.glob("configs/**/*.yaml"), *root.glob("examples/**/*.yaml")])
     assert configs, "no shipped configs found"
     for path in configs:
-        load_config(path)
+        if "sweeps" in path.parts:
+            continue  # recorded run data, not recipes
+        if "base" in (yaml.safe_load(path.read_text()) or {}):
+            spec = load_sweep(path)  # a sweep file: every planned run must build
+            for run in spec.runs:
+                load_config(spec.base, [*spec.overrides, *run.overrides])
+        else:
+            load_config(path)
+
+
+def test_command_line_size_beats_yaml_dims_but_not_explicit_overrides(tmp_path):
+    p = write(tmp_path, "model:\n  d_model: 192\n  n_layers: 4\n  n_heads: 6\n")
+    cfg = load_config(p, ["model.size=tiny"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads) == (256, 8, 8)
+    cfg = load_config(p, ["model.size=tiny", "model.n_layers=2"])
+    assert (cfg.model.d_model, cfg.model.n_layers) == (256, 2)
+    assert load_config(p).model.d_model == 192

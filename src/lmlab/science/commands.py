@@ -1,0 +1,197 @@
+"""CLI entry points of the science commands: ``lmlab fit``, ``lmlab predict`` and ``lmlab sweep``.
+
+- ``lmlab fit {chinchilla,annealing,lr-horizon,mixture} INPUT --out DIR [--compute C ...] [--bootstrap N]``
+  writes ``DIR/fit.json`` and ``DIR/fit.png`` (input formats: :mod:`lmlab.science.fits`).
+- ``lmlab predict curve FIT_DIR --schedule cosine|constant|wsd|multistep|rewarm --steps N --lr LR [...]`` prints
+  ``step,lr,loss`` from an annealing fit (schedule conventions: :mod:`lmlab.science.schedules`; ``--out`` writes
+  the CSV of every step); ``lmlab predict loss FIT_DIR --params N --tokens D`` evaluates a Chinchilla fit.
+- ``lmlab sweep SWEEP.yaml --out DIR [--jobs N] [--dry-run] [--tokens-per-s X]`` runs a sweep
+  (:mod:`lmlab.science.sweep`); ``lmlab sweep results DIR`` (re)writes ``DIR/results.csv`` from its run dirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lmlab.errors import UserError
+
+LAWS = ("chinchilla", "annealing", "lr-horizon", "mixture")
+#: Default bootstrap resamples: enough for a rough 95% interval in seconds (Epoch used 4000; pass --bootstrap 4000).
+DEFAULT_BOOTSTRAP = 100
+
+
+def fit_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmlab fit", description="Fit a scaling law to sweep results (SCIENCE.md §1-4).")
+    p.add_argument("law", choices=LAWS)
+    p.add_argument("input", help="sweep directory, results CSV, or (annealing) run directories / curve CSV")
+    p.add_argument("--out", required=True, help="directory for fit.json and fit.png")
+    p.add_argument("--compute", type=float, nargs="*", default=[], help="chinchilla: budgets (FLOPs) to allocate")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_BOOTSTRAP,
+        help=f"resamples for 95%% intervals (default {DEFAULT_BOOTSTRAP}; 0: none)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="bootstrap seed")
+    p.add_argument("--grid", choices=("default", "small"), default="default", help="chinchilla: 4500 or 72 starts")
+    p.add_argument(
+        "--method",
+        choices=("batched", "scipy"),
+        default="batched",
+        help="chinchilla: batched L-BFGS screen + polish (seconds) or scipy from every start (the literal §1.2 loop)",
+    )
+    p.add_argument(
+        "--params-column", default="params", help="chinchilla: column used as N (params or non_embedding_params)"
+    )
+    p.add_argument("--momentum", type=float, default=0.999, help="annealing: S2 momentum lambda")
+    p.add_argument("--weights", type=float, nargs="*", help="mixture: family weights (default equal)")
+    args = p.parse_args(argv)
+    from lmlab.science import fits
+
+    out = Path(args.out)
+    if args.bootstrap < 0:
+        raise UserError("--bootstrap must be >= 0")
+    if args.law == "chinchilla":
+        res = fits.fit_chinchilla_command(
+            args.input,
+            out,
+            computes=args.compute,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            grid=args.grid,
+            params_column=args.params_column,
+            method=args.method,
+        )
+    elif args.law == "annealing":
+        res = fits.fit_annealing_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed, lam=args.momentum)
+    elif args.law == "lr-horizon":
+        res = fits.fit_lr_horizon_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed)
+    else:
+        res = fits.fit_mixture_command(args.input, out, weights=args.weights)
+    print(f"{args.law} fit on {res['n_points']} points -> {out / fits.FIT_FILE}")
+    print("params: " + ", ".join(f"{k}={_show(v)}" for k, v in res["params"].items()))
+    for row in res.get("compute_optimal", []):
+        print(
+            f"C={row['compute']:.3g}: N_opt={row['N_opt']:.4g} D_opt={row['D_opt']:.4g} D/N={row['tokens_per_param']:.1f}"
+        )
+    if res.get("excluded"):
+        print("excluded: " + ", ".join(f"{k} ({v})" for k, v in res["excluded"].items()))
+    return 0
+
+
+def _show(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def predict_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lmlab predict", description="Predict from a fitted law.")
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("curve", help="loss curve of an LR schedule from an annealing fit (SCIENCE.md §2)")
+    c.add_argument("fit_dir")
+    c.add_argument("--schedule", required=True, choices=("constant", "cosine", "wsd", "multistep", "rewarm"))
+    c.add_argument("--steps", type=int, required=True)
+    c.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    c.add_argument("--warmup", type=int, default=0)
+    c.add_argument("--min-lr", type=float, default=0.0)
+    c.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: fraction of steps spent decaying")
+    c.add_argument("--decay-shape", choices=("linear", "cosine", "sqrt"), default="linear")
+    c.add_argument("--milestones", type=int, nargs="*", default=[], help="multistep: steps where the LR drops")
+    c.add_argument("--factor", type=float, default=0.1, help="multistep: LR multiplier at each milestone")
+    c.add_argument("--restart", type=int, help="rewarm: step of the restart")
+    c.add_argument("--rewarm-steps", type=int, default=0)
+    c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
+    c.add_argument("--out", help="write step,lr,loss for every step to this CSV")
+    lo = sub.add_parser("loss", help="loss at N params and D tokens from a Chinchilla fit (SCIENCE.md §1)")
+    lo.add_argument("fit_dir")
+    lo.add_argument("--params", type=float, required=True)
+    lo.add_argument("--tokens", type=float, required=True)
+    args = p.parse_args(argv)
+    from lmlab.science.annealing import AnnealingParams
+    from lmlab.science.chinchilla import ChinchillaParams
+    from lmlab.science.fits import params_of, read_fit
+    from lmlab.science.schedules import make_schedule
+
+    fit = read_fit(args.fit_dir)
+    law = params_of(fit)
+    if args.what == "loss":
+        if not isinstance(law, ChinchillaParams):
+            raise UserError(f"{args.fit_dir} holds a {fit['law']} fit; 'predict loss' needs a chinchilla fit")
+        if args.params <= 0 or args.tokens <= 0:
+            raise UserError("--params and --tokens must be positive")
+        print(f"{float(law.loss(args.params, args.tokens)):.6f}")
+        return 0
+    if not isinstance(law, AnnealingParams):
+        raise UserError(f"{args.fit_dir} holds a {fit['law']} fit; 'predict curve' needs an annealing fit")
+    lrs = make_schedule(
+        args.schedule,
+        args.steps,
+        args.lr,
+        warmup=args.warmup,
+        min_lr=args.min_lr,
+        decay_fraction=args.decay_fraction,
+        shape=args.decay_shape,
+        milestones=args.milestones,
+        factor=args.factor,
+        restart=args.restart,
+        rewarm_steps=args.rewarm_steps,
+    )
+    loss = law.predict(lrs, args.warmup, float(fit.get("momentum", 0.999)))
+    every = args.every or max(1, args.steps // 20)
+    shown = sorted(set(range(max(args.warmup, every), len(lrs), every)) | {len(lrs) - 1})
+    print("step,lr,loss")
+    for s in shown:
+        print(f"{s},{lrs[s]:.6g},{loss[s]:.6f}")
+    if args.out:
+        np.savetxt(
+            args.out,
+            np.stack([np.arange(len(lrs)), lrs, loss], axis=1),
+            delimiter=",",
+            header="step,lr,loss",
+            comments="",
+            fmt=["%d", "%.8g", "%.8f"],
+        )
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def sweep_main(argv: list[str]) -> int:
+    from lmlab.science.results import collect_results, write_results_csv
+    from lmlab.science.sweep import load_sweep, plan_table, run_sweep
+
+    if argv and argv[0] == "results":
+        p = argparse.ArgumentParser(prog="lmlab sweep results", description="Collect a sweep's runs into results.csv.")
+        p.add_argument("dir")
+        args = p.parse_args(argv[1:])
+        rows = collect_results(args.dir)
+        path = write_results_csv(rows, Path(args.dir) / "results.csv")
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        print(f"{len(rows)} runs ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) -> {path}")
+        return 0
+    p = argparse.ArgumentParser(
+        prog="lmlab sweep", description="Run a sweep of training runs (or 'lmlab sweep results DIR')."
+    )
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("--out", required=True, help="sweep directory (one run directory per run)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--tokens-per-s", type=float, default=20000.0, help="throughput for the dry-run time estimate")
+    args = p.parse_args(argv)
+    spec = load_sweep(args.sweep)
+    out = Path(args.out)
+    if args.dry_run:
+        print(plan_table(spec, out, args.tokens_per_s))
+        return 0
+    outcome = run_sweep(spec, out, jobs=args.jobs)
+    print(
+        f"{len(outcome.started)} started, {len(outcome.resumed)} resumed, {len(outcome.skipped)} skipped (finished), "
+        f"{len(outcome.failed)} failed -> {out / 'results.csv'}"
+    )
+    for name, rc in outcome.failed.items():
+        print(f"  failed: {name} (exit {rc}; see {out / 'logs' / (name + '.log')})")
+    return 1 if outcome.failed else 0

@@ -1,0 +1,323 @@
+"""``lmlab fit``: fit one law to sweep results and write ``fit.json`` and ``fit.png`` into an output directory.
+
+Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run directories, or a CSV file):
+
+- ``chinchilla``: columns ``params, tokens, loss`` (``flops`` optional, else 6ND; ``status`` and ``run`` optional).
+  Writes the §1.2 fit, bootstrap 95% intervals, the fit error and ``N_opt, D_opt`` per ``--compute``; when every
+  budget has three or more sizes, Approach 2 (IsoFLOP parabolas) too.
+- ``annealing``: a directory of runs or a ``curve, step, lr, loss`` CSV (:mod:`lmlab.science.curves`), §2.
+- ``lr-horizon``: columns ``params, tokens, lr, loss``; one LR sweep per (params, tokens); §3.
+- ``mixture``: columns ``family, params, tokens, p, loss`` (``p``: the family's sampling ratio); §4.
+
+Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
+``fit_error``, ``n_points``, ``excluded`` (runs left out and why) and ``plot``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmlab.errors import UserError
+from lmlab.science import plots
+from lmlab.science.annealing import MOMENTUM, AnnealingParams, fit_annealing
+from lmlab.science.chinchilla import (
+    ChinchillaParams,
+    bootstrap_chinchilla,
+    chinchilla_loss,
+    compute_optimal,
+    fit_chinchilla,
+    percentile_intervals,
+)
+from lmlab.science.curves import load_curves
+from lmlab.science.isoflop import fit_isoflop
+from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, lr_vertex
+from lmlab.science.mixture import fit_gamma, optimal_ratios
+from lmlab.science.results import column, load_results, require_columns, usable_rows
+
+FIT_FILE = "fit.json"
+PLOT_FILE = "fit.png"
+
+
+def write_fit(out: Path, result: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FIT_FILE
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return path
+
+
+def read_fit(fit_dir: str | Path) -> dict[str, Any]:
+    """The ``fit.json`` of a fit directory (or the file itself)."""
+    p = Path(fit_dir)
+    path = p / FIT_FILE if p.is_dir() else p
+    if not path.is_file():
+        raise UserError(f"no {FIT_FILE} in {p}; run 'lmlab fit ... --out {p}' first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON") from None
+
+
+# --------------------------------------------------------------------------- chinchilla
+
+
+def fit_chinchilla_command(
+    source: str,
+    out: Path,
+    *,
+    computes: list[float],
+    bootstrap: int,
+    seed: int = 42,
+    grid: str = "default",
+    params_column: str = "params",
+    method: str = "batched",
+) -> dict[str, Any]:
+    """``params_column`` picks N: ``params`` (total, Chinchilla's convention) or ``non_embedding_params`` (Kaplan's)."""
+    from lmlab.science.chinchilla import small_grid
+
+    rows = load_results(source)
+    require_columns(rows, [params_column, "tokens", "loss"], source)
+    rows = [{**r, "params": r[params_column]} for r in rows]
+    sel = usable_rows(rows, ["params", "tokens", "loss"])
+    if len(sel.rows) < 6:
+        left_out = ", ".join(f"{k} ({v})" for k, v in sel.excluded.items()) or "none"
+        raise UserError(
+            f"{source}: a Chinchilla fit needs at least 6 finished runs, got {len(sel.rows)} (excluded: {left_out})"
+        )
+    n, d, loss = column(sel.rows, "params"), column(sel.rows, "tokens"), column(sel.rows, "loss")
+    has_flops = bool(sel.rows) and "flops" in sel.rows[0]
+    flops = column(sel.rows, "flops") if has_flops else np.full(len(n), np.nan)
+    flops = np.where(np.isfinite(flops), flops, 6.0 * n * d)
+    fit = fit_chinchilla(n, d, loss, grid=small_grid() if grid == "small" else None, method=method)
+    intervals = bootstrap_chinchilla(n, d, loss, fit, n_resamples=bootstrap, seed=seed) if bootstrap > 0 else {}
+    isoflop = None
+    try:
+        isoflop = fit_isoflop(n, flops, loss)
+    except UserError:
+        isoflop = None
+    allocation = []
+    for c in computes:
+        n_opt, d_opt = compute_optimal(c, fit.params)
+        allocation.append(
+            {
+                "compute": c,
+                "N_opt": float(n_opt),
+                "D_opt": float(d_opt),
+                "tokens_per_param": float(d_opt / n_opt),
+                "loss": float(chinchilla_loss(n_opt, d_opt, fit.params)),
+                **({"N_opt_isoflop": float(isoflop.n_opt(c))} if isoflop else {}),
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_chinchilla(out / PLOT_FILE, n, d, loss, flops, fit.params, isoflop)
+    result = {
+        "law": "chinchilla",
+        "input": str(source),
+        "params": fit.params.to_dict(),
+        "a_opt": fit.params.a_opt,
+        "b_opt": fit.params.b_opt,
+        "intervals": intervals,
+        "bootstrap_resamples": bootstrap,
+        "fit_error": {"huber_objective": fit.objective, "rmse": fit.rmse},
+        "n_points": fit.n_points,
+        "n_starts": fit.n_starts,
+        "compute_optimal": allocation,
+        "isoflop": isoflop.to_dict() if isoflop else None,
+        "params_column": params_column,
+        "method": method,
+        "n_excluded": len(sel.excluded),
+        "excluded": sel.excluded,
+        "plot": PLOT_FILE,
+    }
+    write_fit(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- annealing
+
+
+def fit_annealing_command(
+    source: str, out: Path, *, bootstrap: int, seed: int = 42, lam: float = MOMENTUM
+) -> dict[str, Any]:
+    curves, excluded = load_curves(source)
+    fit = fit_annealing(curves, lam=lam)
+    intervals: dict = {}
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        samples = []
+        start = np.array([[fit.params.L0, fit.params.A, fit.params.C, fit.params.alpha]])
+        for _ in range(bootstrap):
+            resampled = []
+            for c in curves:
+                idx = rng.integers(0, len(c.steps), len(c.steps))
+                resampled.append(type(c)(c.name, c.lrs, c.steps[idx], c.losses[idx], c.warmup_steps))
+            try:
+                p = fit_annealing(resampled, lam=lam, grid=start).params
+            except UserError:
+                continue
+            samples.append([p.L0, p.A, p.C, p.alpha])
+        intervals = percentile_intervals(np.array(samples), ["L0", "A", "C", "alpha"])
+    predicted = {c.name: fit.params.predict(c.lrs, c.warmup_steps, lam) for c in curves}
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_annealing(out / PLOT_FILE, curves, fit.params, predicted)
+    result = {
+        "law": "annealing",
+        "input": str(source),
+        "params": fit.params.to_dict(),
+        "momentum": lam,
+        "intervals": intervals,
+        "bootstrap_resamples": bootstrap,
+        "fit_error": {"huber_objective": fit.objective, "max_abs_error": fit.max_abs_error},
+        "n_points": fit.n_points,
+        "curves": [c.name for c in curves],
+        "n_excluded": len(excluded),
+        "excluded": excluded,
+        "plot": PLOT_FILE,
+    }
+    write_fit(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- LR horizon
+
+
+def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(float(r[k]) for k in keys), []).append(r)
+    return out
+
+
+def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int = 42) -> dict[str, Any]:
+    rows = load_results(source)
+    require_columns(rows, ["params", "tokens", "lr", "loss"], source)
+    # Diverged runs are part of an LR sweep's story but carry no loss: they are excluded from the parabola.
+    sel = usable_rows(rows, ["params", "tokens", "lr", "loss"])
+    groups = _groups(sel.rows, ("params", "tokens"))
+    vertices, plot_groups = [], []
+    for (n, d), items in sorted(groups.items()):
+        lrs = [r["lr"] for r in items]
+        losses = [r["loss"] for r in items]
+        try:
+            v = lr_vertex(lrs, losses)
+        except UserError as err:
+            raise UserError(f"{source}: LR sweep at params={n:.4g}, tokens={d:.4g}: {err}") from None
+        vertices.append({"params": n, "tokens": d, "lr_opt": v.lr_opt, "loss_opt": v.loss_opt, "inside": v.inside})
+        plot_groups.append({"label": f"N={n:.3g} D={d:.3g}", "lrs": lrs, "losses": losses, "vertex": v})
+    per_size: dict[str, Any] = {}
+    for n in sorted({v["params"] for v in vertices}):
+        vs = [v for v in vertices if v["params"] == n]
+        if len({v["tokens"] for v in vs}) >= 2:
+            per_size[f"{n:.6g}"] = fit_lr_horizon([v["tokens"] for v in vs], [v["lr_opt"] for v in vs]).to_dict()
+    joint = None
+    if len({v["params"] for v in vertices}) >= 2 and len({v["tokens"] for v in vertices}) >= 2:
+        joint = fit_lr_joint(
+            [v["params"] for v in vertices], [v["tokens"] for v in vertices], [v["lr_opt"] for v in vertices]
+        ).to_dict()
+    if not per_size and joint is None:
+        raise UserError(f"{source}: fitting LR*(D) needs LR sweeps at two or more token horizons for one model size")
+    intervals: dict = {}
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        samples = []
+        for _ in range(bootstrap):
+            try:
+                vs = []
+                for (n, d), items in groups.items():
+                    idx = rng.integers(0, len(items), len(items))
+                    vs.append((n, d, lr_vertex([items[i]["lr"] for i in idx], [items[i]["loss"] for i in idx]).lr_opt))
+                ns, ds, lr = zip(*vs)
+                if joint is not None:
+                    j = fit_lr_joint(ns, ds, lr)
+                    samples.append([j.alpha, j.beta])
+                else:
+                    samples.append([fit_lr_horizon(ds, lr).beta])
+            except UserError:  # a resample whose parabola has no minimum
+                continue
+        names = ["alpha", "beta"] if joint is not None else ["beta"]
+        intervals = percentile_intervals(np.array(samples), names)
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_lr_sweeps(out / PLOT_FILE, plot_groups)
+    result = {
+        "law": "lr-horizon",
+        "input": str(source),
+        "params": {"per_size": per_size, "joint": joint},
+        "vertices": vertices,
+        "intervals": intervals,
+        "bootstrap_resamples": bootstrap,
+        "fit_error": {
+            "rmse_log": (joint or next(iter(per_size.values())))["rmse_log"],
+        },
+        "n_points": len(sel.rows),
+        "n_excluded": len(sel.excluded),
+        "excluded": sel.excluded,
+        "plot": PLOT_FILE,
+    }
+    write_fit(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- mixture
+
+
+def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None = None) -> dict[str, Any]:
+    rows = load_results(source)
+    require_columns(rows, ["family", "params", "tokens", "p", "loss"], source)
+    numeric = ["params", "tokens", "p", "loss"]
+    sel = usable_rows(rows, numeric)
+    families = sorted({r["family"] for r in sel.rows})
+    if len(families) < 1:
+        raise UserError(f"{source}: no usable rows")
+    per_family, plot_families = {}, []
+    for fam in families:
+        items = [r for r in sel.rows if r["family"] == fam]
+        g = fit_gamma(column(items, "params"), column(items, "tokens"), column(items, "p"), column(items, "loss"))
+        per_family[fam] = {"gamma": g.gamma, "rmse_log": g.rmse_log}
+        key = next(iter(g.intercepts))
+        first = [r for r in items if (r["params"], r["tokens"]) == key]
+        plot_families.append(
+            {
+                "name": fam,
+                "p": [r["p"] for r in first],
+                "loss": [r["loss"] for r in first],
+                "gamma": g.gamma,
+                "scale": math.exp(g.intercepts[key]),
+            }
+        )
+    gammas = [per_family[f]["gamma"] for f in families]
+    w = weights if weights is not None else [1.0] * len(families)
+    if len(w) != len(families):
+        raise UserError(f"--weights needs {len(families)} values (families: {', '.join(families)}), got {len(w)}")
+    ratios = None
+    if all(g > 0 for g in gammas):
+        ratios = dict(zip(families, optimal_ratios(gammas, w).tolist()))
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_mixture(out / PLOT_FILE, plot_families)
+    result = {
+        "law": "mixture",
+        "input": str(source),
+        "params": per_family,
+        "optimal_ratios_normalised": ratios,
+        "weights": dict(zip(families, w)),
+        "intervals": {},
+        "fit_error": {"rmse_log": max(v["rmse_log"] for v in per_family.values())},
+        "n_points": len(sel.rows),
+        "n_excluded": len(sel.excluded),
+        "excluded": sel.excluded,
+        "plot": PLOT_FILE,
+    }
+    write_fit(out, result)
+    return result
+
+
+def params_of(fit: dict[str, Any]) -> ChinchillaParams | AnnealingParams:
+    """The fitted law of a ``fit.json`` (chinchilla or annealing)."""
+    if fit.get("law") == "chinchilla":
+        return ChinchillaParams.from_dict(fit["params"])
+    if fit.get("law") == "annealing":
+        return AnnealingParams.from_dict(fit["params"])
+    raise UserError(f"fit.json holds a {fit.get('law')!r} fit; predictions need a chinchilla or annealing fit")

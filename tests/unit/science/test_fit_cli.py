@@ -1,0 +1,249 @@
+"""``lmlab fit`` / ``lmlab predict`` end to end on generated CSVs and run directories, and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmlab.cli import main
+from lmlab.science.annealing import REFERENCE_FIT
+from lmlab.science.chinchilla import PRESETS
+from lmlab.science.results import collect_results, usable_rows, write_results_csv
+from lmlab.science.schedules import constant_schedule, cosine_schedule
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def chinchilla_rows(noise=0.003, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in (1e18, 1e19, 1e20):
+        for n in np.geomspace(3e7, 3e9, 6):
+            d = c / (6 * n)
+            loss = float(PRESETS["epoch"].loss(n, d)) * math.exp(noise * rng.standard_normal())
+            rows.append(
+                {"run": f"r{len(rows)}", "params": n, "tokens": d, "flops": c, "loss": loss, "status": "finished"}
+            )
+    return rows
+
+
+def test_fit_chinchilla_writes_fit_json_and_plot(tmp_path, capsys):
+    rows = chinchilla_rows()
+    rows.append({"run": "blew-up", "params": 1e8, "tokens": 1e9, "flops": 6e17, "loss": "nan", "status": "finished"})
+    rows.append({"run": "cut-short", "params": 1e8, "tokens": 1e9, "flops": 6e17, "loss": 4.0, "status": "running"})
+    src = write_csv(tmp_path / "results.csv", rows)
+    out = tmp_path / "fit"
+    rc = main(
+        ["fit", "chinchilla", str(src), "--out", str(out), "--compute", "1e21", "--bootstrap", "20", "--grid", "small"]
+    )
+    assert rc == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert {"law", "params", "intervals", "fit_error", "compute_optimal", "excluded", "n_points", "isoflop"} <= set(fit)
+    assert fit["excluded"] == {"blew-up": "diverged", "cut-short": "running"}
+    assert fit["n_points"] == 18
+    assert fit["params"]["alpha"] == pytest.approx(PRESETS["epoch"].alpha, abs=0.05)
+    (alloc,) = fit["compute_optimal"]
+    assert 6 * alloc["N_opt"] * alloc["D_opt"] == pytest.approx(1e21, rel=1e-9)
+    assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta", "a_opt"}
+    assert fit["isoflop"]["a"] == pytest.approx(PRESETS["epoch"].a_opt, abs=0.05)
+    assert (out / "fit.png").stat().st_size > 1000
+    assert "excluded: blew-up (diverged), cut-short (running)" in capsys.readouterr().out
+    assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "2e10"]) == 0
+    predicted = float(capsys.readouterr().out)
+    assert predicted == pytest.approx(float(PRESETS["epoch"].loss(1e9, 2e10)), abs=0.02)
+
+
+def test_fit_errors_are_one_line(tmp_path, capsys):
+    rows = chinchilla_rows()
+    no_loss = write_csv(tmp_path / "a.csv", [{k: v for k, v in r.items() if k not in ("loss", "tokens")} for r in rows])
+    assert main(["fit", "chinchilla", str(no_loss), "--out", str(tmp_path / "o")]) == 1
+    assert "missing required column(s): tokens, loss" in capsys.readouterr().err
+    few = write_csv(tmp_path / "b.csv", rows[:4])
+    assert main(["fit", "chinchilla", str(few), "--out", str(tmp_path / "o")]) == 1
+    assert "at least 6 finished runs, got 4" in capsys.readouterr().err
+    one_size = write_csv(tmp_path / "c.csv", [{**r, "params": 1e8} for r in rows])
+    assert main(["fit", "chinchilla", str(one_size), "--out", str(tmp_path / "o")]) == 1
+    assert "same model size" in capsys.readouterr().err
+    assert main(["fit", "chinchilla", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_fit_annealing_from_csv_and_predict_curve(tmp_path, capsys):
+    rows = []
+    for name, lrs in (
+        ("cosine", cosine_schedule(20000, 2e-4, warmup=500)),
+        ("constant", constant_schedule(20000, 2e-4, warmup=500)),
+    ):
+        loss = REFERENCE_FIT.predict(lrs, 500)
+        for s in range(0, 20001, 50):
+            rows.append(
+                {"curve": name, "step": s, "lr": lrs[s], "loss": loss[s] if s >= 1000 and s % 1000 == 0 else ""}
+            )
+    src = write_csv(tmp_path / "curves.csv", rows)
+    out = tmp_path / "ann"
+    assert main(["fit", "annealing", str(src), "--out", str(out), "--bootstrap", "5"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    # The LR is given every 50 steps and interpolated, so the schedule is close to, not exactly, the true one.
+    assert fit["params"]["L0"] == pytest.approx(REFERENCE_FIT.L0, abs=5e-3)
+    assert fit["params"]["alpha"] == pytest.approx(REFERENCE_FIT.alpha, abs=2e-2)
+    assert set(fit["intervals"]) == {"L0", "A", "C", "alpha"}
+    assert (out / "fit.png").exists()
+    capsys.readouterr()
+    curve_csv = tmp_path / "pred.csv"
+    args = ["predict", "curve", str(out), "--schedule", "wsd", "--steps", "20000", "--lr", "2e-4", "--warmup", "500"]
+    assert main([*args, "--decay-fraction", "0.2", "--out", str(curve_csv)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "step,lr,loss"
+    last = lines[-1].split(",")
+    assert int(last[0]) == 20000 and float(last[2]) == pytest.approx(2.7782, abs=5e-3)
+    data = np.loadtxt(curve_csv, delimiter=",", skiprows=1)
+    assert data.shape == (20001, 3)
+    assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "1e10"]) == 1
+    assert "needs a chinchilla fit" in capsys.readouterr().err
+
+
+def _run_dir(path, lr, schedule, losses, status="finished"):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(
+        "name: r\nmodel: {d_model: 64, n_layers: 2, n_heads: 2, max_seq_len: 32}\n"
+        f"optim: {{lr: {lr}}}\nschedule: {{name: {schedule}, warmup_steps: 0, min_lr_ratio: 0.0}}\n"
+        "train: {steps: 2000, micro_batch_size: 2, seq_len: 32}\n"
+    )
+    with (path / "metrics.jsonl").open("w") as fh:
+        for step, loss in losses:
+            fh.write(json.dumps({"kind": "eval", "step": step, "tokens": step * 64, "val_loss": loss}) + "\n")
+    (path / "summary.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "steps": 2000,
+                "tokens": 128000,
+                "params": 1e5,
+                "non_embedding_params": 5e4,
+                "flops": 1e11,
+                "final_val_loss": losses[-1][1] if losses else None,
+            }
+        )
+    )
+
+
+def test_fit_annealing_from_run_dirs(tmp_path):
+    from lmlab.config import load_config
+    from lmlab.train.schedule import lr_schedule
+
+    law = REFERENCE_FIT
+    sweep = tmp_path / "sweep"
+    for name, sched in (("cos", "cosine"), ("flat", "constant")):
+        cfg = load_config(
+            None,
+            [
+                f"schedule.name={sched}",
+                "schedule.warmup_steps=0",
+                "schedule.min_lr_ratio=0.0",
+                "optim.lr=2e-3",
+                "train.steps=2000",
+            ],
+        )
+        lrs = np.array(lr_schedule(2000, 2e-3, cfg.schedule))
+        pred = law.predict(lrs)
+        _run_dir(sweep / name, 2e-3, sched, [(k, float(pred[k - 1])) for k in range(100, 2001, 100)])
+    _run_dir(sweep / "stopped", 2e-3, "cosine", [(100, 5.0)], status="running")
+    out = tmp_path / "fit"
+    assert main(["fit", "annealing", str(sweep), "--out", str(out), "--bootstrap", "0"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["excluded"] == {"stopped": "running"}
+    assert fit["curves"] == ["cos", "flat"]
+    for k in ("L0", "A", "C", "alpha"):
+        assert fit["params"][k] == pytest.approx(getattr(law, k), rel=1e-3), k
+
+
+def test_fit_lr_horizon(tmp_path):
+    rows = []
+    for n in (1e7, 1e8):
+        for d in (1e8, 1e9, 1e10):
+            lr_star = 0.5 * n**-0.2 * d**-0.32
+            for lr in lr_star * np.geomspace(0.1, 10, 7):
+                rows.append({"params": n, "tokens": d, "lr": lr, "loss": 3 + 0.1 * math.log(lr / lr_star) ** 2})
+    rows.append({"params": 1e7, "tokens": 1e8, "lr": 1.0, "loss": "inf"})
+    src = write_csv(tmp_path / "lr.csv", rows)
+    out = tmp_path / "lrfit"
+    assert main(["fit", "lr-horizon", str(src), "--out", str(out), "--bootstrap", "10"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["params"]["joint"]["beta"] == pytest.approx(0.32, abs=1e-6)
+    assert fit["params"]["joint"]["alpha"] == pytest.approx(0.2, abs=1e-6)
+    assert fit["params"]["per_size"]["1e+07"]["beta"] == pytest.approx(0.32, abs=1e-6)
+    assert len(fit["vertices"]) == 6 and list(fit["excluded"].values()) == ["diverged"]
+
+
+def test_fit_mixture(tmp_path):
+    rows = []
+    for fam, gamma, scale in (("romance", 0.1, 3.0), ("slavic", 0.3, 3.5)):
+        for p in (0.1, 0.3, 0.5, 0.9):
+            rows.append({"family": fam, "params": 1e8, "tokens": 1e9, "p": p, "loss": scale * p**-gamma})
+    src = write_csv(tmp_path / "mix.csv", rows)
+    out = tmp_path / "mix"
+    assert main(["fit", "mixture", str(src), "--out", str(out)]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["params"]["romance"]["gamma"] == pytest.approx(0.1, abs=1e-9)
+    ratios = fit["optimal_ratios_normalised"]
+    assert ratios["romance"] == pytest.approx(0.258621, abs=1e-6)
+    assert ratios["slavic"] == pytest.approx(0.741379, abs=1e-6)
+
+
+def test_collect_results_from_run_dirs(tmp_path):
+    _run_dir(tmp_path / "a", 1e-3, "cosine", [(100, 4.0), (2000, 3.0)])
+    _run_dir(tmp_path / "b", 1e-3, "cosine", [(100, 4.0)], status="running")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.yaml").write_text("optim: {lr: 0.01}\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "summary.json").write_text(json.dumps({"status": "diverged", "final_val_loss": None}))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "summary.json").write_text(json.dumps({"status": "finished", "final_val_loss": None}))
+    rows = collect_results(tmp_path)
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("a", "finished"),
+        ("b", "running"),
+        ("c", "missing"),
+        ("d", "diverged"),
+        ("e", "no final loss"),
+    ]
+    assert rows[0]["loss"] == 3.0 and rows[0]["lr"] == 1e-3 and rows[0]["schedule"] == "cosine"
+    sel = usable_rows(rows, ["loss"])
+    assert [r["run"] for r in sel.rows] == ["a"]
+    assert sel.excluded == {"b": "running", "c": "missing", "d": "diverged", "e": "no final loss"}
+    path = write_results_csv(rows, tmp_path / "results.csv")
+    header = path.read_text().splitlines()[0].split(",")
+    assert header == [
+        "run",
+        "params",
+        "non_embedding_params",
+        "tokens",
+        "flops",
+        "loss",
+        "lr",
+        "schedule",
+        "seed",
+        "status",
+        "curve",
+    ]
+
+
+def test_missing_final_loss_falls_back_to_final_eval(tmp_path):
+    _run_dir(tmp_path / "a", 1e-3, "cosine", [(100, 4.0), (2000, 3.25)])
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    (tmp_path / "a" / "summary.json").write_text(json.dumps({**summary, "final_val_loss": None}))
+    _run_dir(tmp_path / "b", 1e-3, "cosine", [(100, 4.0)])  # last eval not at the final step
+    (tmp_path / "b" / "summary.json").write_text(json.dumps({**summary, "final_val_loss": None}))
+    rows = {r["run"]: r for r in collect_results(tmp_path)}
+    assert rows["a"]["loss"] == 3.25 and rows["a"]["status"] == "finished"
+    assert math.isnan(rows["b"]["loss"]) and rows["b"]["status"] == "no final loss"
