@@ -69,6 +69,17 @@ class SyntheticDataConfig:
     world: str = "stories"
     n_docs: int = 20000
     seed: int = 0
+    subset: str | None = None  # a world's named subset, e.g. one language of the "languages" world
+
+
+@dataclass
+class MixtureSourceConfig:
+    """One source of a data mixture: a synthetic world (or one of its subsets), or local files."""
+
+    name: str = ""
+    weight: float = 1.0
+    synthetic: SyntheticDataConfig | None = None
+    files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -79,8 +90,10 @@ class DataConfig:
     .parquet files) or ``prepared`` (shards already written by ``lmlab data prepare``).
     """
 
-    source: Literal["synthetic", "files", "prepared"] = "synthetic"
+    source: Literal["synthetic", "files", "prepared", "mixture"] = "synthetic"
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    mixture: list[MixtureSourceConfig] = field(default_factory=list)
+    mixture_temperature: float = 1.0  # sampling ratio p_i ∝ weight_i^(1/T)
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
     prepared_dir: str | None = None
@@ -288,6 +301,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
     if d.source == "files" and not d.files:
         raise ConfigError("data.source=files needs data.files (a list of .txt/.jsonl/.parquet paths)")
+    if d.source == "mixture":
+        if len(d.mixture) < 1:
+            raise ConfigError("data.source=mixture needs data.mixture: a list of sources with name and weight")
+        names = [m.name for m in d.mixture]
+        for i, m in enumerate(d.mixture):
+            if not m.name:
+                raise ConfigError(f"data.mixture[{i}].name is required")
+            _positive(f"data.mixture[{i}].weight", m.weight)
+            if (m.synthetic is None) == (not m.files):
+                raise ConfigError(f"data.mixture[{i}] ({m.name}) needs exactly one of synthetic or files")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.mixture names must be unique, got {names}")
+        _positive("data.mixture_temperature", d.mixture_temperature)
     if d.source == "prepared" and not d.prepared_dir:
         raise ConfigError("data.source=prepared needs data.prepared_dir")
     _positive("data.synthetic.n_docs", d.synthetic.n_docs)
@@ -459,16 +485,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply dotted overrides to a nested dict in place and return it."""
     for text in overrides:
         path, value = parse_override(text)
-        node = data
+        node: Any = data
         for part in path[:-1]:
+            if isinstance(node, list):  # list element by index: data.mixture.0.weight=2
+                node = _list_item(node, part, text)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override '{text}': '{part}' is not a section")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            index = _list_index(node, path[-1], text)
+            node[index] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _list_index(node: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{text}': '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def _list_item(node: list, part: str, text: str) -> Any:
+    item = node[_list_index(node, part, text)]
+    if not isinstance(item, (dict, list)):
+        raise ConfigError(f"override '{text}': item {part} is not a section")
+    return item
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -121,3 +121,11 @@ def test_command_line_size_beats_yaml_dims_but_not_explicit_overrides(tmp_path):
     cfg = load_config(p, ["model.size=tiny", "model.n_layers=2"])
     assert (cfg.model.d_model, cfg.model.n_layers) == (256, 2)
     assert load_config(p).model.d_model == 192
+
+
+def test_override_list_items_by_index():
+    data = {"data": {"mixture": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}}
+    apply_overrides(data, ["data.mixture.1.weight=4"])
+    assert data["data"]["mixture"][1]["weight"] == 4
+    with pytest.raises(ConfigError, match="not an index"):
+        apply_overrides(data, ["data.mixture.5.weight=1"])

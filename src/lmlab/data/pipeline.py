@@ -60,6 +60,11 @@ def prepare_run_data(cfg: RunConfig, run_dir: str | Path) -> tuple[Path, TextTok
         data_dir, tok = _prepare_synthetic(cfg)
     elif d.source == "files":
         data_dir, tok = _prepare_files(cfg)
+    elif d.source == "mixture":
+        from lmlab.data.mixture import prepare_mixture_data
+
+        dirs, tok = prepare_mixture_data(cfg)
+        data_dir = next(iter(dirs.values()))
     else:  # the config loader only allows the three kinds above
         raise DataError(f"unknown data.source {d.source!r}")
     run = Path(run_dir)
@@ -111,22 +116,24 @@ def _prepare_synthetic(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
             "world_version": getattr(world, "version", 0),  # a world bumps it when its text changes
             "n_docs": s.n_docs,
             "world_seed": s.seed,
+            **({"subset": s.subset} if s.subset else {}),
             "split_seed": d.seed,
             "val_fraction": d.val_fraction,
             "tokenizer": tok_key,
         }
     )
-    entry = cache_root() / "data" / f"{world.name}-{key[:16]}"
+    label = f"{world.name}-{s.subset}" if s.subset else world.name
+    entry = cache_root() / "data" / f"{label}-{key[:16]}"
     hit = _cached(entry, tok)
     if hit:
         return hit
     if tok is None:
         n_train = min(cfg.tokenizer.train_docs, s.n_docs)
         tok = TextTokenizer.train_bpe(
-            world.documents(s.seed, n_train), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
+            world_documents(world, s.seed, n_train, s.subset), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
         )
-    source = f"synthetic:{world.name}"
-    docs = (Document(text, source, i) for i, text in enumerate(world.documents(s.seed, s.n_docs)))
+    source = f"synthetic:{label}"
+    docs = (Document(text, source, i) for i, text in enumerate(world_documents(world, s.seed, s.n_docs, s.subset)))
     prepare_shards(
         docs,
         tok,
@@ -139,6 +146,15 @@ def _prepare_synthetic(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
         extra={"synthetic": {"world": world.name, "n_docs": s.n_docs, "seed": s.seed}},
     )
     return _cached(entry, None if cfg.tokenizer.path is None else tok) or (entry, tok)
+
+
+def world_documents(world, seed: int, n_docs: int | None, subset: str | None = None):
+    """A world's documents, or those of one of its subsets (``documents_for``) when ``subset`` is set."""
+    if subset is None:
+        return world.documents(seed, n_docs)
+    if not hasattr(world, "documents_for"):
+        raise DataError(f"world {world.name!r} has no subsets; remove data.synthetic.subset={subset!r}")
+    return world.documents_for(subset, seed, n_docs)
 
 
 def _prepare_files(cfg: RunConfig) -> tuple[Path, TextTokenizer]:

@@ -1,0 +1,206 @@
+"""Data mixtures: several sources sampled with fixed ratios, deterministically and resumably.
+
+Each source (a synthetic world or one of its subsets, or local files) is prepared into its own
+shards with one shared tokenizer. The sampling ratio of source i is ``p_i ∝ weight_i^(1/T)``
+(T = ``data.mixture_temperature``; T = 1 uses the weights as given, larger T flattens them).
+Rows are assigned to sources by smooth weighted round-robin: row n goes to the source with the
+largest deficit ``p_i·(n+1) − count_i``, so after any number of rows each source's share is
+within one row of its ratio, with no randomness to replay. The state is the per-source row
+counts plus each source's ``WindowSampler`` state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmlab.config import RunConfig
+from lmlab.data.tokenizer import TextTokenizer
+from lmlab.errors import DataError
+
+
+def mixture_ratios(weights: list[float], temperature: float = 1.0) -> np.ndarray:
+    """``p_i ∝ w_i^(1/T)``, normalised to sum to one."""
+    w = np.asarray(weights, dtype=float)
+    if np.any(w <= 0) or temperature <= 0:
+        raise DataError("mixture weights and temperature must be > 0")
+    p = w ** (1.0 / temperature)
+    return p / p.sum()
+
+
+def source_config(cfg: RunConfig, index: int, tokenizer_path: str | None) -> RunConfig:
+    """The single-source run config of mixture source ``index`` (its own data section, shared tokenizer)."""
+    src = cfg.data.mixture[index]
+    data = dataclasses.replace(
+        cfg.data,
+        source="synthetic" if src.synthetic is not None else "files",
+        synthetic=src.synthetic if src.synthetic is not None else cfg.data.synthetic,
+        files=list(src.files),
+        mixture=[],
+    )
+    tok = dataclasses.replace(cfg.tokenizer, path=tokenizer_path) if tokenizer_path else cfg.tokenizer
+    return dataclasses.replace(cfg, data=data, tokenizer=tok)
+
+
+def _source_documents(cfg: RunConfig, index: int, n: int):
+    from lmlab.data.pipeline import world_documents
+    from lmlab.data.prepare import expand_paths, read_documents
+    from lmlab.data.synthetic import get_world
+
+    src = cfg.data.mixture[index]
+    if src.synthetic is not None:
+        s = src.synthetic
+        return world_documents(get_world(s.world), s.seed, min(n, s.n_docs), s.subset)
+    docs = read_documents(expand_paths(src.files), cfg.data.text_field)
+    return (d.text for d in itertools.islice(docs, n))
+
+
+def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
+    """The mixture's tokenizer: ``tokenizer.path``, or a BPE trained on an equal share of every source (cached)."""
+    from lmlab.data.pipeline import cache_key, cache_root
+
+    t = cfg.tokenizer
+    if t.path:
+        return TextTokenizer.load(t.path), Path(t.path)
+    spec = [dataclasses.asdict(m) for m in cfg.data.mixture]
+    key = cache_key({"mixture_tokenizer": spec, "vocab_size": t.vocab_size, "min_frequency": t.min_frequency,
+                     "train_docs": t.train_docs})
+    entry = cache_root() / "tokenizers" / f"mixture-{key[:16]}"
+    path = entry / "tokenizer.json"
+    if path.is_file():
+        return TextTokenizer.load(path), path
+    per_source = max(1, t.train_docs // len(cfg.data.mixture))
+    texts = itertools.chain.from_iterable(
+        _source_documents(cfg, i, per_source) for i in range(len(cfg.data.mixture))
+    )
+    tok = TextTokenizer.train_bpe(texts, t.vocab_size, t.min_frequency)
+    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
+    tok.save(tmp / "tokenizer.json")
+    try:
+        os.rename(tmp, entry)  # atomic publish; a concurrent writer may have published first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TextTokenizer.load(path), path
+
+
+def prepare_mixture_data(cfg: RunConfig) -> tuple[dict[str, Path], TextTokenizer]:
+    """Prepared (cached) shards of every source, in config order, with the shared tokenizer."""
+    from lmlab.data.pipeline import _prepare_files, _prepare_synthetic
+
+    tok, tok_path = shared_tokenizer(cfg)
+    dirs: dict[str, Path] = {}
+    for i, src in enumerate(cfg.data.mixture):
+        sub = source_config(cfg, i, str(tok_path))
+        data_dir, _ = _prepare_synthetic(sub) if src.synthetic is not None else _prepare_files(sub)
+        dirs[src.name] = data_dir
+    return dirs, tok
+
+
+class MixtureSampler:
+    """Rows from several ``WindowSampler``s in fixed ratios; ``next_batch(b)`` -> inputs, labels, source ids."""
+
+    def __init__(self, samplers: dict, ratios: dict[str, float], *, rank: int = 0, world_size: int = 1):
+        self.names = list(samplers)
+        self.samplers = samplers
+        self.ratios = np.array([ratios[n] for n in self.names], dtype=float)
+        self.counts = np.zeros(len(self.names), dtype=np.int64)
+        self.rank = rank
+        self.world_size = world_size
+
+    def _assign(self, n: int) -> list[int]:
+        """Source index of each of the next ``n`` global rows (smooth weighted round-robin)."""
+        out = []
+        for _ in range(n):
+            total = int(self.counts.sum()) + 1
+            i = int(np.argmax(self.ratios * total - self.counts))
+            self.counts[i] += 1
+            out.append(i)
+        return out
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sources = self._assign(batch_size * self.world_size)
+        need = np.bincount(sources, minlength=len(self.names))
+        drawn = {i: self.samplers[self.names[i]].next_batch(int(k)) for i, k in enumerate(need) if k > 0}
+        taken = dict.fromkeys(drawn, 0)
+        xs, ys = [], []
+        for i in sources:
+            x, y = drawn[i]
+            xs.append(x[taken[i]])
+            ys.append(y[taken[i]])
+            taken[i] += 1
+        mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+        src = torch.tensor(sources, dtype=torch.long)[mine]
+        return torch.stack(xs)[mine], torch.stack(ys)[mine], src
+
+    def state_dict(self) -> dict:
+        return {
+            "names": list(self.names),
+            "counts": [int(c) for c in self.counts],
+            "samplers": {n: s.state_dict() for n, s in self.samplers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names:
+            raise DataError(f"the checkpoint's mixture sources {state['names']} differ from this run's {self.names}")
+        self.counts = np.array(state["counts"], dtype=np.int64)
+        for n, s in self.samplers.items():
+            s.load_state_dict(state["samplers"][n])
+
+
+class MixtureBatches:
+    """The loop's ``BatchSource`` over a mixture: dict batches with a ``source_ids`` row tag."""
+
+    def __init__(self, sampler: MixtureSampler):
+        self.sampler = sampler
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        x, y, src = self.sampler.next_batch(batch_size)
+        return {"input_ids": x, "labels": y, "source_ids": src}
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def build_mixture(cfg: RunConfig, dirs: dict[str, Path], *, seed: int, rank: int = 0, world_size: int = 1):
+    """``(MixtureBatches, eval_fn_factory, ratios)`` for a prepared mixture.
+
+    ``eval_fn_factory(device)`` returns an ``eval_fn(model)`` that reports ``val_loss/<source>`` for every
+    source on its own validation split (same token budget each) and ``val_loss`` as their ratio-weighted mean.
+    """
+    import math
+
+    from lmlab.data.shards import TokenShards
+    from lmlab.train.loop import evaluate_lm
+    from lmlab.train.sampler import WindowSampler, eval_batches
+
+    t = cfg.train
+    ratios = dict(zip(dirs, mixture_ratios([m.weight for m in cfg.data.mixture], cfg.data.mixture_temperature)))
+    samplers = {
+        name: WindowSampler(TokenShards.open(d, "train"), t.seq_len, seed + 7919 * i)
+        for i, (name, d) in enumerate(dirs.items())
+    }
+    batches = MixtureBatches(MixtureSampler(samplers, ratios, rank=rank, world_size=world_size))
+    val = {name: TokenShards.open(d, "val") for name, d in dirs.items()}
+
+    def eval_fn_factory(device: torch.device):
+        def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for name, tokens in val.items():
+                res = evaluate_lm(model, eval_batches(tokens, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
+                out[f"val_loss/{name}"] = res["val_loss"]
+            out["val_loss"] = float(sum(ratios[n] * out[f"val_loss/{n}"] for n in val))
+            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+            return out
+
+        return eval_fn
+
+    return batches, eval_fn_factory, ratios
