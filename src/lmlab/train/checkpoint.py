@@ -9,14 +9,21 @@ A checkpoint is written into a hidden temporary directory, every file is fsynced
 the directory is renamed into place; a process killed mid-write leaves the previous
 checkpoints untouched and the partial one invisible. Loading verifies the checksums
 (corruption) and the model config and parameter shapes (a checkpoint from another model).
+
+Several ranks or FSDP write the same directory layout with the weights and optimizer in a
+``dcp/`` folder instead (``torch.distributed.checkpoint``, sharded, resharded on load), plus
+``train_state.pt`` and ``meta.json``; such a checkpoint resumes on any world size and loads into
+a plain model for generation, evaluation or ``lmlab export``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -111,20 +118,26 @@ def save_checkpoint(
         "sha256": {name: _sha256(tmp / name) for name in files},
         **(meta or {}),
     }
+    _publish(tmp, final, info)
+    if keep_last is not None:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _publish(tmp: Path, final: Path, info: dict[str, Any]) -> None:
+    """Write ``meta.json`` last, fsync, and rename the finished temporary directory into place."""
     (tmp / META_FILE).write_text(json.dumps(info, indent=1))
     _fsync_file(tmp / META_FILE)
     _fsync_dir(tmp)
+    root = final.parent
     if final.exists():  # re-saving the same step (e.g. final == periodic): replace atomically
-        old = root / f".old_{step_dir_name(step)}_{os.getpid()}"
+        old = root / f".old_{final.name}_{os.getpid()}"
         os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -180,7 +193,9 @@ def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[
     if model_cfg is not None:
         theirs = meta.get("model_config", {})
         ours = asdict(model_cfg)
-        diffs = [f"{k}: checkpoint {theirs.get(k)!r} vs run {ours[k]!r}" for k in _ARCH_KEYS if theirs.get(k) != ours[k]]
+        diffs = [
+            f"{k}: checkpoint {theirs.get(k)!r} vs run {ours[k]!r}" for k in _ARCH_KEYS if theirs.get(k) != ours[k]
+        ]
         if diffs:
             raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(diffs)})")
     return meta
@@ -200,16 +215,31 @@ _ARCH_KEYS = (
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Verify and load ``model.safetensors`` into ``model`` (strict); return the meta."""
+    """Verify and load the checkpoint's weights into ``model`` (strict); return the meta.
+
+    Works for both formats: ``model.safetensors`` and a sharded ``dcp/`` checkpoint, which is
+    read into this (unsharded) model whatever world size wrote it.
+    """
     meta = verify_checkpoint(ckpt, model_cfg)
+    if is_sharded(ckpt):
+        expected = model_state_dict(model)
+        _check_same_model(ckpt, expected, {k: torch.Size(v) for k, v in meta.get("shapes", {}).items()})
+        _load_sharded_weights(ckpt, model)
+        return meta
     try:
         weights = load_file(str(ckpt / MODEL_FILE))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable ({err})") from None
-    expected = model_state_dict(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    bad_shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    _check_same_model(ckpt, model_state_dict(model), {k: v.shape for k, v in weights.items()})
+    model.load_state_dict(weights, strict=False)  # tied weights are stored once
+    return meta
+
+
+def _check_same_model(ckpt: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Size]) -> None:
+    """Refuse a checkpoint whose parameter names or shapes differ from the model's."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    bad_shapes = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k].shape)]
     if missing or unexpected or bad_shapes:
         parts = []
         if missing:
@@ -219,8 +249,6 @@ def load_weights(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | No
         if bad_shapes:
             parts.append(f"shape mismatch {bad_shapes[:3]}")
         raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(parts)})")
-    model.load_state_dict(weights, strict=False)  # tied weights are stored once
-    return meta
 
 
 def load_train_state(ckpt: Path) -> dict[str, Any]:
@@ -263,3 +291,144 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     load_weights(ckpt, model, cfg.model)
     model.to(device).eval()
     return model, cfg, tokenizer
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+
+DCP_DIR = "dcp"
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """True for a checkpoint written by ``save_sharded_checkpoint`` (``torch.distributed.checkpoint``)."""
+    return (Path(ckpt) / DCP_DIR).is_dir()
+
+
+@contextlib.contextmanager
+def _single_process_dcp():
+    """Silence DCP's notice that it loads in one process: reading a sharded checkpoint alone is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _load_sharded_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Read the model part of a sharded checkpoint into a plain (unsharded) model, in this process only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    target = {"model": model.state_dict()}  # tensors share storage with the model: loaded in place
+    try:
+        with _single_process_dcp():
+            dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
+    except (CheckpointException, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({type(err).__name__}: {err})") from None
+    model.load_state_dict(target["model"])
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    ctx: Any,
+    model_cfg: ModelConfig,
+    train_state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Collective save of model and optimizer with ``torch.distributed.checkpoint``; all ranks call it.
+
+    Each rank writes its own shards (FSDP) or its share of the replicated tensors (DDP) into
+    ``dcp/``; rank 0 writes ``train_state.pt`` (step, data position, RNG) and, after every rank has
+    finished, checksums and ``meta.json``, then renames the directory into place. The result loads
+    on any world size (``load_sharded_state``) and into a plain model (``load_weights``).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(run_dir) / CKPT_DIR
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}_sharded"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a job that died while saving
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    if ctx.is_main:
+        torch.save(train_state, tmp / STATE_FILE)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        for name in files:
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp / DCP_DIR)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "format": "sharded",
+            "lmlab_version": __version__,
+            "step": step,
+            "model_config": asdict(model_cfg),
+            "shapes": {k: list(v.shape) for k, v in model_sd.items()},
+            "sha256": {name: _sha256(tmp / name) for name in files},
+            **(meta or {}),
+        }
+        _publish(tmp, final, info)
+        if keep_last is not None:
+            prune_checkpoints(run_dir, keep_last)
+    ctx.barrier()
+    return final
+
+
+def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer into ``model`` (plain, DDP or FSDP) on any world size.
+
+    Collective when a process group exists; DCP reshards the saved tensors to this job's layout.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        with _single_process_dcp():
+            dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=alone)
+    except CheckpointException as err:
+        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({err})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_state_sharded(
+    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any]
+) -> None:
+    """Load a single-process checkpoint (``model.safetensors`` + a ``torch.optim`` state dict) into a
+    DDP or FSDP model on several ranks: every rank reads the full tensors and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    try:
+        weights = load_file(str(ckpt / MODEL_FILE))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{ckpt / MODEL_FILE}: unreadable ({err})") from None
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for g in optimizer_state["param_groups"] for i in g["params"]]
+    if len(saved_ids) != len(order):
+        raise CheckpointError(
+            f"{ckpt}: the optimizer state has {len(saved_ids)} parameters, the model {len(order)}; "
+            "checkpoint from another model"
+        )
+    by_id = dict(zip(saved_ids, order))
+    fqn_state = {
+        "state": {by_id[i]: s for i, s in optimizer_state["state"].items()},
+        "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in optimizer_state["param_groups"]],
+    }
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=fqn_state,
+        options=StateDictOptions(full_state_dict=True),
+    )

@@ -5,6 +5,10 @@ accumulation normalised by the number of target tokens, clipping, mixed precisio
 periodic evaluation, metrics, atomic checkpoints and exact resume. What is trained
 on and how the loss is computed come from outside as a ``BatchSource`` and a
 ``loss_fn(model, batch) -> LossOutput`` (DESIGN.md principle 4).
+
+With a ``DistContext`` (``lmlab.train.distributed``) the same loop runs on every rank of a
+torchrun job: the loss sum and target count are all-reduced, so the update is the one a single
+process would make on the whole global batch; checkpoints become sharded and collective.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from lmlab.config import RunConfig
 from lmlab.objectives.base import LossOutput
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.distributed import DistContext, gradient_sync, prepare_model, unwrap
 from lmlab.train.metrics import MetricsLogger
 from lmlab.train.optim import build_optimizer
 from lmlab.train.runtime import autocast_context
@@ -65,19 +70,24 @@ class Trainer:
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         meta: dict[str, Any] | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None,
+        dist: DistContext | None = None,
     ):
+        """``model`` may be a plain module or one already passed through ``prepare_model``; the
+        configured switches (activation checkpointing, compile, DDP / FSDP per ``dist``) are applied
+        here otherwise."""
         self.cfg = cfg
         self.run_dir = run_dir
-        self.model = model
         self.batches = batches
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
         self.device = device
         self.meta = meta or {}
         self.on_log = on_log
-        self.optimizer = build_optimizer(model, cfg.optim, device)
+        self.dist = dist or DistContext(device=device)
+        self.forward_model = prepare_model(model, cfg, self.dist)
+        self.model = unwrap(self.forward_model)
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
-        self.forward_model = torch.compile(model) if cfg.train.compile else model
         self.step = 0
         self.tokens = 0
 
@@ -98,9 +108,11 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the loop state; ``optimizer`` is optional (sharded checkpoints keep it in ``dcp/``)."""
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
@@ -109,21 +121,57 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
 
     def save(self) -> Path:
+        """Write a checkpoint: one file set from one process, or a collective sharded one."""
+        t = self.cfg.train
+        meta = {
+            "tokens": self.tokens,
+            "world_size": self.world_size(),
+            "global_batch": t.micro_batch_size * t.grad_accum * self.world_size(),
+            **self.meta,
+        }
+        if self.dist.sharded:
+            state = self.state_dict()
+            del state["optimizer"]
+            return ckpt_io.save_sharded_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                ctx=self.dist,
+                model_cfg=self.cfg.model,
+                train_state=state,
+                meta=meta,
+                keep_last=t.keep_last,
+            )
         return ckpt_io.save_checkpoint(
             self.run_dir,
             self.step,
             self.model,
             model_cfg=self.cfg.model,
             train_state=self.state_dict(),
-            meta={"tokens": self.tokens, **self.meta},
-            keep_last=self.cfg.train.keep_last,
+            meta=meta,
+            keep_last=t.keep_last,
         )
 
-    def resume(self) -> Path:
-        """Load the latest checkpoint of the run directory (weights, optimizer, data position, RNG)."""
-        ckpt = ckpt_io.resolve_checkpoint(self.run_dir)
-        ckpt_io.load_weights(ckpt, self.model, self.cfg.model)
-        self.load_state_dict(ckpt_io.load_train_state(ckpt))
+    def resume(self, path: str | Path | None = None) -> Path:
+        """Load a checkpoint (default: the run directory's latest): weights, optimizer, data position, RNG.
+
+        Either checkpoint format resumes on any world size: a sharded one is resharded by
+        ``torch.distributed.checkpoint``, a single-process one is read whole on every rank.
+        """
+        ckpt = ckpt_io.resolve_checkpoint(self.run_dir if path is None else path)
+        if ckpt_io.is_sharded(ckpt):
+            ckpt_io.verify_checkpoint(ckpt, self.cfg.model)
+            state = ckpt_io.load_train_state(ckpt)
+            ckpt_io.load_sharded_state(ckpt, self.model, self.optimizer)
+        elif self.dist.sharded or self.dist.world_size > 1:
+            ckpt_io.verify_checkpoint(ckpt, self.cfg.model)
+            state = ckpt_io.load_train_state(ckpt)
+            ckpt_io.load_full_state_sharded(ckpt, self.model, self.optimizer, state.pop("optimizer"))
+        else:
+            ckpt_io.load_weights(ckpt, self.model, self.cfg.model)
+            state = ckpt_io.load_train_state(ckpt)
+        self.load_state_dict(state)
         return ckpt
 
     # ------------------------------------------------------------------ one update
@@ -139,30 +187,42 @@ class Trainer:
         count = torch.zeros((), dtype=torch.float64)
         metric_sums: dict[str, float] = {}
         step_tokens = 0
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.batches.next_batch(t.micro_batch_size).items()}
+        for i in range(t.grad_accum):
+            batch = {
+                k: v.to(self.device, non_blocking=True) for k, v in self.batches.next_batch(t.micro_batch_size).items()
+            }
             step_tokens += int(batch["input_ids"].numel())
-            with autocast_context(self.device, t.precision):
-                out = self.loss_fn(self.forward_model, batch)
-            # Backward on the *sum*; gradients are divided by the total count below, so k
-            # micro-batches give exactly the gradient of one batch of all their tokens.
-            if self.scaler is not None:
-                self.scaler.scale(out.loss_sum).backward()
-            else:
-                out.loss_sum.backward()
+            with gradient_sync(self.forward_model, enabled=i == t.grad_accum - 1):
+                with autocast_context(self.device, t.precision):
+                    out = self.loss_fn(self.forward_model, batch)
+                # Backward on the *sum*; gradients are divided by the total count below, so k
+                # micro-batches give exactly the gradient of one batch of all their tokens.
+                if self.scaler is not None:
+                    self.scaler.scale(out.loss_sum).backward()
+                else:
+                    out.loss_sum.backward()
             loss_sum += out.loss_sum.detach().double().cpu()
             count += out.count.detach().double().cpu()
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-        total = self.reduce_count(count)
+        # One all-reduce of [loss_sum, count, metric sums...]: every rank sees the global numbers.
+        names = sorted(metric_sums)
+        local = torch.tensor([float(loss_sum), float(count), *(metric_sums[k] for k in names)], dtype=torch.float64)
+        summed = self._reduce_sums(local)
+        loss_sum, total = summed[0], summed[1]
+        metric_sums = {k: float(v) for k, v in zip(names, summed[2:])}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        scale = 1.0 / max(float(total), 1.0)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        # DDP and FSDP average gradients over ranks; multiplying by the world size restores the sum,
+        # so the result is the gradient of (global loss sum) / (global target count).
+        replicas = self.world_size() if self.dist.averages_gradients else 1
+        scale = replicas / max(float(total), 1.0)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)  # one multi-tensor kernel instead of one launch per parameter
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -171,20 +231,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += step_tokens * self.world_size()
-        n = max(float(count), 1.0)
+        n = max(float(total), 1.0)
         metrics = {"loss": float(loss_sum) / n, "lr": lr, "grad_norm": grad_norm}
         metrics.update({k: v / n for k, v in metric_sums.items() if k != "ce"})
         return metrics
 
-    # Hooks the distributed wrapper overrides.
+    # Where this process sits in the job (one process unless a DistContext was given).
+    def _reduce_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce_sum(values)
+
     def reduce_count(self, count: torch.Tensor) -> torch.Tensor:
-        return count
+        """The target count summed over ranks."""
+        return self._reduce_sums(count.reshape(1).double())[0]
 
     def world_size(self) -> int:
-        return 1
+        return self.dist.world_size
 
     def is_main(self) -> bool:
-        return True
+        return self.dist.is_main
 
     # ------------------------------------------------------------------ the loop
 
@@ -214,7 +278,9 @@ class Trainer:
                     record.update(tokens_per_s=rate, time=now - start_time)
                     self._emit(logger, record)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:,.0f}")
+                        progress.set_postfix(
+                            loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:,.0f}"
+                        )
                 if diverged:
                     break
                 if self.eval_fn is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
@@ -229,13 +295,15 @@ class Trainer:
         return TrainResult(self.step, self.tokens, last_train_loss, final_eval, diverged)
 
     def saves_on_all_ranks(self) -> bool:
-        return False
+        """Sharded checkpoints are collective: every rank writes its part."""
+        return self.dist.sharded
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Run ``eval_fn`` on every rank (FSDP forward is collective); only rank 0 logs the result."""
         self.model.eval()
         with autocast_context(self.device, self.cfg.train.precision):
-            out = self.eval_fn(self.forward_model)
+            out = self.eval_fn(self.model)
         self.model.train()
         return out
 
