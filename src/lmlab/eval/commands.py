@@ -61,7 +61,24 @@ def eval_main(argv: list[str]) -> int:
     ppl.add_argument("--split", default="val", choices=["train", "val"])
     ppl.add_argument("--tokens", type=int, default=None, help="token budget (default: train.eval_tokens)")
     ppl.add_argument("--device", default="cpu")
+    mem = sub.add_parser("memorization", help="greedy extraction of training documents (exact match, RougeL)")
+    mem.add_argument("run_dir")
+    mem.add_argument(
+        "--data", required=True, help="documents: .jsonl ('text' field or 'messages') or .txt (one per line)"
+    )
+    mem.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=32,
+        help="prompt length p (tokens of the document); 0: all but the last n (the goldfish reference protocol)",
+    )
+    mem.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length n")
+    mem.add_argument("--batch-size", type=int, default=32)
+    mem.add_argument("--out", help="per-document results JSONL (default: RUN_DIR/memorization.jsonl)")
+    mem.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    if args.kind == "memorization":
+        return _memorization(args)
 
     from lmlab.eval.perplexity import perplexity
     from lmlab.train.checkpoint import load_model
@@ -78,6 +95,27 @@ def eval_main(argv: list[str]) -> int:
         split=args.split,
     )
     print(json.dumps(out))
+    return 0
+
+
+def _memorization(args) -> int:
+    """``lmlab eval memorization``: prints the summary as JSON, writes per-document rows as JSONL."""
+    from lmlab.eval.memorization import memorization_eval, read_documents, write_jsonl
+    from lmlab.train.checkpoint import load_model
+
+    model, _, tokenizer = load_model(args.run_dir, device=args.device)
+    if tokenizer is None:
+        raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
+    summary, per_doc = memorization_eval(
+        model,
+        tokenizer,
+        read_documents(args.data),
+        prefix_tokens=args.prefix_tokens,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+    )
+    out = write_jsonl(per_doc, args.out or Path(args.run_dir) / "memorization.jsonl")
+    print(json.dumps({**summary, "per_document": str(out)}))
     return 0
 
 

@@ -1,23 +1,34 @@
 """Builds the loop's ``loss_fn`` for token-level LM training from ``ObjectiveConfig``.
 
 Composes the pure objectives: cross-entropy with label smoothing and PaLM z-loss
-(SCIENCE.md §10), the goldfish keep-mask (§5) and NEFTune embedding noise (§6, as a
-training-only hook on the model). Packed batches may carry ``doc_ids`` and
-``position_ids``; they are passed to the model unchanged.
+(SCIENCE.md §10), the goldfish keep-mask (§5), NEFTune embedding noise (§6, as a
+training-only hook on the model) and knowledge distillation from a teacher (Hinton et al.
+2015; GKD, Agarwal et al. 2024): ``total = alpha·τ²·D(p_T, p_S) + (1 − alpha)·LM`` where LM is
+the configured token loss (plain CE unless smoothing / z-loss are on) and D is forward KL,
+reverse KL or JSD(β) (``lmlab.objectives.distill``). All switches combine: the goldfish mask
+removes a token from both terms. Packed batches may carry ``doc_ids`` and ``position_ids``;
+they are passed to the model (and the teacher) unchanged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from lmlab.config import ObjectiveConfig
+from lmlab.errors import ConfigError
 from lmlab.objectives.base import LossOutput
+from lmlab.objectives.distill import distillation_loss, topk_distillation_loss
 from lmlab.objectives.goldfish import goldfish_mask
 from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss
 from lmlab.objectives.neftune import attach_neftune
 
 MODEL_KWARGS = ("doc_ids", "position_ids")
+TOPK_KEYS = ("teacher_topk_logprobs", "teacher_topk_indices")
+
+TeacherFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -25,9 +36,23 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_KWARGS if k in batch}
 
 
-def build_lm_loss(obj: ObjectiveConfig):
-    """``loss_fn(model, batch) -> LossOutput`` for next-token prediction with the configured switches."""
-    gf = obj.goldfish
+def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, topk_cached: bool = False):
+    """``loss_fn(model, batch) -> LossOutput`` for next-token prediction with the configured switches.
+
+    Distillation (``obj.distill.teacher`` set) needs either ``teacher`` (a callable batch -> logits
+    [B, T, V] run under ``no_grad``, e.g. ``lmlab.train.teacher.Teacher``) or ``topk_cached=True``,
+    meaning every batch carries the teacher's cached top-k (``TOPK_KEYS``). Metrics (sums): ``ce``,
+    plus ``kd`` (τ²·D) and ``lm_loss`` (the LM term) when distilling, ``goldfish_dropped`` with
+    goldfish, ``smoothed`` / ``z_loss`` when enabled.
+    """
+    gf, kd_cfg = obj.goldfish, obj.distill
+    distilling = kd_cfg.teacher is not None
+    if distilling and teacher is None and not topk_cached:
+        raise ConfigError(
+            f"objective.distill.teacher={kd_cfg.teacher!r} is set but no teacher model was loaded for this run; "
+            "distillation runs under lmlab sft (or unset objective.distill.teacher)"
+        )
+    kd_options = {"divergence": kd_cfg.kind, "beta": kd_cfg.beta, "temperature": kd_cfg.temperature, "alpha": 1.0}
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         labels = batch["labels"]
@@ -39,7 +64,21 @@ def build_lm_loss(obj: ObjectiveConfig):
         if keep is not None:
             supervised = labels != IGNORE_INDEX
             out.metrics["goldfish_dropped"] = (supervised & ~keep).sum().to(out.loss_sum.dtype) * 1.0
-        return out
+        if not distilling:
+            return out
+        if TOPK_KEYS[0] in batch:
+            kd = topk_distillation_loss(
+                logits, batch[TOPK_KEYS[0]], batch[TOPK_KEYS[1]], labels, loss_mask=keep, **kd_options
+            )
+        else:
+            if teacher is None:
+                raise ValueError("the batch has no cached teacher top-k and no teacher was given")
+            with torch.no_grad():
+                teacher_logits = teacher(batch)
+            kd = distillation_loss(logits, teacher_logits, labels, loss_mask=keep, **kd_options)
+        alpha = kd_cfg.alpha
+        metrics = {**out.metrics, "kd": kd.metrics["kd"], "lm_loss": out.loss_sum.detach()}
+        return LossOutput(alpha * kd.loss_sum + (1.0 - alpha) * out.loss_sum, out.count, metrics)
 
     return loss_fn
 

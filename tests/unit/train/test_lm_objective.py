@@ -1,12 +1,13 @@
 import torch
 
-from helpers import tiny_config
-from lmlab.config import ObjectiveConfig, GoldfishConfig
+from lmlab.config import GoldfishConfig, ObjectiveConfig
 from lmlab.models.decoder import Decoder
 from lmlab.objectives.lm import causal_lm_loss
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrain import run_pretraining
+
+from helpers import tiny_config
 
 
 def batch(vocab=64, seed=0):

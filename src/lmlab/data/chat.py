@@ -1,0 +1,322 @@
+"""Chat data: reading SFT records, rendering conversations with a chat template, and the assistant mask.
+
+Records (one JSON object per line of a ``.jsonl`` file) come in three shapes:
+
+- conversations: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+- prompt/completion pairs: ``{"prompt": str | [messages], "completion": str | [messages]}``, optionally
+  with ``"system": str``; a string prompt is one user turn and a string completion one assistant turn;
+- plain documents: ``{"text": str}`` (continued pretraining with packing; every token is a target).
+
+A chat template turns messages into text. The template is the tokenizer's own (the ``chat_template``
+of a ``tokenizer_config.json`` next to its ``tokenizer.json``, e.g. one kept by ``lmlab import-hf``)
+when it has one, else lmlab's built-in template, which is the one ``lmlab export-hf`` writes:
+
+    <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
+
+each message is ``<|role|>content<|end|>`` and a generation prompt opens ``<|assistant|>``. The loss
+mask comes from rendering the conversation message by message: the text a template adds for an
+assistant message after its generation prompt (the reply and its end-of-turn marker) is supervised,
+everything else (system/user turns and the assistant header) is context. Each piece is tokenized on
+its own and the ids concatenated, so the mask is exact at token level (pieces meet at special tokens
+in every common template, where BPE cannot merge across anyway).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmlab.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<|end|>"
+
+BUILTIN_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""lmlab's chat layout (identical to ``lmlab.models.hf_commands.CHAT_TEMPLATE``, so exported models
+render the same text under ``transformers``' ``apply_chat_template``)."""
+
+Message = dict[str, str]
+LossOn = Literal["assistant", "all"]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template (Hugging Face convention: ``messages``, ``add_generation_prompt``,
+    ``bos_token``, ``eos_token``) and where it came from (``"builtin"``, a file path, ``"inline"``)."""
+
+    source: str
+    origin: str = "builtin"
+
+    @classmethod
+    def builtin(cls) -> ChatTemplate:
+        return cls(BUILTIN_TEMPLATE, "builtin")
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, tokenizer=None) -> str:
+        """The template's text for ``messages`` (``tokenizer`` supplies ``bos_token``/``eos_token``)."""
+        bos = eos = ""
+        if tokenizer is not None:
+            bos = tokenizer.id_to_token(tokenizer.bos_id) or ""
+            eos = tokenizer.id_to_token(tokenizer.eos_id) or ""
+        try:
+            return _compiled(self.source).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
+            )
+        except Exception as err:  # jinja2 raises many types; all mean the template cannot render this input
+            raise DataError(f"chat template ({self.origin}) failed to render: {err}") from None
+
+
+_TEMPLATE_CACHE: dict[str, Any] = {}
+
+
+def _compiled(source: str):
+    """Compile once per source, in a sandbox (templates come from model files), HF's whitespace options."""
+    if source not in _TEMPLATE_CACHE:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            _TEMPLATE_CACHE[source] = env.from_string(source)
+        except TemplateError as err:
+            raise DataError(f"chat template is not valid Jinja: {err}") from None
+    return _TEMPLATE_CACHE[source]
+
+
+def tokenizer_chat_template(tokenizer) -> str | None:
+    """The ``chat_template`` of the ``tokenizer_config.json`` beside the tokenizer's file, if any."""
+    source = getattr(tokenizer, "source", None)
+    if not source or source.startswith("<"):
+        return None
+    config = Path(source).parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text()).get("chat_template")
+    except json.JSONDecodeError as err:
+        raise DataError(f"{config}: not valid JSON ({err})") from None
+    if isinstance(template, list):  # HF allows named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> ChatTemplate:
+    """Pick the template: an explicit one (a ``ChatTemplate``, ``"builtin"``, a path to a Jinja file or
+    Jinja text), else the tokenizer's own, else the built-in one. The built-in template needs the
+    tokenizer to have lmlab's chat tokens."""
+    if isinstance(template, ChatTemplate):
+        chosen = template
+    elif template == "builtin":
+        chosen = ChatTemplate.builtin()
+    elif isinstance(template, str):
+        if "{{" in template or "{%" in template:
+            chosen = ChatTemplate(template, "inline")
+        elif Path(template).is_file():
+            chosen = ChatTemplate(Path(template).read_text(), template)
+        else:
+            raise DataError(f"chat template {template!r} is not 'builtin', an existing Jinja file or Jinja text")
+    else:
+        own = tokenizer_chat_template(tokenizer)
+        chosen = ChatTemplate(own, f"{tokenizer.source} chat_template") if own else ChatTemplate.builtin()
+    if chosen.source == BUILTIN_TEMPLATE:
+        missing = [
+            t for t in ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN) if tokenizer.token_to_id(t) is None
+        ]
+        if missing:
+            raise DataError(
+                f"tokenizer {tokenizer.source} has no chat tokens {', '.join(missing)} and no chat_template; "
+                "use a tokenizer trained by lmlab or set sft.chat_template"
+            )
+    return chosen
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an assistant turn: ``<|end|>`` when the vocabulary has it, else EOS."""
+    tid = tokenizer.token_to_id(END_OF_TURN)
+    return tid if tid is not None else tokenizer.eos_id
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_messages(messages: Any, where: str = "conversation", *, need_assistant: bool = True) -> list[Message]:
+    """Check the shape of a conversation; a ``DataError`` names ``where`` (e.g. ``file.jsonl:7``) and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: message {i} has unknown role {role!r}; valid roles: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} ({role}) content must be a string")
+        out.append({"role": role, "content": content})
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: the conversation has no assistant turn (nothing to learn from)")
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render_conversation(
+    tokenizer,
+    messages: Sequence[Message],
+    template: ChatTemplate | str | None = None,
+    *,
+    loss_on: LossOn = "assistant",
+    where: str = "conversation",
+    supervise_from: int = 0,
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation and its target mask (``mask[j]`` True: token j is learned).
+
+    With ``loss_on="assistant"`` the mask covers each assistant reply and its end-of-turn marker
+    (every assistant turn of a multi-turn conversation from message ``supervise_from`` on; earlier
+    messages, e.g. the prompt of a prompt/completion pair, are context only); with ``"all"`` every
+    token but the first.
+    A template whose output for a prefix of the conversation is not a prefix of its output for the
+    whole conversation cannot give a mask and is a ``DataError``.
+    """
+    msgs = validate_messages(list(messages), where)
+    chat = resolve_template(tokenizer, template)
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            head = chat.render(msgs[:i], add_generation_prompt=True, tokenizer=tokenizer)
+            _check_prefix(done, head, chat, where, i)
+            pieces.append((head[len(done) :], False))
+            done = head
+        text = chat.render(msgs[: i + 1], tokenizer=tokenizer)
+        _check_prefix(done, text, chat, where, i)
+        pieces.append((text[len(done) :], m["role"] == "assistant" and i >= supervise_from))
+        done = text
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, supervised in pieces:
+        piece = tokenizer.encode(text) if text else []
+        ids += piece
+        mask += [supervised or loss_on == "all"] * len(piece)
+    if mask:
+        mask[0] = False  # the first token has no context to be predicted from
+    return ids, mask
+
+
+def _check_prefix(done: str, text: str, chat: ChatTemplate, where: str, index: int) -> None:
+    if not text.startswith(done):
+        raise DataError(
+            f"{where}: chat template ({chat.origin}) is not prefix-stable at message {index} "
+            "(rendering more messages changed earlier text), so assistant tokens cannot be located"
+        )
+
+
+def render_prompt(
+    tokenizer,
+    messages: Sequence[Message],
+    template: ChatTemplate | str | None = None,
+    *,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of a prompt for generation: ``messages`` (no assistant turn needed) plus, by default,
+    the opening of an assistant turn."""
+    msgs = validate_messages(list(messages), "prompt", need_assistant=False)
+    chat = resolve_template(tokenizer, template)
+    return tokenizer.encode(chat.render(msgs, add_generation_prompt=add_generation_prompt, tokenizer=tokenizer))
+
+
+def render_text_document(tokenizer, text: str) -> tuple[list[int], list[bool]]:
+    """A plain document as in pretraining: ``EOS + text + EOS``, every token after the first a target."""
+    ids = [tokenizer.eos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    return ids, [False] + [True] * (len(ids) - 1)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """One training example: ``messages`` (a conversation) or ``text`` (a plain document), and its origin.
+
+    ``n_context`` leading messages are never learned (the prompt of a prompt/completion record)."""
+
+    where: str
+    messages: tuple[Message, ...] = ()
+    text: str | None = None
+    n_context: int = 0
+
+    def encode(self, tokenizer, template: ChatTemplate | str | None = None, loss_on: LossOn = "assistant"):
+        """``(ids, target_mask)`` of this record."""
+        if self.text is not None:
+            return render_text_document(tokenizer, self.text)
+        return render_conversation(
+            tokenizer, list(self.messages), template, loss_on=loss_on, where=self.where, supervise_from=self.n_context
+        )
+
+
+def parse_record(obj: Any, where: str) -> SFTRecord:
+    """Turn one decoded JSON object into an ``SFTRecord`` (see the module docstring for the shapes)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return SFTRecord(where, tuple(validate_messages(obj["messages"], where)))
+    if "prompt" in obj or "completion" in obj:
+        if "prompt" not in obj or "completion" not in obj:
+            raise DataError(f"{where}: a prompt/completion record needs both 'prompt' and 'completion'")
+        messages: list[Any] = []
+        if "system" in obj:
+            messages.append({"role": "system", "content": obj["system"]})
+        messages += _as_turns(obj["prompt"], "user", where, "prompt")
+        n_context = len(messages)
+        completion = _as_turns(obj["completion"], "assistant", where, "completion")
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+            raise DataError(f"{where}: the completion has no assistant turn (nothing to learn from)")
+        messages += completion
+        return SFTRecord(where, tuple(validate_messages(messages, where)), n_context=n_context)
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string")
+        return SFTRecord(where, text=obj["text"])
+    raise DataError(
+        f"{where}: unknown record; expected 'messages', 'prompt' + 'completion' or 'text' (keys: {', '.join(obj)})"
+    )
+
+
+def _as_turns(value: Any, role: str, where: str, key: str) -> list[Any]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    raise DataError(f"{where}: '{key}' must be a string or a list of messages")
+
+
+def read_records(path: str | Path) -> list[SFTRecord]:
+    """All records of a JSONL file (blank lines skipped); every error names ``file:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"SFT data file not found: {p}")
+    records = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            records.append(parse_record(obj, where))
+    if not records:
+        raise DataError(f"{p}: no records")
+    return records

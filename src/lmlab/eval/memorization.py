@@ -1,0 +1,167 @@
+"""Memorization (verbatim extraction) evaluation: ``lmlab eval memorization RUN_DIR --data FILE``.
+
+The protocol of Carlini et al. 2023 (*Quantifying Memorization Across Neural Language Models*)
+as used by the goldfish paper (Hans et al. 2024, SCIENCE.md §5): prompt the model with the first
+``p`` tokens of a training document (after the EOS that starts documents in lmlab's data), decode
+``n`` tokens greedily, and compare them with the document's true next ``n`` tokens:
+
+- exact match: all ``n`` tokens equal (the document is "extractable");
+- token match: the fraction of the ``n`` positions whose token is equal;
+- RougeL: the F1 of the longest common subsequence (LCS) of the generated and true token ids,
+  ``P = LCS/len(gen)``, ``R = LCS/len(ref)``, ``F = 2PR/(P + R)`` (Lin 2004); ``rouge_l_words`` is the
+  same on the decoded texts split into words the way the ``rouge_score`` package does (lower-cased,
+  non-alphanumerics as spaces), the form the goldfish reference code reports.
+
+``p = 0`` is the reference protocol of SCIENCE.md §5: the prompt is everything but the last ``n``
+tokens (documents are first cut to the model's context). Documents shorter than ``p + n`` tokens
+(``n + 1`` with ``p = 0``) are skipped and counted. Data files: ``.jsonl`` (the
+``text`` field, or a conversation's messages joined by newlines) or ``.txt`` (one document per
+non-empty line).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import DataError
+
+
+def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common subsequence of two sequences (O(len(a)·len(b)) dynamic programme)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(generated: Sequence[int], reference: Sequence[int]) -> float:
+    """RougeL F1 between two token sequences (0 when either is empty or nothing is shared)."""
+    lcs = lcs_length(generated, reference)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(generated), lcs / len(reference)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_match(generated: Sequence[int], reference: Sequence[int]) -> float:
+    """Fraction of the reference positions where the generated token is the same."""
+    if not reference:
+        return 0.0
+    return sum(int(g == r) for g, r in zip(generated, reference)) / len(reference)
+
+
+def words(text: str) -> list[str]:
+    """``rouge_score``'s default tokenization: lower-case, runs of non-alphanumerics are separators."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents of a ``.jsonl`` or ``.txt`` file (errors name ``file:line``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"memorization data file not found: {p}")
+    docs: list[str] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if p.suffix != ".jsonl":
+                docs.append(line.rstrip("\n"))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+            if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
+                docs.append(obj[text_field])
+            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+                docs.append("\n".join(str(m.get("content", "")) for m in obj["messages"] if isinstance(m, dict)))
+            else:
+                raise DataError(f"{p}:{lineno}: expected an object with a '{text_field}' string or 'messages'")
+    if not docs:
+        raise DataError(f"{p}: no documents")
+    return docs
+
+
+@torch.no_grad()
+def memorization_eval(
+    model: torch.nn.Module,
+    tokenizer,
+    documents: Sequence[str],
+    *,
+    prefix_tokens: int = 32,
+    new_tokens: int = 32,
+    batch_size: int = 32,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(summary, per_document)`` of greedy extraction; see the module docstring for the metrics."""
+    from lmlab.models.generation import generate
+
+    if prefix_tokens < 0 or new_tokens < 1:
+        raise DataError("memorization needs --prefix-tokens >= 0 (0: all but the last n) and --new-tokens >= 1")
+    max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    if max_len is not None and prefix_tokens + new_tokens + 1 > max_len:
+        raise DataError(
+            f"prefix {prefix_tokens} + new {new_tokens} tokens (+1 EOS) exceed the model's max_seq_len={max_len}"
+        )
+    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    usable: list[tuple[int, list[int], list[int]]] = []
+    rows: list[dict[str, Any]] = []
+    for i, doc in enumerate(documents):
+        ids = tokenizer.encode(doc)
+        if prefix_tokens == 0 and max_len is not None:
+            ids = ids[: max_len - len(start)]
+        p = prefix_tokens or len(ids) - new_tokens
+        if p < 1 or len(ids) < p + new_tokens:
+            rows.append({"doc": i, "skipped": True, "tokens": len(ids)})
+            continue
+        usable.append((i, start + ids[:p], ids[p : p + new_tokens]))
+    results: dict[int, dict[str, Any]] = {}
+    for b in range(0, len(usable), batch_size):
+        chunk = usable[b : b + batch_size]
+        outs = generate(model, [c[1] for c in chunk], max_new_tokens=new_tokens, temperature=0.0, eos_id=None)
+        for (i, prompt, ref), gen in zip(chunk, outs):
+            gen_text, ref_text = tokenizer.decode(gen), tokenizer.decode(ref)
+            results[i] = {
+                "doc": i,
+                "skipped": False,
+                "prefix_tokens": len(prompt) - len(start),
+                "exact_match": gen == ref,
+                "token_match": token_match(gen, ref),
+                "rouge_l": rouge_l(gen, ref),
+                "rouge_l_words": rouge_l(words(gen_text), words(ref_text)),
+                "generated": gen_text,
+                "reference": ref_text,
+            }
+    per_doc = sorted(rows + list(results.values()), key=lambda r: r["doc"])
+    n = len(results)
+    summary = {
+        "documents": len(documents),
+        "evaluated": n,
+        "skipped_short": len(documents) - n,
+        "prefix_tokens": prefix_tokens,
+        "new_tokens": new_tokens,
+        "exact_match_rate": sum(r["exact_match"] for r in results.values()) / n if n else None,
+        "exact_matches": sum(r["exact_match"] for r in results.values()),
+        "token_match": sum(r["token_match"] for r in results.values()) / n if n else None,
+        "rouge_l": sum(r["rouge_l"] for r in results.values()) / n if n else None,
+        "rouge_l_words": sum(r["rouge_l_words"] for r in results.values()) / n if n else None,
+    }
+    return summary, per_doc
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
