@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lmlab.science.annealing import fit_annealing
 from lmlab.science.chinchilla import chinchilla_loss, fit_chinchilla
 from lmlab.science.curves import curve_from_run
-from lmlab.science.annealing import fit_annealing
 from lmlab.science.lr_horizon import fit_lr_horizon, lr_vertex
 from lmlab.science.results import collect_results
 
@@ -77,9 +77,14 @@ def annealing_study(sweep: Path) -> list[str]:
     decay = wsd.steps >= int(0.8 * len(wsd.lrs))
     rel_decay = float(np.mean(np.abs(pred[decay] - wsd.losses[decay]) / wsd.losses[decay]))
     p = fit.params
-    sensitivity = ["", "Sensitivity to where fitting starts (same data; the law has no term for the plateau and "
-                   "sudden drops these synthetic-story curves show early on):", "",
-                   "| first fitted step | L0 | A | C | alpha | WSD mean abs. error |", "|---|---|---|---|---|---|"]
+    sensitivity = [
+        "",
+        "Sensitivity to where fitting starts (same data; the law has no term for the plateau and "
+        "sudden drops these synthetic-story curves show early on):",
+        "",
+        "| first fitted step | L0 | A | C | alpha | WSD mean abs. error |",
+        "|---|---|---|---|---|---|",
+    ]
     for start in (300, 500, 800):
         cs = [curve_from_run(p_) for p_ in (runs[k] for k in sorted(runs))]
         for c in cs:
@@ -89,8 +94,10 @@ def annealing_study(sweep: Path) -> list[str]:
         f = fit_annealing([con, cos])
         pr = f.params.predict(w.lrs, w.warmup_steps)[w.steps]
         q = f.params
-        sensitivity.append(f"| {start} | {q.L0:.3f} | {q.A:.3g} | {q.C:.3f} | {q.alpha:.3f} | "
-                           f"{100 * float(np.mean(np.abs(pr - w.losses) / w.losses)):.2f}% |")
+        sensitivity.append(
+            f"| {start} | {q.L0:.3f} | {q.A:.3g} | {q.C:.3f} | {q.alpha:.3f} | "
+            f"{100 * float(np.mean(np.abs(pr - w.losses) / w.losses)):.2f}% |"
+        )
     return [
         "### 5c. LR-annealing law: fit constant + cosine, predict WSD",
         "",
@@ -152,9 +159,14 @@ def main() -> int:
     ap.add_argument("--held-out", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = ap.parse_args()
-    lines = ["# Scaling studies: measured results", "", f"Produced by `python examples/scaling/analyze_sweeps.py` "
-             "from the recorded sweeps in `examples/scaling/sweeps/` (trained on one H100, torch 2.11; see each "
-             "run's env.json).", ""]
+    lines = [
+        "# Scaling studies: measured results",
+        "",
+        "Produced by `python examples/scaling/analyze_sweeps.py` "
+        "from the recorded sweeps in `examples/scaling/sweeps/` (trained on one H100, torch 2.11; see each "
+        "run's env.json).",
+        "",
+    ]
     lines += chinchilla_study(args.sweeps / "chinchilla", args.held_out)
     lines += annealing_study(args.sweeps / "annealing")
     lines += lr_horizon_study(args.sweeps / "lr_horizon")

@@ -133,6 +133,7 @@ class TrainConfig:
     steps: int = 1000
     micro_batch_size: int = 16
     grad_accum: int = 1
+    global_batch_size: int = 0  # rows per optimizer step; 0: micro_batch_size × grad_accum × world size
     seq_len: int = 256
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
@@ -233,6 +234,7 @@ class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     activation_checkpointing: Literal["none", "full"] = "none"
     mixed_precision_param: Literal["fp32", "bf16"] = "fp32"
+    timeout_s: float = 600.0  # collective timeout: a lost rank ends the job instead of hanging it
 
 
 @dataclass
@@ -283,6 +285,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _positive("train.steps", t.steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.grad_accum", t.grad_accum)
+    _positive("train.global_batch_size", t.global_batch_size, allow_zero=True)
     _positive("train.seq_len", t.seq_len)
     _positive("train.eval_every", t.eval_every)
     _positive("train.eval_tokens", t.eval_tokens)

@@ -69,16 +69,20 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
     if t.path:
         return TextTokenizer.load(t.path), Path(t.path)
     spec = [dataclasses.asdict(m) for m in cfg.data.mixture]
-    key = cache_key({"mixture_tokenizer": spec, "vocab_size": t.vocab_size, "min_frequency": t.min_frequency,
-                     "train_docs": t.train_docs})
+    key = cache_key(
+        {
+            "mixture_tokenizer": spec,
+            "vocab_size": t.vocab_size,
+            "min_frequency": t.min_frequency,
+            "train_docs": t.train_docs,
+        }
+    )
     entry = cache_root() / "tokenizers" / f"mixture-{key[:16]}"
     path = entry / "tokenizer.json"
     if path.is_file():
         return TextTokenizer.load(path), path
     per_source = max(1, t.train_docs // len(cfg.data.mixture))
-    texts = itertools.chain.from_iterable(
-        _source_documents(cfg, i, per_source) for i in range(len(cfg.data.mixture))
-    )
+    texts = itertools.chain.from_iterable(_source_documents(cfg, i, per_source) for i in range(len(cfg.data.mixture)))
     tok = TextTokenizer.train_bpe(texts, t.vocab_size, t.min_frequency)
     tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
     tok.save(tmp / "tokenizer.json")

@@ -95,12 +95,13 @@ def _render_text(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, l
 
 
 def _render_messages(tokenizer, messages: list[dict], answer: str, template: str | None, where: str):
-    try:
-        from lmlab.data import chat
-    except ImportError:  # pragma: no cover - the chat module ships with lmlab
-        raise DataError(f"{where}: prompts given as messages need lmlab.data.chat (the chat template)") from None
+    from lmlab.data import chat
+
     conversation = [*messages, {"role": "assistant", "content": answer}]
-    ids, mask = chat.render_conversation(tokenizer, conversation, template=template, where=where)
+    # Only the final answer is the completion: assistant turns inside a multi-turn prompt are prompt.
+    ids, mask = chat.render_conversation(
+        tokenizer, conversation, template=template, where=where, supervise_from=len(messages)
+    )
     ids, mask = list(ids), [bool(m) for m in mask]
     if True not in mask:
         raise DataError(f"{where}: the chat template marked no assistant tokens for this answer")

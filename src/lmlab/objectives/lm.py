@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.objectives.base import LossOutput
@@ -34,20 +35,17 @@ def _token_loss_sums(
     ``z = coeff·(log Z)²``.
     """
     x = logits.float()  # [N, V]
-    log_z = torch.logsumexp(x, dim=-1)  # [N]
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))  # [N]
-    target_logit = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # [N]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    ce = torch.where(valid, log_z - target_logit, zero).sum()
+    targets = torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX))  # [N]
+    ce = F.cross_entropy(x, targets, ignore_index=IGNORE_INDEX, reduction="sum")  # fused; no [N, V] temporaries
+    if label_smoothing > 0.0 or z_loss > 0.0:
+        log_z = torch.logsumexp(x, dim=-1)  # [N]
     if label_smoothing > 0.0:
         uniform_ce = torch.where(valid, log_z - x.mean(dim=-1), zero).sum()
         smoothed = (1.0 - label_smoothing) * ce + label_smoothing * uniform_ce
     else:
         smoothed = ce
-    if z_loss > 0.0:
-        z_term = z_loss * torch.where(valid, log_z.square(), zero).sum()
-    else:
-        z_term = zero
+    z_term = z_loss * torch.where(valid, log_z.square(), zero).sum() if z_loss > 0.0 else zero
     return torch.stack([ce, smoothed, z_term])
 
 

@@ -16,10 +16,11 @@ from lmlab.config import RunConfig, save_config
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import CheckpointError, ConfigError, UserError
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.train.loop import Trainer, evaluate_lm
 from lmlab.train.metrics import MetricsLogger
-from lmlab.train.runtime import environment, resolve_device, seed_everything
+from lmlab.train.runtime import environment, seed_everything
 from lmlab.train.sampler import WindowSampler, eval_batches
 
 
@@ -66,41 +67,90 @@ def prepare_run_dir(out: Path, resume: bool) -> Path:
     return out
 
 
-def run_pretraining(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir``; returns the summary also written to ``summary.json``."""
+def run_pretraining(
+    cfg: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False, dist: DistContext | None = None
+) -> dict[str, Any]:
+    """Train per ``cfg`` into ``run_dir``; returns the summary also written to ``summary.json``.
+
+    With ``dist`` (from ``setup_distributed``) every rank of a torchrun job calls this: rank 0 prepares
+    the data and writes the run directory, each rank reads its slice of every global micro-batch, and
+    checkpoints are sharded. Resuming on another world size keeps the checkpoint's global batch.
+    """
+    if dist is not None:
+        return _run_pretraining(cfg, Path(run_dir), resume, quiet, dist)
+    ctx = setup_distributed(cfg)
+    try:
+        return _run_pretraining(cfg, Path(run_dir), resume, quiet, ctx)
+    finally:
+        ctx.close()
+
+
+def _run_pretraining(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, ctx: DistContext) -> dict[str, Any]:
     from lmlab.data.pipeline import prepare_run_data
     from lmlab.models.counting import count_params, flops_per_token
     from lmlab.models.decoder import Decoder
 
-    run_dir = prepare_run_dir(Path(run_dir), resume)
-    device = resolve_device(cfg.train.device)
+    cfg = check_world(cfg, ctx.world_size)
+    main = ctx.is_main
+    quiet = quiet or not main
+    ctx.main_first(lambda: prepare_run_dir(run_dir, resume))
+    device = ctx.device
     if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
 
-    data_dir, tokenizer = prepare_run_data(cfg, run_dir)
+    data_dir, tokenizer = ctx.main_first(lambda: prepare_run_data(cfg, run_dir))
+    mixture_dirs = None
+    if cfg.data.source == "mixture":
+        from lmlab.data.mixture import prepare_mixture_data
+
+        mixture_dirs, _ = prepare_mixture_data(cfg)  # cached by the call above: opens, does not rebuild
     cfg = resolve_vocab(cfg, tokenizer.vocab_size)
     if resume:  # refuse a mismatched model before anything in the run directory is rewritten
-        ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(run_dir), cfg.model)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "env.json").write_text(json.dumps(environment(device), indent=1))
+        meta = ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(run_dir), cfg.model)
+        cfg = keep_global_batch(cfg, meta.get("global_batch"), ctx.world_size, quiet=quiet)
+    ctx.barrier()
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        env = environment(device)
+        env.update(world_size=ctx.world_size, strategy=ctx.strategy, backend=ctx.backend)
+        (run_dir / "env.json").write_text(json.dumps(env, indent=1))
     manifest = load_manifest(data_dir)
-    entropy = manifest.get("splits", {}).get("train", {}).get("unigram_entropy")
+    entropy = None if mixture_dirs else manifest.get("splits", {}).get("train", {}).get("unigram_entropy")
 
     seed_everything(cfg.train.seed)
     model = Decoder(cfg.model).to(device)
-    train_tokens = TokenShards.open(data_dir, "train")
-    val_tokens = TokenShards.open(data_dir, "val")
-    batches = LMBatches(WindowSampler(train_tokens, cfg.train.seq_len, cfg.data.seed + cfg.train.seed))
+    data_seed = cfg.data.seed + cfg.train.seed
+    if mixture_dirs:
+        from lmlab.data.mixture import build_mixture
 
-    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        t = cfg.train
-        return evaluate_lm(m, eval_batches(val_tokens, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
+        batches, eval_factory, _ = build_mixture(
+            cfg, mixture_dirs, seed=data_seed, rank=ctx.rank, world_size=ctx.world_size
+        )
+        eval_fn = eval_factory(device)
+    else:
+        train_tokens = TokenShards.open(data_dir, "train")
+        val_tokens = TokenShards.open(data_dir, "val")
+        sampler = WindowSampler(train_tokens, cfg.train.seq_len, data_seed, rank=ctx.rank, world_size=ctx.world_size)
+        batches = LMBatches(sampler)
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            t = cfg.train
+            return evaluate_lm(m, eval_batches(val_tokens, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
 
     attach_objective_hooks(model, cfg.objective, pad_id=None)
-    loss_fn = build_lm_loss(cfg.objective)
-    trainer = Trainer(cfg, run_dir, model, batches, loss_fn, device=device, eval_fn=eval_fn)
+    teacher = None
+    if cfg.objective.distill.teacher:
+        if cfg.objective.distill.topk_cache > 0:
+            raise ConfigError(
+                "objective.distill.topk_cache needs a fixed dataset (lmlab sft); lmlab train samples random windows"
+            )
+        from lmlab.train.teacher import load_teacher
+
+        teacher = load_teacher(cfg.objective.distill.teacher, tokenizer, cfg.model.vocab_size, device)
+    loss_fn = build_lm_loss(cfg.objective, teacher)
+    trainer = Trainer(cfg, run_dir, model, batches, loss_fn, device=device, eval_fn=eval_fn, dist=ctx)
     if resume:
         ckpt = trainer.resume()
         if not quiet:
@@ -114,20 +164,30 @@ def run_pretraining(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quie
         "non_embedding_params": params["non_embedding"],
         "unigram_entropy": entropy,
         "data_dir": str(data_dir),
+        "world_size": ctx.world_size,
     }
-    _write_summary(run_dir, summary)
+    if main:
+        _write_summary(run_dir, summary)
     if not quiet:
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum * ctx.world_size
+        where = f"{ctx.world_size} processes ({ctx.strategy}, {ctx.backend})" if ctx.world_size > 1 else str(device)
         print(
             f"run {run_dir}: {params['total'] / 1e6:.2f}M parameters, {cfg.train.steps} steps of "
-            f"{cfg.train.micro_batch_size * cfg.train.grad_accum}x{cfg.train.seq_len} tokens on {device}"
+            f"{rows}x{cfg.train.seq_len} tokens on {where}"
         )
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=trainer.step if resume else None)
+    logger = None
+    if main:
+        logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=trainer.step if resume else None)
     start = time.perf_counter()
     try:
         result = trainer.fit(logger)
     finally:
-        logger.close()
-    final_val = result.final_eval.get("val_loss")
+        if logger is not None:
+            logger.close()
+    final_eval = result.final_eval or _last_logged_eval(run_dir, result.steps)
+    if result.final_train_loss is None:  # resumed at the last step: nothing was trained in this process
+        result.final_train_loss = _last_logged(run_dir, "train", result.steps).get("loss")
+    final_val = final_eval.get("val_loss")
     summary.update(
         status="diverged" if result.diverged else "finished",
         steps=result.steps,
@@ -135,18 +195,72 @@ def run_pretraining(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quie
         flops=flops_tok * result.tokens,
         final_train_loss=result.final_train_loss,
         final_val_loss=final_val,
-        final_val_ppl=result.final_eval.get("val_ppl"),
+        final_val_ppl=final_eval.get("val_ppl"),
         wall_time_s=time.perf_counter() - start,
     )
-    _write_summary(run_dir, summary)
-    from lmlab.train.plots import plot_loss
+    sample_model = _sampling_model(trainer, cfg, ctx) if not result.diverged else None
+    if main:
+        _write_summary(run_dir, summary)
+        from lmlab.train.plots import plot_loss
 
-    plot_loss(run_dir, entropy)
-    if not result.diverged:
-        write_samples(model, tokenizer, cfg, run_dir, device)
+        plot_loss(run_dir, entropy)
+        if sample_model is not None:
+            write_samples(sample_model, tokenizer, cfg, run_dir, device)
     if not quiet:
         print_report(run_dir, summary)
+    ctx.barrier()
     return summary
+
+
+def _last_logged(run_dir: Path, kind: str, step: int) -> dict[str, Any]:
+    """The ``kind`` record of ``metrics.jsonl`` at ``step`` (empty if absent)."""
+    from lmlab.train.metrics import read_metrics
+
+    found = [r for r in read_metrics(run_dir) if r.get("kind") == kind and r.get("step") == step]
+    return found[-1] if found else {}
+
+
+def _last_logged_eval(run_dir: Path, step: int) -> dict[str, float]:
+    rec = _last_logged(run_dir, "eval", step)
+    return {k: v for k, v in rec.items() if k not in ("kind", "step", "tokens")}
+
+
+def keep_global_batch(cfg: RunConfig, saved_global: int | None, world_size: int, *, quiet: bool = True) -> RunConfig:
+    """On resume, keep the checkpoint's global batch (rows per step) when the world size changed, by
+    choosing ``grad_accum``; the same data then flows in the same order and the trajectory continues."""
+    t = cfg.train
+    now = t.micro_batch_size * t.grad_accum * world_size
+    if not saved_global or saved_global == now:
+        return cfg
+    per_pass = t.micro_batch_size * world_size
+    if saved_global % per_pass:
+        raise ConfigError(
+            f"the checkpoint was trained with a global batch of {saved_global} rows, which "
+            f"train.micro_batch_size={t.micro_batch_size} × world size {world_size} = {per_pass} does not divide; "
+            "resume with a micro-batch size or number of processes that divides it"
+        )
+    accum = saved_global // per_pass
+    if not quiet:
+        print(
+            f"world size {world_size}: train.grad_accum={accum} keeps the checkpoint's global batch of {saved_global}"
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
+
+
+def _sampling_model(trainer: Trainer, cfg: RunConfig, ctx: DistContext) -> torch.nn.Module | None:
+    """A plain copy of the trained weights on rank 0 for generation (collective under FSDP); the trained
+    module itself when it is plain (no FSDP, compile or activation checkpointing); None on other ranks."""
+    from lmlab.models.decoder import Decoder
+
+    plain = ctx.strategy != "fsdp" and not cfg.train.compile and cfg.distributed.activation_checkpointing == "none"
+    if plain:
+        return trainer.model if ctx.is_main else None
+    weights = full_state_dict(trainer.model, ctx)
+    if not ctx.is_main:
+        return None
+    model = Decoder(cfg.model)
+    model.load_state_dict(weights)
+    return model.to(ctx.device)
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -189,7 +303,9 @@ def write_samples(model: torch.nn.Module, tokenizer, cfg: RunConfig, run_dir: Pa
 
 def print_report(run_dir: Path, summary: dict[str, Any]) -> None:
     val, ent = summary.get("final_val_loss"), summary.get("unigram_entropy")
-    print(f"\nfinished {summary['steps']} steps, {summary.get('tokens', 0):,} tokens in {summary.get('wall_time_s', 0):.0f}s")
+    print(
+        f"\nfinished {summary['steps']} steps, {summary.get('tokens', 0):,} tokens in {summary.get('wall_time_s', 0):.0f}s"
+    )
     if val is not None:
         line = f"final validation loss {val:.4f} nats/token (perplexity {math.exp(val):.2f})"
         if ent:

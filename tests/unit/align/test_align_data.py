@@ -114,3 +114,21 @@ def test_batches_are_deterministic_resumable_and_carry_reference(pair_files, tok
     c = PreferenceBatches(data, pad_id_of(tokenizer), seed=0)
     seen = torch.cat([c.next_batch(8)["pair_index"] for _ in range(6)])
     assert sorted(seen.tolist()) == list(range(len(data)))
+
+
+def test_multi_turn_prompt_assistant_turns_are_not_the_completion(tmp_path):
+    """Regression: an assistant turn inside the prompt must not be taken as the start of the answer."""
+    from lmlab.data import chat
+    from lmlab.data.preference import _render_messages
+    from lmlab.data.tokenizer import TextTokenizer
+
+    tok = TextTokenizer.train_bpe(["hello there general kenobi"] * 20, 300, 1)
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again?"},
+    ]
+    ids, start, prompt_ids = _render_messages(tok, msgs, "there", None, "t.jsonl:1")
+    assert prompt_ids == list(chat.render_prompt(tok, msgs))
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert start == len(prompt_ids)  # the answer starts after the whole prompt, not at the first assistant turn

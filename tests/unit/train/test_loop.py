@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_config
 from lmlab.models.decoder import Decoder
 from lmlab.objectives.lm import causal_lm_loss
 from lmlab.train.loop import Trainer
 from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrain import run_pretraining
+
+from helpers import tiny_config
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "tiny_losses.json"
 
@@ -127,7 +128,15 @@ def test_new_run_refuses_existing_checkpoints(tmp_path):
 def test_run_directory_is_self_describing(tmp_path):
     run = tmp_path / "r"
     summary = run_pretraining(tiny_config(), run, quiet=True)
-    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "summary.json", "env.json", "loss.png", "samples.txt"):
+    for name in (
+        "config.yaml",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "summary.json",
+        "env.json",
+        "loss.png",
+        "samples.txt",
+    ):
         assert (run / name).is_file(), name
     assert summary["status"] == "finished" and summary["steps"] == 6 and summary["tokens"] == 6 * 4 * 32
     evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
