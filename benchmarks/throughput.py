@@ -90,8 +90,8 @@ def bench_row(size: str, dtype: str, threads: int, device: torch.device, args: a
             "tokens_per_s_reps": rates[runner.name],
             "achieved_flops": achieved,
             "fraction_of_matmul_peak": None if achieved is None else achieved / peak,
-            "first_timed_loss": runner.losses[0] if runner.losses else None,
-            "last_loss": runner.losses[-1] if runner.losses else None,
+            "first_timed_loss": float(runner.losses[0]) if runner.losses else None,
+            "last_loss": float(runner.losses[-1]) if runner.losses else None,
             "error": runner.error,
         }
     lm, hf = row["lmlab"]["tokens_per_s"], row["hf"]["tokens_per_s"]

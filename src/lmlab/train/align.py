@@ -279,11 +279,11 @@ class AlignTrainer(Trainer):
         self._logger = logger
         return super().fit(logger)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, sync: bool = True) -> dict[str, Any]:
         every = self.cfg.align.diagnostics_every
         if self.probe is not None and every > 0 and self.step == 0:
             self._emit(self._logger, {"kind": "diagnostic", "step": 0, **entanglement_probe(self.model, self.probe)})
-        metrics = super().train_step()
+        metrics = super().train_step(sync=sync)
         if self.probe is not None and every > 0 and (self.step % every == 0 or self.step == self.cfg.train.steps):
             record = {"kind": "diagnostic", "step": self.step, **entanglement_probe(self.model, self.probe)}
             self._emit(self._logger, record)

@@ -176,16 +176,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ one update
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer update over ``grad_accum`` micro-batches; returns the step's metrics."""
+    def train_step(self, sync: bool = True) -> dict[str, Any]:
+        """One optimizer update over ``grad_accum`` micro-batches; returns the step's metrics.
+
+        With ``sync=False`` the metrics stay tensors on the device, so the host never waits for the
+        GPU inside a step and can queue the next one; ``fit`` reads them only when it logs.
+        """
         t = self.cfg.train
         lr = lr_at(self.step, t.steps, self.cfg.optim.lr, self.cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, float] = {}
+        sums: torch.Tensor | None = None  # [loss_sum, count, *metric sums] on the device
+        names: list[str] = []
         step_tokens = 0
         for i in range(t.grad_accum):
             batch = {
@@ -201,28 +204,28 @@ class Trainer:
                     self.scaler.scale(out.loss_sum).backward()
                 else:
                     out.loss_sum.backward()
-            loss_sum += out.loss_sum.detach().double().cpu()
-            count += out.count.detach().double().cpu()
-            for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+            if sums is None:
+                names = sorted(out.metrics)
+            parts = [out.loss_sum, out.count, *(out.metrics[k] for k in names)]
+            local = torch.stack([p.detach().to(torch.float64).reshape(()) for p in parts])
+            sums = local if sums is None else sums + local
         # One all-reduce of [loss_sum, count, metric sums...]: every rank sees the global numbers.
-        names = sorted(metric_sums)
-        local = torch.tensor([float(loss_sum), float(count), *(metric_sums[k] for k in names)], dtype=torch.float64)
-        summed = self._reduce_sums(local)
-        loss_sum, total = summed[0], summed[1]
-        metric_sums = {k: float(v) for k, v in zip(names, summed[2:])}
+        summed = self._reduce_sums(sums)
+        total = summed[1].clamp(min=1.0)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         # DDP and FSDP average gradients over ranks; multiplying by the world size restores the sum,
         # so the result is the gradient of (global loss sum) / (global target count).
         replicas = self.world_size() if self.dist.averages_gradients else 1
-        scale = replicas / max(float(total), 1.0)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, scale)  # one multi-tensor kernel instead of one launch per parameter
+            if self.dist.sharded:  # DTensor gradients: scale by a host number
+                torch._foreach_mul_(grads, replicas / float(total))
+            else:  # one multi-tensor kernel, scale read on the device (no host sync)
+                torch._foreach_mul_(grads, (replicas / total).to(grads[0].dtype))
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -231,10 +234,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += step_tokens * self.world_size()
-        n = max(float(total), 1.0)
-        metrics = {"loss": float(loss_sum) / n, "lr": lr, "grad_norm": grad_norm}
-        metrics.update({k: v / n for k, v in metric_sums.items() if k != "ce"})
-        return metrics
+        metrics: dict[str, Any] = {"loss": summed[0] / total, "lr": lr, "grad_norm": grad_norm.detach()}
+        metrics.update({k: v / total for k, v in zip(names, summed[2:]) if k != "ce"})
+        return to_host(metrics) if sync else metrics
 
     # Where this process sits in the job (one process unless a DistContext was given).
     def _reduce_sums(self, values: torch.Tensor) -> torch.Tensor:
@@ -263,14 +265,14 @@ class Trainer:
         try:
             while self.step < t.steps:
                 tokens_before = self.tokens
-                metrics = self.train_step()
+                metrics = self.train_step(sync=False)
                 window_tokens += self.tokens - tokens_before
-                last_train_loss = metrics["loss"]
                 if progress is not None:
                     progress.update(1)
-                if not math.isfinite(metrics["loss"]):
-                    diverged = True
-                if self.step % t.log_every == 0 or self.step == t.steps or diverged:
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    metrics = to_host(metrics)  # the only host-device sync of a training step
+                    last_train_loss = metrics["loss"]
+                    diverged = not math.isfinite(metrics["loss"])
                     now = time.perf_counter()
                     rate = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
@@ -319,6 +321,11 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def to_host(metrics: dict[str, Any]) -> dict[str, float]:
+    """Metrics as Python floats (tensors are read from the device)."""
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate_lm(

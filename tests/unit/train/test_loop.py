@@ -97,10 +97,10 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch):
     crashed = tmp_path / "crashed"
     real_step = Trainer.train_step
 
-    def crash_at_6(self):
+    def crash_at_6(self, *args, **kwargs):
         if self.step == 6:
             raise RuntimeError("simulated crash")
-        return real_step(self)
+        return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash_at_6)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -32,10 +32,10 @@ def test_mixture_resume_is_bitwise(tmp_path, monkeypatch):
     run_pretraining(tiny_config(*MIXTURE), full, quiet=True)
     real = Trainer.train_step
 
-    def crash(self):
+    def crash(self, *args, **kwargs):
         if self.step == 4:
             raise RuntimeError("crash")
-        return real(self)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", crash)
     with pytest.raises(RuntimeError):
