@@ -50,8 +50,8 @@ def analyze(runs: list[dict]) -> list[str]:
     languages = list(runs[0]["p"])
     lines = ["# Mixture study (issue 5, item 5e): measured results", ""]
     optimal = {}
-    for size in sorted({r["d_model"] for r in runs}):
-        rs = [r for r in runs if r["d_model"] == size]
+    for size, tokens in sorted({(r["d_model"], r["tokens"]) for r in runs}):
+        rs = [r for r in runs if r["d_model"] == size and r["tokens"] == tokens]
         fit_rs, held = rs[:-1], rs[-1]
         gammas, preds = [], []
         for lang in languages:
@@ -65,7 +65,7 @@ def analyze(runs: list[dict]) -> list[str]:
             intercept = next(iter(g.intercepts.values()))
             preds.append(float(np.exp(intercept - g.gamma * np.log(held["p"][lang]))))
         p_star = optimal_ratios(np.clip(gammas, 1e-6, None), np.ones(len(languages)))
-        optimal[size] = p_star
+        optimal[(size, tokens)] = p_star
         lines += [
             f"## d_model = {size} ({rs[0]['params']:,} parameters, {rs[0]['tokens']:,} tokens per run)",
             "",
@@ -97,12 +97,14 @@ def analyze(runs: list[dict]) -> list[str]:
             "Normalised optimal ratios p*: " + ", ".join(f"{x} {p:.3f}" for x, p in zip(languages, p_star)) + ".",
             "",
         ]
-    sizes = sorted(optimal)
-    if len(sizes) >= 2:
-        a, b = optimal[sizes[0]], optimal[sizes[-1]]
+    for tokens in sorted({k[1] for k in optimal}):
+        sizes = sorted(k[0] for k in optimal if k[1] == tokens)
+        if len(sizes) < 2:
+            continue
+        a, b = optimal[(sizes[0], tokens)], optimal[(sizes[-1], tokens)]
         lines += [
-            f"**Transfer:** p* from d_model={sizes[0]} vs d_model={sizes[-1]}: max |difference| "
-            f"{float(np.max(np.abs(a - b))):.3f} (ratios "
+            f"**Transfer at {tokens:,} tokens:** p* from d_model={sizes[0]} vs d_model={sizes[-1]}: "
+            f"max |difference| {float(np.max(np.abs(a - b))):.3f} (ratios "
             + ", ".join(f"{x:.3f}" for x in a)
             + " vs "
             + ", ".join(f"{x:.3f}" for x in b)
