@@ -22,7 +22,6 @@ difference is the Monte-Carlo estimate of KL(πθ ‖ πref) written to ``summar
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmlab.config import AlignConfig, RunConfig, load_config, save_config
+from lmlab.config import AlignConfig, RunConfig, save_config
 from lmlab.data.preference import (
     PreferenceBatches,
     PreferenceData,
@@ -54,6 +53,7 @@ from lmlab.objectives.preference import (
     sft_term,
     simpo_loss,
 )
+from lmlab.train.commands import resolve_run, run_parser
 from lmlab.train.loop import Trainer
 from lmlab.train.metrics import MetricsLogger
 
@@ -522,32 +522,13 @@ def run_align(
 
 
 def align_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="lmlab align",
-        description="Preference optimisation (DPO, IPO, SimPO, LN-DPO, ORPO) of the model in init_from. "
+    p = run_parser(
+        "lmlab align",
+        "Preference optimisation (DPO, IPO, SimPO, LN-DPO, ORPO) of the model in init_from. "
         "Overrides: dotted key=value after the config (e.g. align.loss=ln_dpo align.beta=1.0).",
     )
-    p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--out", help="run directory to create (default: runs/<name>-align-<time>)")
     p.add_argument("--reference", metavar="RUN_DIR", help="reference model (default: the init_from run)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an align run from its latest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     args = p.parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.config is not None:
-            overrides.insert(0, args.config)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-    else:
-        if args.config is None:
-            p.error("a config file is required (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-align-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.quiet:
-        cfg.train.progress = False
+    cfg, run_dir, _ = resolve_run(p, args, "align")
     summary = run_align(cfg, run_dir, reference=args.reference, resume=bool(args.resume), quiet=args.quiet)
     return 3 if summary["status"] == "diverged" else 0

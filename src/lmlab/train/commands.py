@@ -7,22 +7,55 @@ import os
 import time
 from pathlib import Path
 
-from lmlab.config import dump_yaml, load_config
+from lmlab.config import RunConfig, dump_yaml, load_config
 from lmlab.errors import CheckpointError, UserError
 
 
-def train_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="lmlab train",
-        description="Pretrain a decoder from a YAML config. Overrides: dotted key=value after the config "
-        "(e.g. optim.lr=3e-4 train.steps=200). Several processes: --nproc N, or run under torchrun "
-        "(torchrun --nproc_per_node N -m lmlab train CONFIG ...); see docs/distributed.md.",
-    )
+def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every run-creating command shares: CONFIG, overrides, --out, --resume, --quiet."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--out", help="run directory to create (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or report")
+    return p
+
+
+def resolve_run(
+    p: argparse.ArgumentParser, args: argparse.Namespace, kind: str = ""
+) -> tuple[RunConfig, Path, list[str]]:
+    """``(config, run directory, overrides)`` of a new run (CONFIG, --out) or a resumed one (--resume DIR).
+
+    On resume the config is the run's own ``config.yaml`` plus any overrides (``lmlab X --resume DIR key=value``:
+    the positional is then an override). ``kind`` tags the default run directory's name.
+    """
+    overrides = list(args.overrides)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config is not None:
+            overrides.insert(0, args.config)
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+    else:
+        if args.config is None:
+            p.error("a config file is required (or --resume RUN_DIR)")
+        cfg = load_config(args.config, overrides)
+        tag = f"-{kind}" if kind else ""
+        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.quiet:
+        cfg.train.progress = False
+    return cfg, run_dir, overrides
+
+
+def train_main(argv: list[str]) -> int:
+    p = run_parser(
+        "lmlab train",
+        "Pretrain a decoder from a YAML config. Overrides: dotted key=value after the config "
+        "(e.g. optim.lr=3e-4 train.steps=200). Several processes: --nproc N, or run under torchrun "
+        "(torchrun --nproc_per_node N -m lmlab train CONFIG ...); see docs/distributed.md.",
+    )
     p.add_argument(
         "--nproc", type=int, metavar="N", help="train with N processes on this machine (runs torchrun --standalone)"
     )
@@ -31,20 +64,7 @@ def train_main(argv: list[str]) -> int:
     from lmlab.train.distributed import check_launch, launched_by_torchrun, setup_distributed
     from lmlab.train.pretrain import run_pretraining
 
-    overrides = list(args.overrides)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.config is not None:  # `lmlab train --resume DIR key=value`: the positional is an override
-            overrides.insert(0, args.config)
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
-        cfg = load_config(config_path, overrides)
-    else:
-        if args.config is None:
-            p.error("a config file is required (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg, run_dir, overrides = resolve_run(p, args)
     if args.nproc is not None and args.nproc < 1:
         p.error(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc and args.nproc > 1 and not launched_by_torchrun():
@@ -54,8 +74,6 @@ def train_main(argv: list[str]) -> int:
         if args.quiet:
             forwarded.append("--quiet")
         return launch_torchrun(args.nproc, forwarded, run_dir)
-    if args.quiet:
-        cfg.train.progress = False
     ctx = setup_distributed(cfg)
     try:
         if not args.resume and not args.out:  # every rank must write into rank 0's run directory

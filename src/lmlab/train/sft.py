@@ -12,7 +12,6 @@ tokenizer and architecture the run then uses. The run directory follows docs/CON
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -30,6 +29,7 @@ from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import CheckpointError, ConfigError, DataError, UserError
 from lmlab.objectives.lm import causal_lm_loss
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.commands import resolve_run, run_parser
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss, model_inputs
 from lmlab.train.loop import Trainer
 from lmlab.train.metrics import MetricsLogger
@@ -392,31 +392,12 @@ def _print_data_report(run_dir: Path, cfg: RunConfig, train: PackStats, val: Pac
 
 
 def sft_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="lmlab sft",
-        description="Supervised fine-tuning on JSONL conversations / prompt-completion pairs (or the facts world). "
+    p = run_parser(
+        "lmlab sft",
+        "Supervised fine-tuning on JSONL conversations / prompt-completion pairs (or the facts world). "
         "Overrides: dotted key=value after the config (e.g. sft.train_file=chat.jsonl init_from=runs/base).",
     )
-    p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--out", help="run directory to create (default: runs/<name>-<time>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or report")
     args = p.parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.config is not None:
-            overrides.insert(0, args.config)
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-    else:
-        if args.config is None:
-            p.error("a config file is required (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
-        run_dir = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.quiet:
-        cfg.train.progress = False
+    cfg, run_dir, _ = resolve_run(p, args)
     summary = run_sft(cfg, run_dir, resume=bool(args.resume), quiet=args.quiet)
     return 3 if summary["status"] == "diverged" else 0
