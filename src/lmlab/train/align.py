@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ from lmlab.objectives.preference import (
     simpo_loss,
 )
 from lmlab.train.commands import resolve_run, run_parser
-from lmlab.train.loop import Trainer
+from lmlab.train.loop import Trainer, fit_logged
 from lmlab.train.metrics import MetricsLogger
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -473,21 +472,12 @@ def run_align(
             f"align {a.loss} on {len(train)} pairs ({train.identical} identical skipped, {train.truncated} truncated): "
             f"{params['total'] / 1e6:.2f}M parameters, {cfg.train.steps} steps of {mb * cfg.train.grad_accum} pairs"
         )
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=trainer.step if resume else None)
-    start = time.perf_counter()
-    try:
-        result = trainer.fit(logger)
-    finally:
-        logger.close()
+    result, fields = fit_logged(trainer, run_dir, resume=resume)
     summary.update(
-        status="diverged" if result.diverged else "finished",
-        steps=result.steps,
-        tokens=result.tokens,
-        final_train_loss=result.final_train_loss,
+        fields,
         final_val_loss=result.final_eval.get("val_loss"),
         final_val_accuracy=result.final_eval.get("val_accuracy"),
         final_eval=result.final_eval,
-        wall_time_s=time.perf_counter() - start,
     )
     if not result.diverged:
         held_out = val if val is not None else train

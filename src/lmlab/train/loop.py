@@ -323,6 +323,38 @@ class Trainer:
         return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
 
+def fit_logged(
+    trainer: Trainer, run_dir: Path, *, resume: bool = False, first_records: Iterable[dict[str, Any]] = ()
+) -> tuple[TrainResult, dict[str, Any]]:
+    """Run ``trainer.fit`` with ``metrics.jsonl`` (rank 0 only) and return the result and the summary
+    fields every run shares (status, steps, tokens, final train loss, wall time).
+
+    On resume the log is cut back to the checkpoint's step; ``first_records`` are logged before training
+    on a fresh run (e.g. SFT's data counts).
+    """
+    logger = None
+    if trainer.is_main():
+        tb = trainer.cfg.train.tensorboard
+        logger = MetricsLogger(run_dir, tensorboard=tb, resume_step=trainer.step if resume else None)
+        if not resume:
+            for record in first_records:
+                logger.log(record)
+    start = time.perf_counter()
+    try:
+        result = trainer.fit(logger)
+    finally:
+        if logger is not None:
+            logger.close()
+    fields = {
+        "status": "diverged" if result.diverged else "finished",
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "final_train_loss": result.final_train_loss,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    return result, fields
+
+
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:
     """Metrics as Python floats (tensors are read from the device)."""
     return {k: float(v) for k, v in metrics.items()}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,7 @@ from lmlab.errors import CheckpointError, ConfigError, UserError
 from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
-from lmlab.train.loop import Trainer, evaluate_lm
-from lmlab.train.metrics import MetricsLogger
+from lmlab.train.loop import Trainer, evaluate_lm, fit_logged
 from lmlab.train.runtime import environment, seed_everything
 from lmlab.train.sampler import WindowSampler, eval_batches
 
@@ -175,28 +173,15 @@ def _run_pretraining(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, c
             f"run {run_dir}: {params['total'] / 1e6:.2f}M parameters, {cfg.train.steps} steps of "
             f"{rows}x{cfg.train.seq_len} tokens on {where}"
         )
-    logger = None
-    if main:
-        logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, resume_step=trainer.step if resume else None)
-    start = time.perf_counter()
-    try:
-        result = trainer.fit(logger)
-    finally:
-        if logger is not None:
-            logger.close()
+    result, fields = fit_logged(trainer, run_dir, resume=resume)
     final_eval = result.final_eval or _last_logged_eval(run_dir, result.steps)
-    if result.final_train_loss is None:  # resumed at the last step: nothing was trained in this process
-        result.final_train_loss = _last_logged(run_dir, "train", result.steps).get("loss")
-    final_val = final_eval.get("val_loss")
+    if fields["final_train_loss"] is None:  # resumed at the last step: nothing was trained in this process
+        fields["final_train_loss"] = _last_logged(run_dir, "train", result.steps).get("loss")
     summary.update(
-        status="diverged" if result.diverged else "finished",
-        steps=result.steps,
-        tokens=result.tokens,
+        fields,
         flops=flops_tok * result.tokens,
-        final_train_loss=result.final_train_loss,
-        final_val_loss=final_val,
+        final_val_loss=final_eval.get("val_loss"),
         final_val_ppl=final_eval.get("val_ppl"),
-        wall_time_s=time.perf_counter() - start,
     )
     sample_model = _sampling_model(trainer, cfg, ctx) if not result.diverged else None
     if main:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,8 +163,7 @@ def run_reward(cfg: RunConfig, rcfg: RewardConfig, run_dir: str | Path, *, quiet
     """Train a reward model on ``cfg.align.train_file`` from ``cfg.init_from``; returns the summary."""
     from lmlab.models.counting import count_params
     from lmlab.train.checkpoint import load_model
-    from lmlab.train.loop import Trainer
-    from lmlab.train.metrics import MetricsLogger
+    from lmlab.train.loop import Trainer, fit_logged
     from lmlab.train.pretrain import _write_summary, prepare_run_dir
     from lmlab.train.runtime import environment, resolve_device, seed_everything
 
@@ -230,19 +228,8 @@ def run_reward(cfg: RunConfig, rcfg: RewardConfig, run_dir: str | Path, *, quiet
         "train_data": train.summary(),
     }
     _write_summary(run_dir, summary)
-    logger = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    start = time.perf_counter()
-    try:
-        result = trainer.fit(logger)
-    finally:
-        logger.close()
-    summary.update(
-        status="diverged" if result.diverged else "finished",
-        steps=result.steps,
-        tokens=result.tokens,
-        final_train_loss=result.final_train_loss,
-        wall_time_s=time.perf_counter() - start,
-    )
+    result, fields = fit_logged(trainer, run_dir)
+    summary.update(fields)
     summary["train_accuracy"] = pairwise_metrics(score_pairs(model, train, pad_id, mb, device))["accuracy"]
     for name, data in splits.items():
         summary[name] = pairwise_metrics(score_pairs(model, data, pad_id, mb, device))

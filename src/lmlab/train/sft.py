@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ from lmlab.objectives.lm import causal_lm_loss
 from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.commands import resolve_run, run_parser
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss, model_inputs
-from lmlab.train.loop import Trainer
-from lmlab.train.metrics import MetricsLogger
+from lmlab.train.loop import Trainer, fit_logged
 from lmlab.train.pretrain import _write_summary, prepare_run_dir, print_report, write_samples
 from lmlab.train.runtime import environment, resolve_device, seed_everything
 
@@ -338,25 +336,16 @@ def run_sft(cfg: RunConfig, run_dir: Path, *, resume: bool = False, quiet: bool 
     _write_summary(run_dir, summary)
     if not quiet:
         _print_data_report(run_dir, cfg, train_stats, val_stats)
-    logger = MetricsLogger(run_dir, tensorboard=t.tensorboard, resume_step=trainer.step if resume else None)
-    if not resume:
-        logger.log({"kind": "data", "step": 0, **data_info})
-    start = time.perf_counter()
-    try:
-        result = trainer.fit(logger)
-    finally:
-        logger.close()
+    result, fields = fit_logged(
+        trainer, run_dir, resume=resume, first_records=[{"kind": "data", "step": 0, **data_info}]
+    )
     flops_tok = flops_per_token(cfg.model, t.seq_len)["training"]
     summary.update(
-        status="diverged" if result.diverged else "finished",
-        steps=result.steps,
-        tokens=result.tokens,
+        fields,
         flops=flops_tok * result.tokens,
-        final_train_loss=result.final_train_loss,
         final_val_loss=result.final_eval.get("val_loss"),
         final_val_ppl=result.final_eval.get("val_ppl"),
         unigram_entropy=None,
-        wall_time_s=time.perf_counter() - start,
     )
     _write_summary(run_dir, summary)
     from lmlab.train.plots import plot_loss
