@@ -320,7 +320,17 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.train.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        import sys
+
+        interactive = sys.stderr.isatty()  # in a log file, redraw every 10 s instead of 10 times a second
+        return tqdm(
+            total=self.cfg.train.steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.1 if interactive else 10.0,
+        )
 
 
 def fit_logged(
