@@ -318,9 +318,9 @@ class Trainer:
     def _progress_bar(self):
         if not (self.cfg.train.progress and self.is_main()):
             return None
-        from tqdm import tqdm
-
         import sys
+
+        from tqdm import tqdm
 
         interactive = sys.stderr.isatty()  # in a log file, redraw every 10 s instead of 10 times a second
         return tqdm(
