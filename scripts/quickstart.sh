@@ -36,6 +36,8 @@ case "$mode" in
   test)
     echo "==> installing lmlab with test extras"
     pip_install -e ".[dev,hf,data,align,tensorboard]"
+    echo "==> lint (ruff)"
+    "$VENV/bin/ruff" check src tests benchmarks examples
     echo "==> running the test suite"
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     # pytest exits 5 when it collects no test: that is a failure here, not a pass.
