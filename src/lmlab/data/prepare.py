@@ -5,8 +5,8 @@ Reading (``read_documents``) streams documents from ``.txt`` (one file = one doc
 the file (and line). Writing (``prepare_shards``) tokenizes in a process pool over chunks of
 documents (results are consumed in order, so the output is identical for any ``num_workers``),
 appends EOS after every document, routes each document to ``train`` or ``val`` by a hash of
-``(seed, document index)`` (stable when the corpus grows), and writes ``train_XXXX.bin`` /
-``val_XXXX.bin`` (uint16 when the vocabulary fits, else uint32), ``tokenizer.json`` and
+``(seed, document index)`` (stable when the corpus grows), and writes ``train_NNNN.bin`` /
+``val_NNNN.bin`` (uint16 when the vocabulary fits, else uint32), ``tokenizer.json`` and
 ``manifest.json`` into a temporary directory that is renamed into place, so a half-written
 directory is never visible under the final name.
 
