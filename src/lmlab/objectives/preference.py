@@ -71,6 +71,18 @@ def dpo_loss(
     return PreferenceLoss(losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach())
 
 
+def _length_normalised_margin(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> torch.Tensor:
+    """``s(y_w)/|y_w| − s(y_l)/|y_l|``: the per-token log-ratio margin IPO (TRL form) and LN-DPO share."""
+    return chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
+        rejected_lengths, rejected_logratios
+    )
+
+
 def ipo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -92,9 +104,7 @@ def ipo_loss(
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
-        rejected_lengths, rejected_logratios
-    )
+    h = _length_normalised_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return PreferenceLoss(losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach())
 
@@ -119,9 +129,7 @@ def ln_dpo_loss(
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    delta = chosen_logratios / _lengths(chosen_lengths, chosen_logratios) - rejected_logratios / _lengths(
-        rejected_lengths, rejected_logratios
-    )
+    delta = _length_normalised_margin(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths)
     losses = -F.logsigmoid(beta * delta)
     return PreferenceLoss(losses, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach())
 
