@@ -141,21 +141,10 @@ def log_loss_prediction(x: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> 
 def huber_objective(
     x: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = HUBER_DELTA
 ) -> tuple[float, np.ndarray]:
-    """Summed Huber objective of §1.2 and its analytic gradient with respect to ``(a, b, e, alpha, beta)``."""
-    a, b, e, alpha, beta = x
-    z1 = a - alpha * log_n
-    z2 = b - beta * log_d
-    m = np.maximum(np.maximum(z1, z2), e)
-    w1 = np.exp(z1 - m)
-    w2 = np.exp(z2 - m)
-    w3 = np.exp(e - m)
-    s = w1 + w2 + w3
-    r = m + np.log(s) - log_l
-    h = huber_grad(r, delta) / s
-    g1 = h * w1
-    g2 = h * w2
-    grad = np.array([g1.sum(), g2.sum(), (h * w3).sum(), -(g1 @ log_n), -(g2 @ log_d)])
-    return float(huber(r, delta).sum()), grad
+    """Summed Huber objective of §1.2 and its analytic gradient with respect to ``(a, b, e, alpha, beta)``
+    (one row of :func:`huber_objective_batched`)."""
+    f, g = huber_objective_batched(np.asarray(x, dtype=float)[None, :], log_n, log_d, log_l, delta)
+    return float(f[0]), g[0]
 
 
 #: Largest number of (start, point) pairs :func:`huber_objective_batched` evaluates in one numpy pass.

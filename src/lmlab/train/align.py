@@ -395,19 +395,10 @@ def run_align(
     reference with another tokenizer, ``CheckpointError`` for a missing run.
     """
     from lmlab.models.counting import count_params
-    from lmlab.train.checkpoint import load_model
     from lmlab.train.pretrain import _write_summary, prepare_run_dir
-    from lmlab.train.runtime import environment, resolve_device, seed_everything
+    from lmlab.train.runtime import environment, start_from_run
 
-    if not cfg.init_from:
-        raise ConfigError("lmlab align needs init_from: the run directory of the model to align (e.g. an SFT run)")
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    model, init_cfg, tokenizer = load_model(cfg.init_from, device)
-    if tokenizer is None:
-        raise CheckpointError(f"{cfg.init_from}: the run has no tokenizer.json; preference data cannot be tokenized")
+    device, model, init_cfg, tokenizer = start_from_run(cfg, "align")
     cfg = dataclasses.replace(cfg, model=init_cfg.model)
     check_align_config(cfg)
     # The saved config must reload (train.seq_len <= model.max_seq_len): record the longest pair instead.

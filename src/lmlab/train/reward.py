@@ -162,23 +162,14 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
 def run_reward(cfg: RunConfig, rcfg: RewardConfig, run_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
     """Train a reward model on ``cfg.align.train_file`` from ``cfg.init_from``; returns the summary."""
     from lmlab.models.counting import count_params
-    from lmlab.train.checkpoint import load_model
     from lmlab.train.loop import Trainer, fit_logged
     from lmlab.train.pretrain import _write_summary, prepare_run_dir
-    from lmlab.train.runtime import environment, resolve_device, seed_everything
+    from lmlab.train.runtime import environment, start_from_run
 
-    if not cfg.init_from:
-        raise ConfigError("lmlab reward train needs init_from: the run directory of the model to start from")
     a = cfg.align
-    if not a.train_file:
+    if cfg.init_from and not a.train_file:
         raise ConfigError("align.train_file is required (a preference JSONL with prompt, chosen, rejected)")
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    decoder, init_cfg, tokenizer = load_model(cfg.init_from, device)
-    if tokenizer is None:
-        raise CheckpointError(f"{cfg.init_from}: the run has no tokenizer.json; preference data cannot be tokenized")
+    device, decoder, init_cfg, tokenizer = start_from_run(cfg, "reward train")
     if a.max_len > init_cfg.model.max_seq_len:
         raise ConfigError(f"align.max_len={a.max_len} exceeds the model's max_seq_len={init_cfg.model.max_seq_len}")
     # The saved config must reload (train.seq_len <= model.max_seq_len): record the longest pair instead.
