@@ -175,16 +175,9 @@ class MixtureBatches:
 
 
 def build_mixture(cfg: RunConfig, dirs: dict[str, Path], *, seed: int, rank: int = 0, world_size: int = 1):
-    """``(MixtureBatches, eval_fn_factory, ratios)`` for a prepared mixture.
-
-    ``eval_fn_factory(device)`` returns an ``eval_fn(model)`` that reports ``val_loss/<source>`` for every
-    source on its own validation split (same token budget each) and ``val_loss`` as their ratio-weighted mean.
-    """
-    import math
-
+    """``(MixtureBatches, validation splits by source, ratios by source)`` for a prepared mixture."""
+    from lmlab.data.sampler import WindowSampler
     from lmlab.data.shards import TokenShards
-    from lmlab.train.loop import evaluate_lm
-    from lmlab.train.sampler import WindowSampler, eval_batches
 
     t = cfg.train
     ratios = dict(zip(dirs, mixture_ratios([m.weight for m in cfg.data.mixture], cfg.data.mixture_temperature)))
@@ -194,17 +187,4 @@ def build_mixture(cfg: RunConfig, dirs: dict[str, Path], *, seed: int, rank: int
     }
     batches = MixtureBatches(MixtureSampler(samplers, ratios, rank=rank, world_size=world_size))
     val = {name: TokenShards.open(d, "val") for name, d in dirs.items()}
-
-    def eval_fn_factory(device: torch.device):
-        def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-            out: dict[str, float] = {}
-            for name, tokens in val.items():
-                res = evaluate_lm(model, eval_batches(tokens, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
-                out[f"val_loss/{name}"] = res["val_loss"]
-            out["val_loss"] = float(sum(ratios[n] * out[f"val_loss/{n}"] for n in val))
-            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
-            return out
-
-        return eval_fn
-
-    return batches, eval_fn_factory, ratios
+    return batches, val, ratios

@@ -368,18 +368,3 @@ def fit_logged(
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:
     """Metrics as Python floats (tensors are read from the device)."""
     return {k: float(v) for k, v in metrics.items()}
-
-
-def evaluate_lm(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> dict[str, float]:
-    """Mean token cross-entropy and perplexity over a fixed set of windows."""
-    from lmlab.objectives.lm import causal_lm_loss
-
-    loss_sum, count = 0.0, 0
-    for x, y in batches:
-        out = causal_lm_loss(model(x.to(device)), y.to(device))
-        loss_sum += float(out.loss_sum)
-        count += int(out.count)
-    loss = loss_sum / max(count, 1)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

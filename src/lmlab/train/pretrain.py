@@ -12,14 +12,15 @@ from typing import Any
 import torch
 
 from lmlab.config import RunConfig, save_config
+from lmlab.data.sampler import WindowSampler, eval_batches
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import CheckpointError, ConfigError, UserError
+from lmlab.eval.perplexity import evaluate_lm, evaluate_sources
 from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
-from lmlab.train.loop import Trainer, evaluate_lm, fit_logged
+from lmlab.train.loop import Trainer, fit_logged
 from lmlab.train.runtime import environment, seed_everything
-from lmlab.train.sampler import WindowSampler, eval_batches
 
 
 class LMBatches:
@@ -123,10 +124,21 @@ def _run_pretraining(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool, c
     if mixture_dirs:
         from lmlab.data.mixture import build_mixture
 
-        batches, eval_factory, _ = build_mixture(
+        batches, val_splits, ratios = build_mixture(
             cfg, mixture_dirs, seed=data_seed, rank=ctx.rank, world_size=ctx.world_size
         )
-        eval_fn = eval_factory(device)
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            t = cfg.train
+            return evaluate_sources(
+                m,
+                val_splits,
+                ratios,
+                seq_len=t.seq_len,
+                batch_size=t.micro_batch_size,
+                budget_tokens=t.eval_tokens,
+                device=device,
+            )
     else:
         train_tokens = TokenShards.open(data_dir, "train")
         val_tokens = TokenShards.open(data_dir, "val")

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lmlab.data.mixture import MixtureSampler, mixture_ratios, prepare_mixture_data
+from lmlab.data.sampler import WindowSampler
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import ConfigError
-from lmlab.train.sampler import WindowSampler
 
 from helpers import tiny_config
 

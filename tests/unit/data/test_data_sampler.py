@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from lmlab.data.sampler import WindowSampler, eval_batches
 from lmlab.errors import DataError
-from lmlab.train.sampler import WindowSampler, eval_batches
 
 
 class ArrayTokens:
