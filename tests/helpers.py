@@ -31,3 +31,17 @@ TINY_OVERRIDES = [
 def tiny_config(*overrides: str) -> RunConfig:
     """A ~50k-parameter run on 300 synthetic stories: trains in a second on one core."""
     return load_config(None, [*TINY_OVERRIDES, *overrides])
+
+
+def model_cfg(base=None, **settings):
+    """A ``ModelConfig`` from keyword settings on top of ``base``; component settings may be given flat
+    (``qk_norm=True``, ``attn_bias=True``, ``ffn_hidden=100``, ``ffn_multiple_of=16``), as YAML may."""
+    from lmlab.config import ModelConfig, from_dict, to_dict
+
+    data = to_dict(base) if base is not None else {}
+    settings = ModelConfig.upgrade(settings)
+    for section in ("attention", "ffn"):
+        if section in settings:
+            data[section] = {**data.get(section, {}), **settings.pop(section)}
+    data.update(settings)
+    return from_dict(ModelConfig, data)

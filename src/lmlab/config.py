@@ -1,14 +1,22 @@
 """The typed config tree of a run: dataclasses, YAML in and out, dotted CLI overrides.
 
-Every key is declared here with its type and default. Loading refuses unknown keys
-(with the closest valid names), wrong types and impossible combinations by raising
-``ConfigError`` before any work starts. The resolved config is saved in every run.
+Every key is declared here with its type and default; each section checks its own values
+(``validate()``) and ``validate(cfg)`` adds the rules that span sections. Loading refuses unknown
+keys (with the closest valid names), wrong types, non-finite numbers, duplicate YAML keys and
+impossible combinations by raising ``ConfigError`` before any work starts. The resolved config is
+saved in every run.
+
+Model components are slots: ``model.attention`` and ``model.ffn`` hold one variant each, chosen by
+``kind`` from ``ATTENTION_KINDS`` / ``FFN_KINDS`` (the variant's dataclass lives beside its module;
+``lmlab.models.component``). A new variant is its module plus one row here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +26,30 @@ from typing import Any, Literal
 import yaml
 
 from lmlab.errors import ConfigError
+from lmlab.models.attention import GQAConfig
+from lmlab.models.mlp import SwiGLUConfig
+from lmlab.models.sizes import SIZES
+from lmlab.safe_io import write_text_atomic
+
+# --------------------------------------------------------------------------- component slots
+
+ATTENTION_KINDS: dict[str, type] = {"gqa": GQAConfig}
+FFN_KINDS: dict[str, type] = {"swiglu": SwiGLUConfig}
+
+AttentionConfig = GQAConfig  # the union of ATTENTION_KINDS' types (one member today)
+FFNConfig = SwiGLUConfig  # the union of FFN_KINDS' types
+
+
+def slot(kinds: dict[str, type], default: str) -> Any:
+    """A dataclass field holding one variant of ``kinds``, chosen in YAML by its ``kind`` key."""
+    return field(default_factory=kinds[default], metadata={"slot": kinds})
+
+
+# Which settings a field belongs to when a checkpoint's model is compared with a run's: fields marked
+# ``weights: False`` do not change what the weights mean (a label, the init scale, the context length
+# the RoPE tables are built for), so continuing from a checkpoint may change them.
+NOT_IN_WEIGHTS = {"weights": False}
+
 
 # --------------------------------------------------------------------------- sections
 
@@ -27,21 +59,28 @@ class ModelConfig:
     """Decoder architecture. ``size`` picks a named size (see ``lmlab.models.sizes``);
     explicit dimensions given alongside it override the named values."""
 
-    size: str | None = None
+    size: str | None = field(default=None, metadata=NOT_IN_WEIGHTS)
     vocab_size: int = 0  # 0: taken from the run's tokenizer
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
-    ffn_hidden: int | None = None  # None: SwiGLU default, 8/3·d rounded up to ffn_multiple_of
-    ffn_multiple_of: int = 64
-    max_seq_len: int = 256
+    max_seq_len: int = field(default=256, metadata=NOT_IN_WEIGHTS)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    qk_norm: bool = False
-    attn_bias: bool = False  # bias on q/k/v projections (Qwen2)
-    init_std: float = 0.02
+    init_std: float = field(default=0.02, metadata=NOT_IN_WEIGHTS)
+    attention: AttentionConfig = slot(ATTENTION_KINDS, "gqa")
+    ffn: FFNConfig = slot(FFN_KINDS, "swiglu")
+
+    # Flat keys of earlier versions (config.yaml of older runs, checkpoints' meta.json, command lines),
+    # read as their place in the component sections.
+    LEGACY_KEYS: typing.ClassVar[dict[str, tuple[str, str]]] = {
+        "ffn_hidden": ("ffn", "hidden"),
+        "ffn_multiple_of": ("ffn", "multiple_of"),
+        "qk_norm": ("attention", "qk_norm"),
+        "attn_bias": ("attention", "qkv_bias"),
+    }
 
     @property
     def head_dim(self) -> int:
@@ -50,6 +89,36 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @classmethod
+    def upgrade(cls, data: dict) -> dict:
+        """Move legacy flat keys (``qk_norm``, ``ffn_hidden`` …) into their component sections."""
+        data = dict(data)
+        for old, (section, key) in cls.LEGACY_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            part = data.get(section)
+            part = dict(part) if isinstance(part, dict) else {}
+            if key in part and part[key] != value:
+                raise ConfigError(f"model.{old} and model.{section}.{key} are both set; keep model.{section}.{key}")
+            part[key] = value
+            data[section] = part
+        return data
+
+    def validate(self) -> None:
+        for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        if self.n_kv_heads is not None:
+            _positive("model.n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
+        self.attention.validate(self, "model.attention")
+        self.ffn.validate(self, "model.ffn")
 
 
 @dataclass
@@ -61,6 +130,13 @@ class TokenizerConfig:
     min_frequency: int = 2
     train_docs: int = 20000  # documents used to train the tokenizer
 
+    def validate(self) -> None:
+        _positive("tokenizer.vocab_size", self.vocab_size)
+        _positive("tokenizer.min_frequency", self.min_frequency)
+        _positive("tokenizer.train_docs", self.train_docs)
+        if self.vocab_size < 300 and self.path is None:
+            raise ConfigError(f"tokenizer.vocab_size={self.vocab_size} must be >= 300 (256 bytes + specials)")
+
 
 @dataclass
 class SyntheticDataConfig:
@@ -70,6 +146,9 @@ class SyntheticDataConfig:
     n_docs: int = 20000
     seed: int = 0
     subset: str | None = None  # a world's named subset, e.g. one language of the "languages" world
+
+    def validate(self, key: str = "data.synthetic") -> None:
+        _positive(f"{key}.n_docs", self.n_docs)
 
 
 @dataclass
@@ -101,6 +180,34 @@ class DataConfig:
     num_workers: int = 2
     seed: int = 0
 
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.source == "files" and not self.files:
+            raise ConfigError("data.source=files needs data.files (a list of .txt/.jsonl/.parquet paths)")
+        if self.source == "prepared" and not self.prepared_dir:
+            raise ConfigError("data.source=prepared needs data.prepared_dir")
+        self.synthetic.validate()
+        if self.source == "mixture":
+            self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        if len(self.mixture) < 1:
+            raise ConfigError("data.source=mixture needs data.mixture: a list of sources with name and weight")
+        names = [m.name for m in self.mixture]
+        for i, m in enumerate(self.mixture):
+            if not m.name:
+                raise ConfigError(f"data.mixture[{i}].name is required")
+            _positive(f"data.mixture[{i}].weight", m.weight)
+            if (m.synthetic is None) == (not m.files):
+                raise ConfigError(f"data.mixture[{i}] ({m.name}) needs exactly one of synthetic or files")
+            if m.synthetic is not None:
+                m.synthetic.validate(f"data.mixture[{i}].synthetic")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.mixture names must be unique, got {names}")
+        _positive("data.mixture_temperature", self.mixture_temperature)
+
 
 @dataclass
 class OptimConfig:
@@ -114,6 +221,15 @@ class OptimConfig:
     decay_embeddings: bool = False
     fused: bool | None = None  # None: fused when the device supports it
 
+    def validate(self) -> None:
+        _positive("optim.lr", self.lr, allow_zero=True)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.eps", self.eps)
+        _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
+        for i, b in enumerate(self.betas):
+            if not 0.0 <= b < 1.0:
+                raise ConfigError(f"optim.betas[{i}]={b} must be in [0, 1)")
+
 
 @dataclass
 class ScheduleConfig:
@@ -124,6 +240,14 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2  # WSD: fraction of the steps spent decaying
     decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # WSD decay shape
+
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
 
 
 @dataclass
@@ -148,6 +272,16 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
 
+    def validate(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("log_every", "ckpt_every", "keep_last"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.global_batch_size", self.global_batch_size, allow_zero=True)
+        _positive("train.threads", self.threads, allow_zero=True)
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+
 
 @dataclass
 class SampleConfig:
@@ -156,19 +290,32 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=lambda: ["Once upon a time", "The", "One day,"])
     max_new_tokens: int = 64
     temperature: float = 0.8
-    top_k: int = 50
+    top_k: int = 50  # 0: off
     top_p: float = 1.0
+
+    def validate(self) -> None:
+        _positive("sample.max_new_tokens", self.max_new_tokens)
+        _positive("sample.temperature", self.temperature, allow_zero=True)
+        _positive("sample.top_k", self.top_k, allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sample.top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclass
 class GoldfishConfig:
-    """Goldfish loss (SCIENCE.md §5): drop ~1/k of the targets from the loss, chosen by a hash of the context."""
+    """Goldfish loss (docs/science.md §5): drop ~1/k of the targets from the loss, chosen by a hash of the context."""
 
     enabled: bool = False
     k: int = 4
     strategy: Literal["hash", "static"] = "hash"
     context_width: int = 13
     start: int = 0
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ConfigError(f"objective.goldfish.k={self.k} must be >= 2")
+        _positive("objective.goldfish.context_width", self.context_width)
+        _positive("objective.goldfish.start", self.start, allow_zero=True)
 
 
 @dataclass
@@ -182,6 +329,14 @@ class DistillConfig:
     alpha: float = 0.5  # total = alpha * KD + (1 - alpha) * CE
     topk_cache: int = 0  # >0: cache the teacher's top-k log-probs on disk and run the teacher once
 
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"objective.distill.alpha={self.alpha} must be in [0, 1]")
+        _positive("objective.distill.temperature", self.temperature)
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"objective.distill.beta={self.beta} must be in (0, 1)")
+        _positive("objective.distill.topk_cache", self.topk_cache, allow_zero=True)
+
 
 @dataclass
 class ObjectiveConfig:
@@ -192,6 +347,14 @@ class ObjectiveConfig:
     neftune_alpha: float = 0.0  # NEFTune noise (training only); 0 = off
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        _positive("objective.z_loss", self.z_loss, allow_zero=True)
+        _positive("objective.neftune_alpha", self.neftune_alpha, allow_zero=True)
+        self.goldfish.validate()
+        self.distill.validate()
 
 
 @dataclass
@@ -206,10 +369,13 @@ class SFTConfig:
     chat_template: str | None = None  # None: the tokenizer's own, else lmlab's built-in template
     epochs: float = 0.0  # > 0: set train.steps from the dataset size
 
+    def validate(self) -> None:
+        _positive("sft.epochs", self.epochs, allow_zero=True)
+
 
 @dataclass
 class AlignConfig:
-    """Preference optimization (SCIENCE.md §7)."""
+    """Preference optimization (docs/science.md §7)."""
 
     train_file: str | None = None
     val_file: str | None = None
@@ -225,6 +391,31 @@ class AlignConfig:
     max_prompt_len: int = 128
     max_len: int = 256
 
+    def validate(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"align.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"align.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        _positive("align.sft_weight", self.sft_weight, allow_zero=True)
+        _positive("align.orpo_lambda", self.orpo_lambda, allow_zero=True)
+        if self.diagnostics_every < 0:
+            raise ConfigError(f"align.diagnostics_every={self.diagnostics_every} must be >= 0 (0 disables the probe)")
+        if self.max_prompt_len <= 0 or self.max_len <= self.max_prompt_len:
+            raise ConfigError(
+                f"align.max_prompt_len={self.max_prompt_len} must be > 0 and below align.max_len={self.max_len}"
+            )
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training (``lmlab reward train``): Bradley–Terry, optionally LM-regularised."""
+
+    lm_weight: float = 0.0  # weight w of the chosen-answer text-generation loss (0: plain reward model)
+    ood_file: str | None = None  # optional out-of-distribution preference JSONL for pairwise accuracy
+
+    def validate(self) -> None:
+        _positive("reward.lm_weight", self.lm_weight, allow_zero=True)
+
 
 @dataclass
 class DistributedConfig:
@@ -235,6 +426,9 @@ class DistributedConfig:
     activation_checkpointing: Literal["none", "full"] = "none"
     mixed_precision_param: Literal["fp32", "bf16"] = "fp32"
     timeout_s: float = 600.0  # collective timeout: a lost rank ends the job instead of hanging it
+
+    def validate(self) -> None:
+        _positive("distributed.timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -253,103 +447,67 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # --------------------------------------------------------------------------- validation
 
+SECTIONS = ("model", "tokenizer", "data", "optim", "schedule", "train", "sample", "objective", "sft", "align")
+SECTIONS += ("reward", "distributed")
+
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check cross-field constraints; raise ``ConfigError`` naming the key."""
-    m, t, o, s, d = cfg.model, cfg.train, cfg.optim, cfg.schedule, cfg.data
-    _positive("model.d_model", m.d_model)
-    _positive("model.n_layers", m.n_layers)
-    _positive("model.n_heads", m.n_heads)
-    if m.d_model % m.n_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
-    if m.n_kv_heads is not None:
-        _positive("model.n_kv_heads", m.n_kv_heads)
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
-    if m.head_dim % 2:
-        raise ConfigError(f"head dimension d_model/n_heads={m.head_dim} must be even for RoPE")
-    if m.vocab_size < 0:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} must be >= 0 (0: from the tokenizer)")
-    _positive("model.rope_theta", m.rope_theta)
-    _positive("optim.lr", o.lr, allow_zero=True)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    for i, b in enumerate(o.betas):
-        if not 0.0 <= b < 1.0:
-            raise ConfigError(f"optim.betas[{i}]={b} must be in [0, 1)")
-    _positive("train.steps", t.steps)
-    _positive("train.micro_batch_size", t.micro_batch_size)
-    _positive("train.grad_accum", t.grad_accum)
-    _positive("train.global_batch_size", t.global_batch_size, allow_zero=True)
-    _positive("train.seq_len", t.seq_len)
-    _positive("train.eval_every", t.eval_every)
-    _positive("train.eval_tokens", t.eval_tokens)
-    _positive("train.log_every", t.log_every)
-    _positive("train.ckpt_every", t.ckpt_every)
-    _positive("train.keep_last", t.keep_last)
+    """Check every section, then the rules that span sections; raise ``ConfigError`` naming the key."""
+    for name in SECTIONS:
+        getattr(cfg, name).validate()
+    if not cfg.name.strip():
+        raise ConfigError("name must not be empty")
+    m, t, s = cfg.model, cfg.train, cfg.schedule
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if s.warmup_steps < 0 or s.warmup_steps > t.steps:
+    if s.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={t.steps}]")
-    if not 0.0 <= s.min_lr_ratio <= 1.0:
-        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
-    if not 0.0 < s.decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.source == "files" and not d.files:
-        raise ConfigError("data.source=files needs data.files (a list of .txt/.jsonl/.parquet paths)")
-    if d.source == "mixture":
-        if len(d.mixture) < 1:
-            raise ConfigError("data.source=mixture needs data.mixture: a list of sources with name and weight")
-        names = [m.name for m in d.mixture]
-        for i, m in enumerate(d.mixture):
-            if not m.name:
-                raise ConfigError(f"data.mixture[{i}].name is required")
-            _positive(f"data.mixture[{i}].weight", m.weight)
-            if (m.synthetic is None) == (not m.files):
-                raise ConfigError(f"data.mixture[{i}] ({m.name}) needs exactly one of synthetic or files")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"data.mixture names must be unique, got {names}")
-        _positive("data.mixture_temperature", d.mixture_temperature)
-    if d.source == "prepared" and not d.prepared_dir:
-        raise ConfigError("data.source=prepared needs data.prepared_dir")
-    _positive("data.synthetic.n_docs", d.synthetic.n_docs)
-    _positive("tokenizer.vocab_size", cfg.tokenizer.vocab_size)
-    if cfg.tokenizer.vocab_size < 300 and cfg.tokenizer.path is None:
-        raise ConfigError(f"tokenizer.vocab_size={cfg.tokenizer.vocab_size} must be >= 300 (256 bytes + specials)")
-    if t.precision == "fp16" and t.device == "cpu":
-        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    ob = cfg.objective
-    if not 0.0 <= ob.label_smoothing < 1.0:
-        raise ConfigError(f"objective.label_smoothing={ob.label_smoothing} must be in [0, 1)")
-    _positive("objective.z_loss", ob.z_loss, allow_zero=True)
-    _positive("objective.neftune_alpha", ob.neftune_alpha, allow_zero=True)
-    if ob.goldfish.k < 2:
-        raise ConfigError(f"objective.goldfish.k={ob.goldfish.k} must be >= 2")
-    _positive("objective.goldfish.context_width", ob.goldfish.context_width)
-    if not 0.0 <= ob.distill.alpha <= 1.0:
-        raise ConfigError(f"objective.distill.alpha={ob.distill.alpha} must be in [0, 1]")
-    _positive("objective.distill.temperature", ob.distill.temperature)
-    if not 0.0 < ob.distill.beta < 1.0:
-        raise ConfigError(f"objective.distill.beta={ob.distill.beta} must be in (0, 1)")
-    if cfg.align.beta <= 0:
-        raise ConfigError(f"align.beta={cfg.align.beta} must be > 0")
-    _positive("sample.temperature", cfg.sample.temperature, allow_zero=True)
-    if not 0.0 < cfg.sample.top_p <= 1.0:
-        raise ConfigError(f"sample.top_p={cfg.sample.top_p} must be in (0, 1]")
     return cfg
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}={value} must be {bound}")
+
+
+def model_config_diff(saved: ModelConfig | dict, current: ModelConfig) -> list[str]:
+    """``key: saved vs current`` for every weight-defining model setting that differs (all keys, nested
+    component sections included, except the ``NOT_IN_WEIGHTS`` ones). ``saved`` may be a dict from a
+    checkpoint's meta.json, in this version's layout or an earlier flat one."""
+    if isinstance(saved, dict):
+        saved = from_dict(ModelConfig, saved, "model.")
+    ours, theirs = _weight_settings(current), _weight_settings(saved)
+    keys = sorted(set(ours) | set(theirs))
+    return [f"{k}: checkpoint {theirs.get(k)!r} vs run {ours.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
+def _weight_settings(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("weights", True) is False:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_weight_settings(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    if isinstance(cfg, ModelConfig):
+        out["n_kv_heads"] = cfg.kv_heads  # None and n_heads are the same model
+    return out
+
+
+def sanitize_run_name(name: str) -> str:
+    """A run name usable as one directory name: letters, digits, ``.``, ``-``, ``_`` (others become ``-``),
+    no leading dots or dashes, so ``name=../../x`` can never place a run outside ``runs/``."""
+    clean = re.sub(r"[^\w.-]+", "-", name).strip("-.")
+    return clean or "run"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -361,17 +519,32 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    if hasattr(cls, "upgrade"):
+        data = cls.upgrade(data)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys: {', '.join(prefix + n for n in names)})")
-        kwargs[key] = _coerce(hints[key], value, full)
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys: {', '.join(prefix + n for n in fields)})")
+        kinds = fields[key].metadata.get("slot")
+        kwargs[key] = _slot_variant(kinds, value, full) if kinds else _coerce(hints[key], value, full)
     return cls(**kwargs)
+
+
+def _slot_variant(kinds: dict[str, type], value: Any, key: str) -> Any:
+    """The variant of a component slot named by ``value["kind"]`` (default: the registry's first kind)."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping with a 'kind' (one of {', '.join(kinds)})")
+    kind = value.get("kind", next(iter(kinds)))
+    if kind not in kinds:
+        raise ConfigError(f"{key}.kind={kind!r} is not a valid choice; valid choices: {', '.join(kinds)}")
+    return from_dict(kinds[kind], value, key + ".")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -422,14 +595,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r} has the wrong type: expected int")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} has the wrong type: expected float")
+        if number is None:
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected float")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -520,13 +698,36 @@ def _list_item(node: list, part: str, text: str) -> Any:
     return item
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; missing files and YAML syntax errors are ``ConfigError``."""
+    """Read a YAML mapping; a missing file, non-UTF-8 bytes, YAML syntax errors and duplicate keys are
+    ``ConfigError``."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{p}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}".replace("\n", " ")) from None
     if data is None:
@@ -536,28 +737,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
     data = load_yaml(path) if path is not None else {}
-    if cls is RunConfig:
-        _drop_dims_of_overridden_size(data, list(overrides))
+    _drop_dims_of_overridden_size(data, list(overrides))
     apply_overrides(data, list(overrides))
-    if cls is RunConfig:
-        _expand_named_size(data)
-    cfg = from_dict(cls, data)
-    validator = getattr(cfg, "validate", None)
-    if callable(validator):
-        validator()
-    elif isinstance(cfg, RunConfig):
-        validate(cfg)
-    return cfg
+    _expand_named_size(data)
+    try:
+        return validate(from_dict(RunConfig, data))
+    except ConfigError as err:
+        if path is None or str(path) in str(err):
+            raise
+        raise ConfigError(f"{err} (in {path})") from None
 
 
 def _drop_dims_of_overridden_size(data: dict, overrides: list[str]) -> None:
     """A ``model.size`` given on the command line beats dimensions written in the YAML file
     (explicit dimension overrides on the command line still beat the named size)."""
-    from lmlab.models.sizes import SIZES
-
     if not any(o.split("=", 1)[0].strip() == "model.size" for o in overrides):
         return
     model = data.get("model")
@@ -568,8 +764,6 @@ def _drop_dims_of_overridden_size(data: dict, overrides: list[str]) -> None:
 
 def _expand_named_size(data: dict) -> None:
     """Fill ``model`` dimensions from ``model.size``; explicit keys win."""
-    from lmlab.models.sizes import SIZES
-
     model = data.get("model")
     if not isinstance(model, dict) or model.get("size") is None:
         return
@@ -584,4 +778,5 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(dump_yaml(cfg))
+    """Write ``cfg`` as YAML atomically (a temporary file renamed over ``path``, never through a symlink)."""
+    write_text_atomic(path, dump_yaml(cfg))

@@ -8,17 +8,62 @@ cache for decoding, and block-diagonal masks for packed documents.
 - q/k/v bias: the Qwen2 variant; the output projection never has a bias.
 - Packed sequences: ``doc_ids`` [B, T] restrict each query to keys of the same document
   (a block-diagonal causal mask), so a row packing documents A|B computes B as if alone.
+
+``GQAConfig`` is the attention slot's first variant (``model.attention: {kind: gqa, ...}``; the slot
+contract is ``lmlab.models.component``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.config import ModelConfig
+from lmlab.errors import ConfigError
+from lmlab.models.component import ComponentCount, residual_std
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import apply_rotary
+
+if TYPE_CHECKING:
+    from lmlab.config import ModelConfig
+
+
+@dataclass
+class GQAConfig:
+    """Dense causal attention with grouped-query heads (``model.n_heads`` / ``model.n_kv_heads``)."""
+
+    kind: Literal["gqa"] = "gqa"
+    qk_norm: bool = False  # RMSNorm on q and k over the head dimension (Qwen3)
+    qkv_bias: bool = False  # bias on the q/k/v projections (Qwen2)
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        if model.head_dim % 2:
+            raise ConfigError(f"head dimension d_model/n_heads={model.head_dim} must be even for RoPE")
+
+    def build(self, model: ModelConfig, layer: int) -> Attention:
+        return Attention(
+            model.d_model,
+            model.n_heads,
+            model.kv_heads,
+            qk_norm=self.qk_norm,
+            qkv_bias=self.qkv_bias,
+            norm_eps=model.norm_eps,
+            init_std=model.init_std,
+            out_std=residual_std(model),
+        )
+
+    def count(self, model: ModelConfig, seq_len: int) -> ComponentCount:
+        """q, k, v, o weights (+ q/k/v biases, qk-norm gains); Kaplan et al.'s 2·T·d_attn score FLOPs per
+        token (scores and weighted sum, causal mask not halving it)."""
+        d, hd = model.d_model, model.head_dim
+        q_out, kv_out = model.n_heads * hd, model.kv_heads * hd
+        matmul = d * q_out + 2 * d * kv_out + q_out * d
+        bias = (q_out + 2 * kv_out) if self.qkv_bias else 0
+        norms = 2 * hd if self.qk_norm else 0
+        return ComponentCount(matmul + bias + norms, matmul, 2 * seq_len * q_out)
 
 
 class LayerKVCache:
@@ -74,18 +119,45 @@ def attention_mask(
 class Attention(nn.Module):
     """Multi-head / grouped-query causal self-attention through ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        *,
+        qk_norm: bool = False,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+    ) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.init_std = init_std
+        self.out_std = out_std
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
         # qk-norm has weights only when enabled, so state-dict names follow the config.
-        self.q_norm: nn.Module = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm: nn.Module = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm: nn.Module = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm: nn.Module = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for q/k/v, normal(0, out_std) for o_proj (it writes into the residual
+        stream), zero biases, unit qk-norm gains."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=self.init_std)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=self.out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if isinstance(norm, RMSNorm):
+                norm.reset_parameters()
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

@@ -9,6 +9,8 @@ Conventions (used by ``summary.json`` and the scaling-law fitters):
   weights of the q/k/v/o and MLP projections (biases and norms are negligible and left
   out), ``2·n_layers·seq_len·d_attn`` is Kaplan's attention term (d_attn = n_heads·head_dim
   = d_model) with the causal mask *not* halving it, and ``2·d·V`` is the lm_head matmul.
+  Each component contributes its own share (``ComponentCount`` from ``cfg.attention.count`` and
+  ``cfg.ffn.count``), so a sparse variant counts only its active weights.
   Chinchilla (Hoffmann et al. 2022, App. F) counts the logits and the weighted sum of
   attention separately (4·seq_len·d per layer); we keep Kaplan's term.
 - Training FLOPs = 3 × forward (backward ≈ 2 × forward), i.e. ≈ 6·N per token.
@@ -22,36 +24,28 @@ import argparse
 from dataclasses import replace
 
 from lmlab.config import ModelConfig
-from lmlab.models.mlp import ffn_hidden_size
+from lmlab.models.component import ComponentCount
 from lmlab.models.sizes import SIZES
 
 
-def _layer_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(matmul weights, all parameters) of one block."""
-    d, hd = cfg.d_model, cfg.head_dim
-    q_out, kv_out = cfg.n_heads * hd, cfg.kv_heads * hd
-    attn_matmul = d * q_out + 2 * d * kv_out + q_out * d  # q, k, v, o
-    mlp_matmul = 3 * d * ffn_hidden_size(cfg)  # gate, up, down
-    matmul = attn_matmul + mlp_matmul
-    bias = (q_out + 2 * kv_out) if cfg.attn_bias else 0
-    qk_norm = 2 * hd if cfg.qk_norm else 0
-    norms = 2 * d  # attn_norm, mlp_norm
-    return matmul, matmul + bias + qk_norm + norms
+def layer_counts(cfg: ModelConfig, seq_len: int) -> list[ComponentCount]:
+    """Each layer's attention and FFN share, and its two norm gains."""
+    out = []
+    for _ in range(cfg.n_layers):
+        out += [cfg.attention.count(cfg, seq_len), cfg.ffn.count(cfg, seq_len), ComponentCount(2 * cfg.d_model, 0)]
+    return out
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """``{"total", "non_embedding", "embedding"}`` parameter counts (tied weights once)."""
-    _, per_layer = _layer_params(cfg)
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    non_embedding = cfg.n_layers * per_layer + cfg.d_model  # + final norm
+    non_embedding = sum(c.params for c in layer_counts(cfg, 0)) + cfg.d_model  # + final norm
     return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     """``{"forward", "training"}`` FLOPs per token at context ``seq_len`` (conventions above)."""
-    matmul, _ = _layer_params(cfg)
-    d_attn = cfg.n_heads * cfg.head_dim
-    forward = 2 * cfg.n_layers * matmul + 2 * cfg.n_layers * seq_len * d_attn + 2 * cfg.d_model * cfg.vocab_size
+    forward = sum(c.forward_flops for c in layer_counts(cfg, seq_len)) + 2 * cfg.d_model * cfg.vocab_size
     return {"forward": forward, "training": 3 * forward}
 
 

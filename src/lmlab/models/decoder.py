@@ -1,5 +1,8 @@
-"""The Llama-style decoder: token embeddings, pre-norm blocks (attention + SwiGLU, each with
-a residual), a final RMSNorm and the output projection (tied to the embeddings or not).
+"""The Llama-style decoder: token embeddings, pre-norm blocks (an attention and an FFN component,
+each with a residual), a final RMSNorm and the output projection (tied to the embeddings or not).
+
+The attention and FFN modules come from the config's slots (``cfg.attention.build``,
+``cfg.ffn.build``; ``lmlab.models.component``), so a new variant never edits this file.
 
 Single-device and plain PyTorch (DESIGN.md principle 1): FSDP, activation checkpointing
 and ``torch.compile`` wrap ``model.layers[i]`` from outside. Parameter names follow
@@ -8,16 +11,13 @@ docs/CONTRACTS.md (Model) and map one-to-one onto Hugging Face Llama names.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
-from lmlab.models.attention import Attention, KVCache, LayerKVCache, attention_mask
-from lmlab.models.mlp import SwiGLU, ffn_hidden_size
+from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import RotaryEmbedding
 
@@ -39,12 +39,20 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = cfg.attention.build(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, ffn_hidden_size(cfg))
+        self.mlp = cfg.ffn.build(cfg, layer)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Unit norm gains; each component initialises its own weights."""
+        self.attn_norm.reset_parameters()
+        self.attn.init_weights()
+        self.mlp_norm.reset_parameters()
+        self.mlp.init_weights()
 
     def forward(
         self,
@@ -73,29 +81,27 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # blocks initialise themselves
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output projection reuses tok_embeddings.weight and has no parameter of its own.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.init_weights()
+        self._init_own_weights()
+
+    @torch.no_grad()
+    def _init_own_weights(self) -> None:
+        """normal(0, init_std) for the embedding and an untied lm_head; a unit final-norm gain."""
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=self.cfg.init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.cfg.init_std)
+        self.norm.reset_parameters()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """normal(0, init_std) for linear and embedding weights, zero biases, unit norm gains;
-        the projections that write into the residual stream (o_proj, down_proj) get
-        init_std / sqrt(2·n_layers) (GPT-2, Radford et al. 2019), two per block."""
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        """(Re)initialise every weight: each block's components initialise their own (projections into
+        the residual stream with init_std / sqrt(2·n_layers), GPT-2), then the embedding, head and norm."""
         for block in self.layers:
-            nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=residual_std)
+            block.init_weights()
+        self._init_own_weights()
 
     def new_kv_cache(self) -> KVCache:
         """An empty cache for incremental decoding with ``forward(..., kv_cache=cache)``."""

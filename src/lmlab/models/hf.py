@@ -5,8 +5,8 @@ Supported architectures (all Llama-style: RMSNorm, rotate-half RoPE, SwiGLU, GQA
 - ``LlamaForCausalLM`` (also SmolLM and TinyLlama; tied or untied embeddings),
 - ``MistralForCausalLM`` (sliding-window attention is exact as long as sequences are not
   longer than the window, so ``max_seq_len`` is capped at the window),
-- ``Qwen2ForCausalLM`` (bias on the q/k/v projections: ``attn_bias``),
-- ``Qwen3ForCausalLM`` (RMSNorm on q and k over the head dimension before RoPE: ``qk_norm``).
+- ``Qwen2ForCausalLM`` (bias on the q/k/v projections: ``model.attention.qkv_bias``),
+- ``Qwen3ForCausalLM`` (RMSNorm on q and k over the head dimension before RoPE: ``model.attention.qk_norm``).
 
 Our parameter names are HF Llama's without the ``model.`` prefix and with shorter block
 names (docs/CONTRACTS.md, Model); ``hf_to_lmlab_name`` / ``lmlab_to_hf_name`` map them.
@@ -24,7 +24,8 @@ import torch
 
 from lmlab.config import ModelConfig
 from lmlab.errors import CheckpointError, UserError
-from lmlab.models.mlp import ffn_hidden_size
+from lmlab.models.attention import GQAConfig
+from lmlab.models.mlp import SwiGLUConfig, ffn_hidden_size
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_TYPES = {
@@ -174,27 +175,32 @@ def hf_config_to_model_config(hf: dict[str, Any], source: str = "config.json") -
         n_layers=int(_require(hf, "num_hidden_layers", source)),
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        ffn_hidden=int(_require(hf, "intermediate_size", source)),
         max_seq_len=max_seq_len,
         rope_theta=_rope_theta(hf, source),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
-        attn_bias=attn_bias,
         init_std=float(hf.get("initializer_range", 0.02)),
+        attention=GQAConfig(qk_norm=arch == "Qwen3ForCausalLM", qkv_bias=attn_bias),
+        ffn=SwiGLUConfig(hidden=int(_require(hf, "intermediate_size", source))),
     )
 
 
 def export_architecture(cfg: ModelConfig) -> str:
     """The HF architecture that represents ``cfg`` exactly, or a ``UserError`` if none does."""
-    if cfg.qk_norm and cfg.attn_bias:
+    attn, ffn = cfg.attention, cfg.ffn
+    if not isinstance(attn, GQAConfig) or not isinstance(ffn, SwiGLUConfig):
         raise UserError(
-            "cannot export model.qk_norm together with model.attn_bias: no Hugging Face architecture has "
-            "qk-norm with bias on q/k/v only (Llama has no qk-norm; Qwen3 biases o_proj too)"
+            f"cannot export model.attention.kind={attn.kind} / model.ffn.kind={ffn.kind} in Hugging Face "
+            "Llama/Qwen format: only dense GQA attention with a SwiGLU FFN is supported"
         )
-    if cfg.qk_norm:
+    if attn.qk_norm and attn.qkv_bias:
+        raise UserError(
+            "cannot export model.attention.qk_norm together with model.attention.qkv_bias: no Hugging Face "
+            "architecture has qk-norm with bias on q/k/v only (Llama has no qk-norm; Qwen3 biases o_proj too)"
+        )
+    if attn.qk_norm:
         return "Qwen3ForCausalLM"
-    return "Qwen2ForCausalLM" if cfg.attn_bias else "LlamaForCausalLM"
+    return "Qwen2ForCausalLM" if attn.qkv_bias else "LlamaForCausalLM"
 
 
 def model_config_to_hf_config(
@@ -204,7 +210,7 @@ def model_config_to_hf_config(
     pad_token_id: int | None = None,
     dtype: str = "float32",
 ) -> dict[str, Any]:
-    """The ``config.json`` dict for ``cfg``: Llama, Qwen2 when ``attn_bias``, Qwen3 when ``qk_norm``."""
+    """The ``config.json`` dict for ``cfg``: Llama, Qwen2 with q/k/v bias, Qwen3 with qk-norm."""
     arch = export_architecture(cfg)
     model_type = {v: k for k, v in _MODEL_TYPES.items()}[arch]
     out: dict[str, Any] = {

@@ -19,6 +19,3 @@ SIZES: dict[str, dict] = {
     "xl": dict(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=8),
 }
 
-
-def size_names() -> list[str]:
-    return list(SIZES)

@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmlab import __version__
-from lmlab.config import ModelConfig
-from lmlab.errors import CheckpointError
+from lmlab.config import ModelConfig, model_config_diff
+from lmlab.errors import CheckpointError, ConfigError
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -191,27 +191,13 @@ def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: corrupted (checksum mismatch); earlier checkpoints may still be intact")
     if model_cfg is not None:
-        theirs = meta.get("model_config", {})
-        ours = asdict(model_cfg)
-        diffs = [
-            f"{k}: checkpoint {theirs.get(k)!r} vs run {ours[k]!r}" for k in _ARCH_KEYS if theirs.get(k) != ours[k]
-        ]
+        try:
+            diffs = model_config_diff(meta.get("model_config", {}), model_cfg)
+        except ConfigError as err:
+            raise CheckpointError(f"{ckpt / META_FILE}: unreadable model config ({err})") from None
         if diffs:
             raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(diffs)})")
     return meta
-
-
-_ARCH_KEYS = (
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "ffn_hidden",
-    "tie_embeddings",
-    "qk_norm",
-    "attn_bias",
-)
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> dict[str, Any]:

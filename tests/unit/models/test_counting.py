@@ -11,7 +11,9 @@ from lmlab.models.counting import count_params, flops_per_token, main, markdown_
 from lmlab.models.decoder import Decoder
 from lmlab.models.sizes import SIZES
 
-BASE = ModelConfig(vocab_size=101, d_model=48, n_layers=3, n_heads=4, ffn_multiple_of=16)
+from helpers import model_cfg
+
+BASE = model_cfg(vocab_size=101, d_model=48, n_layers=3, n_heads=4, ffn_multiple_of=16)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +28,7 @@ BASE = ModelConfig(vocab_size=101, d_model=48, n_layers=3, n_heads=4, ffn_multip
     ],
 )
 def test_count_params_matches_the_built_model(overrides):
-    cfg = replace(BASE, **overrides)
+    cfg = model_cfg(BASE, **overrides)
     model = Decoder(cfg)
     counts = count_params(cfg)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -37,7 +39,7 @@ def test_count_params_matches_the_built_model(overrides):
 
 def test_count_params_hand_formula():
     # d=48, H=4 (head 12), H_kv=2, ffn = 16·ceil(128/16) = 128, V=101, L=3, untied, bias, qk-norm
-    cfg = replace(BASE, n_kv_heads=2, tie_embeddings=False, attn_bias=True, qk_norm=True)
+    cfg = model_cfg(BASE, n_kv_heads=2, tie_embeddings=False, attn_bias=True, qk_norm=True)
     attn = 48 * 48 + 2 * 48 * 24 + 48 * 48  # q, k, v, o weights = 6912
     bias = 48 + 2 * 24
     mlp = 3 * 48 * 128  # 18432
@@ -50,7 +52,7 @@ def test_count_params_hand_formula():
 
 
 def test_flops_per_token_hand_formula():
-    cfg = replace(BASE, n_kv_heads=2, attn_bias=True)  # biases and norms are not matmul FLOPs
+    cfg = model_cfg(BASE, n_kv_heads=2, attn_bias=True)  # biases and norms are not matmul FLOPs
     matmul_per_layer = 48 * 48 + 2 * 48 * 24 + 48 * 48 + 3 * 48 * 128
     forward = 2 * 3 * matmul_per_layer + 2 * 3 * 64 * 48 + 2 * 48 * 101
     assert flops_per_token(cfg, seq_len=64) == {"forward": forward, "training": 3 * forward}

@@ -9,16 +9,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.models.decoder import Decoder
 
-TINY = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, ffn_multiple_of=16)
+from helpers import model_cfg
+
+TINY = model_cfg(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, ffn_multiple_of=16)
 
 
 def make(seed: int = 0, **overrides) -> Decoder:
     torch.manual_seed(seed)
-    return Decoder(replace(TINY, **overrides)).eval()
+    return Decoder(model_cfg(TINY, **overrides)).eval()
 
 
 def ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
@@ -62,7 +63,7 @@ def test_vocab_size_zero_is_a_config_error():
 
 def test_init_statistics():
     torch.manual_seed(0)
-    cfg = replace(TINY, d_model=256, n_layers=8, tie_embeddings=False, attn_bias=True, init_std=0.02)
+    cfg = model_cfg(TINY, d_model=256, n_layers=8, tie_embeddings=False, attn_bias=True, init_std=0.02)
     model = Decoder(cfg)
     assert abs(model.layers[0].attn.q_proj.weight.std().item() - 0.02) < 1e-3
     assert abs(model.lm_head.weight.std().item() - 0.02) < 1e-3

@@ -8,11 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
 from lmlab.models.decoder import Decoder
 from lmlab.models.generation import generate, sample_next, top_k_filter, top_p_filter
 
-CFG = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64, ffn_multiple_of=16)
+from helpers import model_cfg
+
+CFG = model_cfg(vocab_size=61, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64, ffn_multiple_of=16)
 INF = float("-inf")
 
 

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmlab.cli import main as cli_main  # noqa: E402
-from lmlab.config import ModelConfig, RunConfig, TokenizerConfig, load_config, save_config  # noqa: E402
+from lmlab.config import RunConfig, TokenizerConfig, load_config, save_config  # noqa: E402
 from lmlab.data.tokenizer import TextTokenizer  # noqa: E402
 from lmlab.errors import CheckpointError, UserError  # noqa: E402
 from lmlab.models import hf  # noqa: E402
@@ -22,6 +22,8 @@ from lmlab.models.decoder import Decoder  # noqa: E402
 from lmlab.models.generation import generate  # noqa: E402
 from lmlab.models.hf_commands import export_main, import_main  # noqa: E402
 from lmlab.train.checkpoint import load_model, save_checkpoint  # noqa: E402
+
+from helpers import model_cfg  # noqa: E402
 
 VOCAB = 320
 COMMON = dict(
@@ -138,7 +140,7 @@ def test_sharded_checkpoint_loads(tmp_path, tokenizer_file):
 
 def test_export_of_an_lmlab_run_with_chat_template(tmp_path, tokenizer_file):
     cfg = RunConfig(
-        model=ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16),
+        model=model_cfg(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_multiple_of=16),
         tokenizer=TokenizerConfig(path=str(tokenizer_file)),
     )
     torch.manual_seed(0)
@@ -161,12 +163,12 @@ def test_export_of_an_lmlab_run_with_chat_template(tmp_path, tokenizer_file):
 
 
 def test_export_bf16_and_qk_norm_with_bias_refused(tmp_path, tokenizer_file):
-    base = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4, ffn_multiple_of=16)
+    base = model_cfg(vocab_size=VOCAB, d_model=64, n_layers=1, n_heads=4, ffn_multiple_of=16)
     assert hf.export_architecture(base) == "LlamaForCausalLM"
-    assert hf.export_architecture(replace(base, attn_bias=True)) == "Qwen2ForCausalLM"
-    assert hf.export_architecture(replace(base, qk_norm=True)) == "Qwen3ForCausalLM"
-    with pytest.raises(UserError, match="qk_norm together with model.attn_bias"):
-        hf.model_config_to_hf_config(replace(base, qk_norm=True, attn_bias=True))
+    assert hf.export_architecture(model_cfg(base, attn_bias=True)) == "Qwen2ForCausalLM"
+    assert hf.export_architecture(model_cfg(base, qk_norm=True)) == "Qwen3ForCausalLM"
+    with pytest.raises(UserError, match="qk_norm together with model.attention.qkv_bias"):
+        hf.model_config_to_hf_config(model_cfg(base, qk_norm=True, attn_bias=True))
     cfg = RunConfig(model=base, tokenizer=TokenizerConfig(path=str(tokenizer_file)))
     run = tmp_path / "run"
     torch.manual_seed(0)
@@ -181,9 +183,9 @@ def test_export_bf16_and_qk_norm_with_bias_refused(tmp_path, tokenizer_file):
 def test_config_mapping_details():
     mistral = hf.hf_config_to_model_config(FAMILIES["mistral"]().to_dict() | {"architectures": ["MistralForCausalLM"]})
     assert mistral.max_seq_len == 64  # capped at the sliding window
-    assert (mistral.n_kv_heads, mistral.ffn_hidden, mistral.norm_eps) == (2, 176, 1e-6)
+    assert (mistral.n_kv_heads, mistral.ffn.hidden, mistral.norm_eps) == (2, 176, 1e-6)
     qwen2 = hf.hf_config_to_model_config(FAMILIES["qwen2"]().to_dict())  # found by model_type
-    assert qwen2.attn_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and not qwen2.qk_norm
+    assert qwen2.attention.qkv_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and not qwen2.attention.qk_norm
     legacy = {"architectures": ["LlamaForCausalLM"], **COMMON, "rope_theta": 123.0, "rope_scaling": None}
     assert hf.hf_config_to_model_config(legacy).rope_theta == 123.0  # transformers 4 layout
 
@@ -223,7 +225,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
 
 def test_name_mapping_is_a_bijection():
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, qk_norm=True, attn_bias=True)
+    cfg = model_cfg(vocab_size=50, d_model=32, n_layers=2, n_heads=2, qk_norm=True, attn_bias=True)
     names = list(Decoder(replace(cfg, tie_embeddings=False)).state_dict())
     hf_names = [hf.lmlab_to_hf_name(n) for n in names]
     assert len(set(hf_names)) == len(names)

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
 from lmlab.models.attention import KVCache, attention_mask
 from lmlab.models.decoder import document_positions
 from lmlab.models.mlp import ffn_hidden_size
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import RotaryEmbedding, apply_rotary, rotate_half
+
+from helpers import model_cfg
 
 
 def test_rmsnorm_hand_example():
@@ -75,9 +76,9 @@ def test_rope_cache_extends_beyond_max_seq_len():
 
 
 def test_ffn_hidden_default_and_override():
-    assert ffn_hidden_size(ModelConfig(d_model=256, ffn_multiple_of=64)) == 704  # 682.7 -> 704
-    assert ffn_hidden_size(ModelConfig(d_model=96, ffn_multiple_of=1)) == 256
-    assert ffn_hidden_size(ModelConfig(d_model=256, ffn_hidden=100)) == 100
+    assert ffn_hidden_size(model_cfg(d_model=256, ffn_multiple_of=64)) == 704  # 682.7 -> 704
+    assert ffn_hidden_size(model_cfg(d_model=96, ffn_multiple_of=1)) == 256
+    assert ffn_hidden_size(model_cfg(d_model=256, ffn_hidden=100)) == 100
 
 
 def test_document_positions_restart_per_document():

@@ -1,0 +1,64 @@
+"""The contract of a model component slot (attention, FFN): a typed config that builds, counts and checks
+its module.
+
+A slot's variants are small dataclasses, one per kind, registered in ``lmlab.config`` (``ATTENTION_KINDS``,
+``FFN_KINDS``) and chosen in YAML by ``kind`` (``model.ffn: {kind: swiglu, hidden: 1024}``). Each variant
+knows how to build its module for one layer, how many parameters and forward FLOPs per token that module has,
+and which settings are impossible; the decoder, the counters and the checkpoint checks ask the variant
+instead of knowing every kind. Modules built this way initialise their own weights (``init_weights``).
+
+This module imports nothing from lmlab, so component modules can depend on it without a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lmlab.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ComponentCount:
+    """One layer's share of a component: its parameters and its forward FLOPs per token.
+
+    ``matmul_params`` are the weights every token multiplies (for a sparse component, only the active
+    ones), costing 2 FLOPs each per token; ``context_flops`` are the FLOPs per token that grow with the
+    context (attention scores and the weighted sum), already multiplied out for the given context length.
+    """
+
+    params: int
+    matmul_params: int
+    context_flops: int = 0
+
+    @property
+    def forward_flops(self) -> int:
+        return 2 * self.matmul_params + self.context_flops
+
+
+@runtime_checkable
+class ComponentConfig(Protocol):
+    """What every variant of a slot provides (see the module docstring)."""
+
+    kind: str
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        """Raise ``ConfigError`` naming ``key`` (e.g. ``model.ffn``) for an impossible setting."""
+        ...
+
+    def build(self, model: ModelConfig, layer: int) -> nn.Module:
+        """The module of layer ``layer`` (0-based), with freshly initialised weights."""
+        ...
+
+    def count(self, model: ModelConfig, seq_len: int) -> ComponentCount:
+        """Parameters and forward FLOPs per token of one layer's module at context ``seq_len``."""
+        ...
+
+
+def residual_std(model: ModelConfig) -> float:
+    """Init std of projections that write into the residual stream: ``init_std / sqrt(2·n_layers)``
+    (GPT-2, Radford et al. 2019: two residual writes per block keep the stream's variance bounded)."""
+    return model.init_std / (2 * model.n_layers) ** 0.5
