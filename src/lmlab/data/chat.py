@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmlab.data.textio import iter_lines, read_text
 from lmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -38,7 +39,7 @@ BUILTIN_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-"""lmlab's chat layout (identical to ``lmlab.models.hf_commands.CHAT_TEMPLATE``, so exported models
+"""lmlab's chat layout (identical to ``lmlab.recipes.hf_commands.CHAT_TEMPLATE``, so exported models
 render the same text under ``transformers``' ``apply_chat_template``)."""
 
 Message = dict[str, str]
@@ -101,7 +102,7 @@ def tokenizer_chat_template(tokenizer) -> str | None:
     if not config.is_file():
         return None
     try:
-        template = json.loads(config.read_text()).get("chat_template")
+        template = json.loads(read_text(config)).get("chat_template")
     except json.JSONDecodeError as err:
         raise DataError(f"{config}: not valid JSON ({err})") from None
     if isinstance(template, list):  # HF allows named templates: [{"name": "default", "template": ...}]
@@ -122,7 +123,7 @@ def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> C
         if "{{" in template or "{%" in template:
             chosen = ChatTemplate(template, "inline")
         elif Path(template).is_file():
-            chosen = ChatTemplate(Path(template).read_text(), template)
+            chosen = ChatTemplate(read_text(template), template)
         else:
             raise DataError(f"chat template {template!r} is not 'builtin', an existing Jinja file or Jinja text")
     else:
@@ -307,16 +308,15 @@ def read_records(path: str | Path) -> list[SFTRecord]:
     if not p.is_file():
         raise DataError(f"SFT data file not found: {p}")
     records = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            records.append(parse_record(obj, where))
+    for lineno, line in iter_lines(p):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        records.append(parse_record(obj, where))
     if not records:
         raise DataError(f"{p}: no records")
     return records

@@ -1,8 +1,8 @@
 """``lmlab tokenizer ...`` and ``lmlab data ...``: command-line front ends of the data modules.
 
 * ``lmlab tokenizer train (FILES... | --world NAME --n-docs N --seed S) --vocab-size V --out DIR``
-* ``lmlab data prepare FILES... --tokenizer PATH --out DIR [--text-field F] [--val-fraction X]
-  [--workers N] [--shard-tokens N] [--seed S]``
+* ``lmlab data prepare FILES... --tokenizer PATH --out DIR [--overwrite] [--text-field F]
+  [--val-fraction X] [--workers N] [--shard-tokens N] [--seed S]``
 * ``lmlab data synth --world NAME --n-docs N --seed S --out FILE.jsonl``
 """
 
@@ -37,14 +37,23 @@ def tokenizer_main(argv: list[str]) -> int:
         parser.error("give either FILES or --world NAME (not both)")
     if args.n_docs <= 0:
         parser.error("--n-docs must be > 0")
+    out = Path(args.out)
+    _check_out_dir(out)
     if args.world:
         texts = get_world(args.world).documents(args.seed, args.n_docs)
     else:
         texts = (d.text for d in itertools.islice(read_documents(args.files, args.text_field), args.n_docs))
     tok = TextTokenizer.train_bpe(texts, args.vocab_size, args.min_frequency)
-    path = tok.save(Path(args.out) / "tokenizer.json")
+    path = tok.save(out / "tokenizer.json")
     print(f"wrote {path} (vocab {tok.vocab_size}, hash {tok.hash[:8]})")
     return 0
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse, before training, an ``--out`` that is a file or lies under one."""
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"--out {out}: {blocking} is a file, not a directory; give a directory to hold tokenizer.json")
 
 
 def data_main(argv: list[str]) -> int:
@@ -54,6 +63,7 @@ def data_main(argv: list[str]) -> int:
     prep.add_argument("files", nargs="+", help=".txt/.jsonl/.parquet files or directories")
     prep.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--overwrite", action="store_true", help="replace --out if it already holds prepared data")
     prep.add_argument("--text-field", default="text")
     prep.add_argument("--val-fraction", type=float, default=0.01)
     prep.add_argument("--workers", type=int, default=1)
@@ -83,6 +93,7 @@ def _prepare(args: argparse.Namespace) -> int:
         shard_tokens=args.shard_tokens,
         num_workers=args.workers,
         source_hashes={str(f): file_sha256(f) for f in files},
+        if_exists="replace" if args.overwrite else "refuse",
     )
     print(f"prepared {args.out} (tokenizer {tok.hash[:8]}, vocab {tok.vocab_size}, {manifest['dtype']})")
     for split, info in manifest["splits"].items():

@@ -15,12 +15,19 @@ import dataclasses
 import itertools
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmlab.config import RunConfig
+from lmlab.data import tempdirs
+from lmlab.data.cache import cache_key, cache_root, prepare_files, prepare_synthetic, world_documents
+from lmlab.data.prepare import expand_paths, read_documents
+from lmlab.data.sampler import WindowSampler
+from lmlab.data.shards import TokenShards
+from lmlab.data.synthetic import get_world
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
@@ -48,11 +55,7 @@ def source_config(cfg: RunConfig, index: int, tokenizer_path: str | None) -> Run
     return dataclasses.replace(cfg, data=data, tokenizer=tok)
 
 
-def _source_documents(cfg: RunConfig, index: int, n: int):
-    from lmlab.data.pipeline import world_documents
-    from lmlab.data.prepare import expand_paths, read_documents
-    from lmlab.data.synthetic import get_world
-
+def _source_documents(cfg: RunConfig, index: int, n: int) -> Iterator[str]:
     src = cfg.data.mixture[index]
     if src.synthetic is not None:
         s = src.synthetic
@@ -63,8 +66,6 @@ def _source_documents(cfg: RunConfig, index: int, n: int):
 
 def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
     """The mixture's tokenizer: ``tokenizer.path``, or a BPE trained on an equal share of every source (cached)."""
-    from lmlab.data.pipeline import cache_key, cache_root
-
     t = cfg.tokenizer
     if t.path:
         return TextTokenizer.load(t.path), Path(t.path)
@@ -84,7 +85,9 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
     per_source = max(1, t.train_docs // len(cfg.data.mixture))
     texts = itertools.chain.from_iterable(_source_documents(cfg, i, per_source) for i in range(len(cfg.data.mixture)))
     tok = TextTokenizer.train_bpe(texts, t.vocab_size, t.min_frequency)
-    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tempdirs.remove_stale(entry.parent)
+    tmp = tempdirs.work_dir(entry)
     tok.save(tmp / "tokenizer.json")
     try:
         os.rename(tmp, entry)  # atomic publish; a concurrent writer may have published first
@@ -95,13 +98,11 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
 
 def prepare_mixture_data(cfg: RunConfig) -> tuple[dict[str, Path], TextTokenizer]:
     """Prepared (cached) shards of every source, in config order, with the shared tokenizer."""
-    from lmlab.data.pipeline import _prepare_files, _prepare_synthetic
-
     tok, tok_path = shared_tokenizer(cfg)
     dirs: dict[str, Path] = {}
     for i, src in enumerate(cfg.data.mixture):
         sub = source_config(cfg, i, str(tok_path))
-        data_dir, _ = _prepare_synthetic(sub) if src.synthetic is not None else _prepare_files(sub)
+        data_dir, _ = prepare_synthetic(sub) if src.synthetic is not None else prepare_files(sub)
         dirs[src.name] = data_dir
     return dirs, tok
 
@@ -176,9 +177,6 @@ class MixtureBatches:
 
 def build_mixture(cfg: RunConfig, dirs: dict[str, Path], *, seed: int, rank: int = 0, world_size: int = 1):
     """``(MixtureBatches, validation splits by source, ratios by source)`` for a prepared mixture."""
-    from lmlab.data.sampler import WindowSampler
-    from lmlab.data.shards import TokenShards
-
     t = cfg.train
     ratios = dict(zip(dirs, mixture_ratios([m.weight for m in cfg.data.mixture], cfg.data.mixture_temperature)))
     samplers = {

@@ -173,7 +173,9 @@ class RowBatches:
 
     Epoch e visits the rows in ``randperm(len(rows))`` of a generator seeded ``seed + e``; a batch may
     span two epochs. ``extras`` maps batch keys to per-row tensors [N_rows, ...] (e.g. a teacher's
-    cached top-k log-probs, padded to ``pad_to``) that are gathered for the served rows.
+    cached top-k log-probs, padded to ``pad_to``) that are gathered for the served rows. With several
+    ranks, each global micro-batch of ``batch_size · world_size`` rows is drawn in the same order as
+    one process would and rank r keeps the r-th contiguous slice.
     """
 
     def __init__(
@@ -185,6 +187,8 @@ class RowBatches:
         pad_to: int | None = None,
         with_docs: bool = True,
         extras: dict[str, torch.Tensor] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if not rows:
             raise ValueError("RowBatches needs at least one row")
@@ -194,6 +198,8 @@ class RowBatches:
         self.pad_to = pad_to
         self.with_docs = with_docs
         self.extras = extras or {}
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.cursor = 0
         self._order = self._permutation(0)
@@ -214,7 +220,7 @@ class RowBatches:
         return picked
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        idx = self.next_indices(batch_size)
+        idx = self.next_indices(batch_size * self.world_size)[self.rank * batch_size : (self.rank + 1) * batch_size]
         batch = collate([self.rows[i] for i in idx], self.pad_id, self.pad_to, self.with_docs)
         for key, table in self.extras.items():
             batch[key] = table[idx, : batch["input_ids"].shape[1]]

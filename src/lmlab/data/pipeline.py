@@ -1,75 +1,47 @@
 """From a run's config to a prepared data directory and its tokenizer.
 
-``prepare_run_data`` handles the three ``data.source`` kinds:
+``prepare_run_data`` handles the four ``data.source`` kinds:
 
 * ``synthetic``: documents from a registered world (``lmlab.data.synthetic``);
 * ``files``: local ``.txt``/``.jsonl``/``.parquet`` files;
-* ``prepared``: a directory written by ``lmlab data prepare``, used as is.
+* ``prepared``: a directory written by ``lmlab data prepare``, used as is;
+* ``mixture``: several of the first two with one shared tokenizer (``lmlab.data.mixture``).
 
-For the first two the tokenizer is loaded (``tokenizer.path``) or trained on the first
-``tokenizer.train_docs`` documents, and the shards are cached under ``$LMLAB_CACHE`` (default
-``~/.cache/lmlab``) in ``data/<name>-<key>``, where the key hashes everything the shards depend on
-(world or file hashes, seeds, tokenizer settings or hash, split, format version). The cache entry is
-published by an atomic rename (``prepare_shards``), so an interrupted preparation leaves no entry
-that a later run could pick up, and a second run with the same settings reuses the first's shards.
+Synthetic and file sources are prepared once and cached (``lmlab.data.cache``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import os
 import shutil
 from pathlib import Path
 
 from lmlab.config import RunConfig
-from lmlab.data.prepare import (
-    FORMAT_VERSION,
-    MANIFEST,
-    Document,
-    expand_paths,
-    file_sha256,
-    prepare_shards,
-    read_documents,
-)
+from lmlab.data.cache import prepare_files, prepare_synthetic
+from lmlab.data.mixture import prepare_mixture_data
 from lmlab.data.shards import check_tokenizer, load_manifest
-from lmlab.data.synthetic import get_world
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
 
-def cache_root() -> Path:
-    """``$LMLAB_CACHE`` or ``~/.cache/lmlab``."""
-    env = os.environ.get("LMLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lmlab"
-
-
-def cache_key(parts: dict) -> str:
-    """SHA-256 of the canonical JSON of ``parts`` (with the shard format version)."""
-    blob = json.dumps({**parts, "format_version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def prepare_run_data(cfg: RunConfig, run_dir: str | Path) -> tuple[Path, TextTokenizer]:
-    """Make sure the run's shards exist; return their directory and the tokenizer, copied into ``run_dir``."""
+def prepare_run_data(cfg: RunConfig, run_dir: str | Path | None = None) -> tuple[Path, TextTokenizer]:
+    """Make sure the run's shards exist; return their directory and the tokenizer (also copied into ``run_dir``
+    when one is given)."""
     d = cfg.data
     if d.source == "prepared":
         data_dir, tok = _open_prepared(cfg)
     elif d.source == "synthetic":
-        data_dir, tok = _prepare_synthetic(cfg)
+        data_dir, tok = prepare_synthetic(cfg)
     elif d.source == "files":
-        data_dir, tok = _prepare_files(cfg)
+        data_dir, tok = prepare_files(cfg)
     elif d.source == "mixture":
-        from lmlab.data.mixture import prepare_mixture_data
-
         dirs, tok = prepare_mixture_data(cfg)
         data_dir = next(iter(dirs.values()))
-    else:  # the config loader only allows the three kinds above
+    else:  # the config loader only allows the kinds above
         raise DataError(f"unknown data.source {d.source!r}")
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(data_dir / "tokenizer.json", run / "tokenizer.json")
+    if run_dir is not None:
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_dir / "tokenizer.json", run / "tokenizer.json")
     return data_dir, tok
 
 
@@ -79,114 +51,3 @@ def _open_prepared(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
     tok = TextTokenizer.load(cfg.tokenizer.path or data_dir / "tokenizer.json")
     check_tokenizer(manifest, tok, data_dir)
     return data_dir, tok
-
-
-def _tokenizer_settings(cfg: RunConfig) -> tuple[dict, TextTokenizer | None]:
-    """The tokenizer's part of the cache key, and the tokenizer itself when it is loaded from a path."""
-    t = cfg.tokenizer
-    if t.path:
-        tok = TextTokenizer.load(t.path)
-        return {"tokenizer_hash": tok.hash}, tok
-    return {"vocab_size": t.vocab_size, "min_frequency": t.min_frequency, "train_docs": t.train_docs}, None
-
-
-def _cached(entry: Path, given: TextTokenizer | None) -> tuple[Path, TextTokenizer] | None:
-    """A finished cache entry and its tokenizer, or None when the entry does not exist yet.
-
-    Entries are published whole by a rename, so a directory without a manifest is not ours to
-    trust (e.g. a copy interrupted by hand): it is removed and prepared again."""
-    if not (entry / MANIFEST).is_file():
-        if entry.exists():
-            shutil.rmtree(entry)
-        return None
-    manifest = load_manifest(entry)
-    tok = given or TextTokenizer.load(entry / "tokenizer.json")
-    check_tokenizer(manifest, tok, entry)
-    return entry, tok
-
-
-def _prepare_synthetic(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
-    d, s = cfg.data, cfg.data.synthetic
-    world = get_world(s.world)
-    tok_key, tok = _tokenizer_settings(cfg)
-    key = cache_key(
-        {
-            "source": "synthetic",
-            "world": world.name,
-            "world_version": getattr(world, "version", 0),  # a world bumps it when its text changes
-            "n_docs": s.n_docs,
-            "world_seed": s.seed,
-            **({"subset": s.subset} if s.subset else {}),
-            "split_seed": d.seed,
-            "val_fraction": d.val_fraction,
-            "tokenizer": tok_key,
-        }
-    )
-    label = f"{world.name}-{s.subset}" if s.subset else world.name
-    entry = cache_root() / "data" / f"{label}-{key[:16]}"
-    hit = _cached(entry, tok)
-    if hit:
-        return hit
-    if tok is None:
-        n_train = min(cfg.tokenizer.train_docs, s.n_docs)
-        tok = TextTokenizer.train_bpe(
-            world_documents(world, s.seed, n_train, s.subset), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
-        )
-    source = f"synthetic:{label}"
-    docs = (Document(text, source, i) for i, text in enumerate(world_documents(world, s.seed, s.n_docs, s.subset)))
-    prepare_shards(
-        docs,
-        tok,
-        entry,
-        val_fraction=d.val_fraction,
-        seed=d.seed,
-        num_workers=d.num_workers,
-        source_hashes={source: None},
-        overwrite=False,
-        extra={"synthetic": {"world": world.name, "n_docs": s.n_docs, "seed": s.seed}},
-    )
-    return _cached(entry, None if cfg.tokenizer.path is None else tok) or (entry, tok)
-
-
-def world_documents(world, seed: int, n_docs: int | None, subset: str | None = None):
-    """A world's documents, or those of one of its subsets (``documents_for``) when ``subset`` is set."""
-    if subset is None:
-        return world.documents(seed, n_docs)
-    if not hasattr(world, "documents_for"):
-        raise DataError(f"world {world.name!r} has no subsets; remove data.synthetic.subset={subset!r}")
-    return world.documents_for(subset, seed, n_docs)
-
-
-def _prepare_files(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
-    d = cfg.data
-    files = expand_paths(d.files)
-    hashes = {str(f): file_sha256(f) for f in files}
-    tok_key, tok = _tokenizer_settings(cfg)
-    key = cache_key(
-        {
-            "source": "files",
-            "files": sorted(hashes.items()),
-            "text_field": d.text_field,
-            "split_seed": d.seed,
-            "val_fraction": d.val_fraction,
-            "tokenizer": tok_key,
-        }
-    )
-    entry = cache_root() / "data" / f"files-{key[:16]}"
-    hit = _cached(entry, tok)
-    if hit:
-        return hit
-    if tok is None:
-        texts = (doc.text for doc in itertools.islice(read_documents(files, d.text_field), cfg.tokenizer.train_docs))
-        tok = TextTokenizer.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
-    prepare_shards(
-        read_documents(files, d.text_field),
-        tok,
-        entry,
-        val_fraction=d.val_fraction,
-        seed=d.seed,
-        num_workers=d.num_workers,
-        source_hashes=hashes,
-        overwrite=False,
-    )
-    return _cached(entry, None if cfg.tokenizer.path is None else tok) or (entry, tok)

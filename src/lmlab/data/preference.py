@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from lmlab.data import chat
+from lmlab.data.textio import lines_of_bytes
 from lmlab.errors import DataError
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -95,8 +97,6 @@ def _render_text(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, l
 
 
 def _render_messages(tokenizer, messages: list[dict], answer: str, template: str | None, where: str):
-    from lmlab.data import chat
-
     conversation = [*messages, {"role": "assistant", "content": answer}]
     # Only the final answer is the completion: assistant turns inside a multi-turn prompt are prompt.
     ids, mask = chat.render_conversation(
@@ -148,7 +148,7 @@ def load_preference_file(
         raise ValueError(f"identical_pairs must be 'skip' or 'error', got {identical_pairs!r}")
     raw = p.read_bytes()
     data = PreferenceData(path=p, pairs=[], sha256=hashlib.sha256(raw).hexdigest())
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, line in lines_of_bytes(raw, p):
         if not line.strip():
             continue
         data.lines += 1
@@ -222,16 +222,29 @@ class PreferenceBatches:
     """The loop's ``BatchSource`` over a ``PreferenceData``: shuffled epochs, deterministic and resumable.
 
     With ``reference`` (a [N, 2] tensor of the reference model's summed log-probs of each pair's chosen
-    and rejected completion) every batch carries ``ref_chosen_logps`` / ``ref_rejected_logps`` [B].
+    and rejected completion) every batch carries ``ref_chosen_logps`` / ``ref_rejected_logps`` [B]. With
+    several ranks, each global micro-batch of ``batch_size · world_size`` pairs is drawn in the order one
+    process would draw it and rank r keeps the r-th contiguous slice.
     """
 
-    def __init__(self, data: PreferenceData, pad_id: int, seed: int, reference: torch.Tensor | None = None):
+    def __init__(
+        self,
+        data: PreferenceData,
+        pad_id: int,
+        seed: int,
+        reference: torch.Tensor | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if reference is not None and reference.shape != (len(data), 2):
             raise ValueError(f"reference log-probs must be [{len(data)}, 2], got {list(reference.shape)}")
         self.data = data
         self.pad_id = pad_id
         self.seed = seed
         self.reference = reference
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.position = 0
         self._order = self._permutation(0)
@@ -242,14 +255,16 @@ class PreferenceBatches:
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         chosen: list[int] = []
-        while len(chosen) < batch_size:
+        wanted = batch_size * self.world_size
+        while len(chosen) < wanted:
             if self.position >= len(self._order):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._permutation(self.epoch)
-            take = self._order[self.position : self.position + batch_size - len(chosen)]
+            take = self._order[self.position : self.position + wanted - len(chosen)]
             chosen += take
             self.position += len(take)
+        chosen = chosen[self.rank * batch_size : (self.rank + 1) * batch_size]
         batch = collate_pairs([self.data.pairs[i] for i in chosen], self.pad_id, chosen)
         if self.reference is not None:
             ref = self.reference[batch["pair_index"]]

@@ -1,14 +1,17 @@
 """Tokenize documents into flat memmap shards with a manifest.
 
 Reading (``read_documents``) streams documents from ``.txt`` (one file = one document), ``.jsonl``
-(one JSON object per line) and ``.parquet`` files; every malformed input is a ``DataError`` naming
-the file (and line). Writing (``prepare_shards``) tokenizes in a process pool over chunks of
-documents (results are consumed in order, so the output is identical for any ``num_workers``),
+(one JSON object per line) and ``.parquet`` files; every malformed input, bytes that are not UTF-8
+included, is a ``DataError`` naming the file (and line). Writing (``prepare_shards``) tokenizes in a
+process pool over chunks of documents (results are consumed in order, so the output is identical for
+any ``num_workers``; a very long document is encoded in exact pieces, see ``lmlab.data.tokenizer``),
 appends EOS after every document, routes each document to ``train`` or ``val`` by a hash of
 ``(seed, document index)`` (stable when the corpus grows), and writes ``train_NNNN.bin`` /
 ``val_NNNN.bin`` (uint16 when the vocabulary fits, else uint32), ``tokenizer.json`` and
 ``manifest.json`` into a temporary directory that is renamed into place, so a half-written
-directory is never visible under the final name.
+directory is never visible under the final name; the temporary directories of killed runs are
+removed when the next preparation starts (``lmlab.data.tempdirs``). Each shard's entry records its
+SHA-256 and largest token id, which ``TokenShards.open`` checks.
 
 The manifest records the train split's unigram entropy H = -Σ_v p(v) log p(v) (nats/token), the
 loss of the best model that ignores context; a trained model's validation loss is compared to it.
@@ -22,13 +25,15 @@ import json
 import multiprocessing
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from lmlab.data import tempdirs
+from lmlab.data.textio import iter_lines, read_text
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
@@ -36,6 +41,7 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 64 * 2**20
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 MANIFEST = "manifest.json"
+IfExists = Literal["refuse", "replace", "keep"]
 
 
 @dataclass(frozen=True)
@@ -97,32 +103,28 @@ def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Ite
 
 
 def _read_txt(path: Path, text_field: str) -> Iterator[Document]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_text(path)
     if text.strip():
         yield Document(text, str(path))
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                keys = ", ".join(map(str, obj)) or "none"
-                raise DataError(f"{path}:{lineno}: no field {text_field!r} (keys present: {keys})")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
-            yield Document(text, str(path), lineno)
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if text_field not in obj:
+            keys = ", ".join(map(str, obj)) or "none"
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} (keys present: {keys})")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+        yield Document(text, str(path), lineno)
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -175,7 +177,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class _ShardWriter:
-    """Appends token arrays to ``{split}_{k:04d}.bin`` files of at most ``shard_tokens`` tokens."""
+    """Appends token arrays to ``{split}_{k:04d}.bin`` files of at most ``shard_tokens`` tokens, keeping
+    each shard's SHA-256 and largest token id for the manifest."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, vocab_size: int):
         self.dir, self.split, self.dtype, self.cap = directory, split, dtype, shard_tokens
@@ -183,6 +186,7 @@ class _ShardWriter:
         self.counts = np.zeros(vocab_size, dtype=np.int64)
         self.documents = 0
         self._fh = None
+        self._sha = hashlib.sha256()
         self._in_shard = 0
         self._pending: list[np.ndarray] = []  # tokens not yet in ``counts`` (counted in batches)
         self._pending_len = 0
@@ -203,22 +207,28 @@ class _ShardWriter:
             if self._fh is None or self._in_shard == self.cap:
                 self._open_next()
             take = min(self.cap - self._in_shard, len(tokens) - pos)
-            tokens[pos : pos + take].astype(self.dtype).tofile(self._fh)
+            piece = tokens[pos : pos + take].astype(self.dtype)
+            piece.tofile(self._fh)
+            self._sha.update(piece)
             self._in_shard += take
-            self.shards[-1]["tokens"] += take
+            shard = self.shards[-1]
+            shard["tokens"] += take
+            shard["max_token_id"] = max(shard["max_token_id"], int(piece.max()))
             pos += take
 
     def _open_next(self) -> None:
         self.close()
         name = f"{self.split}_{len(self.shards):04d}.bin"
         self._fh = open(self.dir / name, "wb")
+        self._sha = hashlib.sha256()
         self._in_shard = 0
-        self.shards.append({"file": name, "tokens": 0})
+        self.shards.append({"file": name, "tokens": 0, "sha256": "", "max_token_id": 0})
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            self.shards[-1]["sha256"] = self._sha.hexdigest()
 
     def summary(self) -> dict:
         self._count()
@@ -313,23 +323,26 @@ def prepare_shards(
     num_workers: int = 1,
     chunk_docs: int = 256,
     source_hashes: dict[str, str | None] | None = None,
-    overwrite: bool = True,
+    if_exists: IfExists = "refuse",
     extra: dict | None = None,
 ) -> dict:
     """Tokenize ``documents`` into ``out_dir`` and return the manifest (see the module docstring).
 
     ``source_hashes`` maps a document's ``source`` to the SHA-256 of its file (None for generated
-    text). With ``overwrite=False`` an existing prepared ``out_dir`` (one another process finished
-    first) is kept and its manifest returned. ``extra`` is stored in the manifest as is.
+    text). ``if_exists`` says what happens to an ``out_dir`` that already holds prepared data: a
+    ``DataError`` before any work (``refuse``), an atomic replacement (``replace``), or, for caches
+    where another process may finish the same entry first, the existing one is kept and its
+    manifest returned (``keep``). ``extra`` is stored in the manifest as is.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction} must be in [0, 1)")
     if shard_tokens <= 0:
         raise DataError(f"shard_tokens={shard_tokens} must be > 0")
     out = Path(out_dir)
-    _check_target(out)
+    _check_target(out, if_exists)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tempdirs.remove_stale(out.parent)
+    tmp = tempdirs.work_dir(out)
     tmp.mkdir()
     try:
         manifest = _write(
@@ -338,7 +351,7 @@ def prepare_shards(
         manifest.update(extra or {})
         tokenizer.save(tmp / "tokenizer.json")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        return _publish(tmp, out, overwrite) or manifest
+        return _publish(tmp, out, if_exists) or manifest
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -408,18 +421,36 @@ def _write(
     }
 
 
-def _check_target(out: Path) -> None:
-    if out.exists() and not (out / MANIFEST).is_file():
-        if not out.is_dir() or any(out.iterdir()):
-            raise DataError(f"refusing to write into {out}: it exists and is not a prepared data directory")
+def _already_prepared(out: Path) -> DataError:
+    return DataError(
+        f"refusing to replace {out}: it already holds prepared data ({MANIFEST}); "
+        "pass --overwrite to replace it, or choose another output directory"
+    )
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> dict | None:
+def _check_target(out: Path, if_exists: IfExists) -> None:
+    """Refuse, before any work, an output that is a file, a directory of other files, under a file, or
+    (``if_exists="refuse"``) already prepared."""
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"cannot create {out}: {blocking} is a file, not a directory")
+    if not out.exists():
+        return
+    if (out / MANIFEST).is_file():
+        if if_exists == "refuse":
+            raise _already_prepared(out)
+    elif not out.is_dir() or any(out.iterdir()):
+        raise DataError(f"refusing to write into {out}: it exists and is not a prepared data directory")
+
+
+def _publish(tmp: Path, out: Path, if_exists: IfExists) -> dict | None:
     """Rename ``tmp`` to ``out``. Returns the manifest kept instead when ``out`` was already prepared."""
     if out.is_dir() and (out / MANIFEST).is_file():
-        if not overwrite:
+        if if_exists == "keep":
             return json.loads((out / MANIFEST).read_text())
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if if_exists == "refuse":  # another process published it while we were writing
+            raise _already_prepared(out)
+        old = tempdirs.work_dir(out, "old")
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
@@ -429,7 +460,9 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> dict | None:
     try:
         os.rename(tmp, out)
     except OSError:
-        if (out / MANIFEST).is_file() and not overwrite:  # another process published first
-            return json.loads((out / MANIFEST).read_text())
-        raise
+        if not (out / MANIFEST).is_file():
+            raise
+        if if_exists == "refuse":  # another process published first
+            raise _already_prepared(out) from None
+        return _publish(tmp, out, if_exists)
     return None

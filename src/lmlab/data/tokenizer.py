@@ -2,15 +2,25 @@
 
 We train byte-level BPE (byte-level pre-tokenizer and decoder, so every string round-trips:
 ``decode(encode(x)) == x``) or load any local ``tokenizer.json`` (e.g. a Llama or GPT-2 one).
-Encoding never adds BOS/EOS: the data pipeline places them explicitly, so what a model sees is
+Encoding never adds BOS/EOS, pads or truncates (a file's padding and truncation settings are turned
+off): the data pipeline places markers and cuts sequences explicitly, so what a model sees is
 decided in one place. ``hash`` identifies a tokenizer by the SHA-256 of its canonical JSON and is
 stored in every shard manifest, so shards can never be read with the wrong vocabulary.
+
+Texts longer than ``LONG_TEXT_CHARS`` are encoded in pieces cut at whitespace (``split_long_text``)
+when the tokenizer is *whitespace-separable*: no normalizer, the GPT-2 byte-level pre-tokenizer
+without ``add_prefix_space`` (its regex never puts a non-space and a following space in one
+pre-token, and BPE never merges across pre-tokens), no truncation or padding, and no added token
+that holds or strips whitespace. The ids are then exactly those of the whole text, while the Rust
+tokenizer's time and memory, which grow faster than linearly on one giant string, stay linear.
+Other tokenizers encode the whole text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,6 +38,46 @@ SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *CHAT_TOKENS, *REFUSAL_TOKENS,
 BOS_NAMES = (BOS, "<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>", "<|im_start|>", "<|endoftext|>")
 EOS_NAMES = (EOS, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>", "<|im_end|>")
 PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+
+LONG_TEXT_CHARS = 64 * 1024
+_PIECES_PER_CALL = 64
+# A cut: before a space, tab or line break that follows a non-space (Python's \S excludes every
+# character the tokenizer's regex calls whitespace, so no pre-token can span the cut).
+_CUT = re.compile(r"(?<=\S)(?=[ \t\r\n])")
+
+
+def split_long_text(text: str, max_chars: int = LONG_TEXT_CHARS) -> list[str]:
+    """``text`` cut into pieces of at most ``max_chars`` characters where it can be (see ``_CUT``);
+    a stretch without a cut point stays whole. ``"".join(pieces) == text``."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _CUT.search(text, start + max_chars // 2 + 1, start + max_chars)
+        cut = cut or _CUT.search(text, start + max_chars)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def whitespace_separable(tokenizer: Tokenizer) -> bool:
+    """True when encoding the pieces of ``split_long_text`` gives the ids of the whole text (module docstring)."""
+    spec = json.loads(tokenizer.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    plain_added = all(
+        not any(ch.isspace() for ch in t["content"]) and not t.get("lstrip") and not t.get("rstrip")
+        for t in spec.get("added_tokens") or []
+    )
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)  # it would put a space before a piece that starts with "\n"
+        and spec.get("truncation") is None
+        and spec.get("padding") is None
+        and plain_added
+    )
 
 
 class TextTokenizer:
@@ -47,12 +97,16 @@ class TextTokenizer:
         pad: str | None = None,
         source: str = "<memory>",
     ):
+        # A tokenizer.json saved with padding or truncation on would pad or cut every document we encode.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self._tok = tokenizer
         self.source = source
         self.bos_id = self._find(bos, BOS_NAMES, "bos", required=False)
         self.eos_id = self._find(eos, EOS_NAMES, "eos")
         self.pad_id = self._find(pad, PAD_NAMES, "pad", required=False)
         self._hash: str | None = None
+        self._separable: bool | None = None
 
     def _find(self, explicit: str | None, names: Sequence[str], role: str, required: bool = True) -> int | None:
         if explicit is not None:
@@ -132,10 +186,42 @@ class TextTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            return self.encode_batch([text])[0]
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], max_chars: int | None = None) -> list[list[int]]:
+        """Ids of each text; texts longer than ``max_chars`` (default ``LONG_TEXT_CHARS``) are encoded in
+        pieces when that is exact."""
+        texts = list(texts)
+        max_chars = max_chars or LONG_TEXT_CHARS
+        if not self.separable or all(len(t) <= max_chars for t in texts):
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        short = [i for i, t in enumerate(texts) if len(t) <= max_chars]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, e in zip(short, self._tok.encode_batch([texts[i] for i in short], add_special_tokens=False)):
+            out[i] = e.ids
+        for i, text in enumerate(texts):
+            if len(text) > max_chars:
+                out[i] = self._encode_long(text, max_chars)
+        return out
+
+    def _encode_long(self, text: str, max_chars: int) -> list[int]:
+        """Ids of one long text from its pieces, a few at a time (the ``Encoding`` objects of a whole
+        document's pieces, with their offsets and token strings, would take several times its ids' memory)."""
+        pieces = split_long_text(text, max_chars)
+        ids: list[int] = []
+        for k in range(0, len(pieces), _PIECES_PER_CALL):
+            for e in self._tok.encode_batch(pieces[k : k + _PIECES_PER_CALL], add_special_tokens=False):
+                ids += e.ids
+        return ids
+
+    @property
+    def separable(self) -> bool:
+        """Whether long texts may be encoded in pieces (``whitespace_separable``)."""
+        if self._separable is None:
+            self._separable = whitespace_separable(self._tok)
+        return self._separable
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

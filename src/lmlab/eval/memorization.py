@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lmlab.data.textio import iter_lines
 from lmlab.errors import DataError
 
 
@@ -72,23 +73,22 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     if not p.is_file():
         raise DataError(f"memorization data file not found: {p}")
     docs: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if p.suffix != ".jsonl":
-                docs.append(line.rstrip("\n"))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
-                docs.append(obj[text_field])
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                docs.append("\n".join(str(m.get("content", "")) for m in obj["messages"] if isinstance(m, dict)))
-            else:
-                raise DataError(f"{p}:{lineno}: expected an object with a '{text_field}' string or 'messages'")
+    for lineno, line in iter_lines(p):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            docs.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
+            docs.append(obj[text_field])
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            docs.append("\n".join(str(m.get("content", "")) for m in obj["messages"] if isinstance(m, dict)))
+        else:
+            raise DataError(f"{p}:{lineno}: expected an object with a '{text_field}' string or 'messages'")
     if not docs:
         raise DataError(f"{p}: no documents")
     return docs

@@ -10,7 +10,8 @@ Supported architectures (all Llama-style: RMSNorm, rotate-half RoPE, SwiGLU, GQA
 
 Our parameter names are HF Llama's without the ``model.`` prefix and with shorter block
 names (docs/CONTRACTS.md, Model); ``hf_to_lmlab_name`` / ``lmlab_to_hf_name`` map them.
-Weights are read and written with safetensors only: nothing is ever unpickled.
+Weights are read and written with safetensors only: nothing is ever unpickled, and no file outside
+the model directory is opened, whatever its ``model.safetensors.index.json`` names (``shard_path``).
 """
 
 from __future__ import annotations
@@ -259,26 +260,64 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
 
 
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where the files of the model directory ``root`` may really live: the directory itself and, for
+    a snapshot of the Hugging Face hub cache (``REPO/snapshots/REV``, whose files are symlinks into
+    ``REPO/blobs``), that repository's ``blobs`` folder."""
+    real = root.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        roots.append((real.parent.parent / "blobs").resolve())
+    return roots
+
+
+def shard_path(root: Path, name: Any, source: Path) -> Path:
+    """The file ``name`` of the model directory ``root`` (named by ``source``), refused with a
+    ``CheckpointError`` unless it is a relative path that stays inside ``root`` once symlinks are followed."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(
+            f"{source}: weight file {name!r} is not a relative path inside {root}; refusing to read it "
+            "(the index may be malicious; weight_map values must be file names in the model directory)"
+        )
+    real = (root / name).resolve()
+    if not any(real.is_relative_to(allowed) for allowed in _allowed_roots(root)):
+        raise CheckpointError(
+            f"{source}: weight file {name!r} resolves to {real}, outside {root}; refusing to read it "
+            "(copy the file into the model directory instead of linking to it)"
+        )
+    return root / name
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors index."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (weight_map is not an object)")
+    return weight_map
+
+
 def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """All weights (HF names) from ``model.safetensors`` or a sharded ``model.safetensors.index.json``.
 
     Only safetensors are read; a directory with only ``pytorch_model.bin`` is refused
-    (unpickling can run arbitrary code).
+    (unpickling can run arbitrary code). Every shard named by the index is checked by
+    ``shard_path`` before anything is opened.
     """
     from safetensors.torch import load_file
 
     root = Path(hf_dir)
     single, index = root / "model.safetensors", root / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return load_file(str(shard_path(root, single.name, single)))
     if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        weight_map = _weight_map(index)
+        shards = {name: shard_path(root, name, index) for name in weight_map.values()}
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            path = root / shard
+        for shard in sorted(shards):
+            path = shards[shard]
             if not path.is_file():
                 raise CheckpointError(f"{index} names shard '{shard}', which is missing from {root}")
             state.update(load_file(str(path)))

@@ -59,3 +59,42 @@ def test_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):  # argparse: files and --world together
         main(["tokenizer", "train", str(bad), "--world", "stories", "--vocab-size", "300", "--out", str(tmp_path)])
+
+
+def test_prepare_refuses_to_replace_prepared_data_unless_overwrite(tmp_path, capsys):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"text": f"first corpus doc {i}"}) + "\n" for i in range(10)))
+    second.write_text(
+        "".join(json.dumps({"text": f"second doc {i} is longer than the first"}) + "\n" for i in range(10))
+    )
+    TextTokenizer.train_bpe(["first second corpus doc is longer than the"] * 5, 300).save(tmp_path / "tok")
+    out = tmp_path / "prep"
+    base = ["data", "prepare", "--tokenizer", str(tmp_path / "tok"), "--out", str(out), "--val-fraction", "0"]
+    assert main([*base, str(first)]) == 0
+    before = (out / "train_0000.bin").read_bytes()
+    capsys.readouterr()
+    assert main([*base, str(second)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"lmlab data: error: refusing to replace {out}: it already holds prepared data (manifest.json); "
+        "pass --overwrite to replace it, or choose another output directory"
+    )
+    assert (out / "train_0000.bin").read_bytes() == before
+    assert main([*base, str(second), "--overwrite"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"][0]["path"] == str(second) and (out / "train_0000.bin").read_bytes() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_tokenizer_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    argv = ["tokenizer", "train", "--world", "stories", "--n-docs", "5", "--vocab-size", "300"]
+    assert main([*argv, "--out", str(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"lmlab tokenizer: error: --out {tmp_path / 'taken'}: {tmp_path / 'taken'} is a file, not a directory; "
+        "give a directory to hold tokenizer.json"
+    )
+    assert main([*argv, "--out", str(tmp_path / "taken" / "sub")]) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "not a directory"

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from lmlab.config import load_config
-from lmlab.data import pipeline
+from lmlab.data import cache, pipeline
 from lmlab.data.prepare import prepare_shards, read_documents
 from lmlab.data.shards import TokenShards
 from lmlab.errors import ConfigError, DataError
@@ -35,8 +35,8 @@ def test_synthetic_prepares_caches_and_reuses(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the cache was not reused")
 
-    monkeypatch.setattr(pipeline, "prepare_shards", boom)
-    monkeypatch.setattr(pipeline.TextTokenizer, "train_bpe", boom)
+    monkeypatch.setattr(cache, "prepare_shards", boom)
+    monkeypatch.setattr(cache.TextTokenizer, "train_bpe", boom)
     again, tok2 = pipeline.prepare_run_data(_cfg(), tmp_path / "run2")
     assert again == data_dir and tok2.hash == tok.hash
     assert os.stat(data_dir / "train_0000.bin").st_mtime_ns == mtime
@@ -46,14 +46,14 @@ def test_synthetic_prepares_caches_and_reuses(tmp_path, monkeypatch):
 
 def test_cache_key_covers_the_settings():
     base = {"world": "stories", "n_docs": 10, "tokenizer": {"vocab_size": 300}}
-    assert pipeline.cache_key(base) == pipeline.cache_key(dict(reversed(list(base.items()))))
-    assert pipeline.cache_key(base) != pipeline.cache_key({**base, "n_docs": 11})
-    assert pipeline.cache_key(base) != pipeline.cache_key({**base, "tokenizer": {"vocab_size": 301}})
+    assert cache.cache_key(base) == cache.cache_key(dict(reversed(list(base.items()))))
+    assert cache.cache_key(base) != cache.cache_key({**base, "n_docs": 11})
+    assert cache.cache_key(base) != cache.cache_key({**base, "tokenizer": {"vocab_size": 301}})
 
 
 def test_half_written_cache_entry_is_never_used(tmp_path, monkeypatch):
     calls = []
-    real = pipeline.prepare_shards
+    real = cache.prepare_shards
 
     def interrupted(docs, tok, out, **kw):
         calls.append(out)
@@ -65,13 +65,13 @@ def test_half_written_cache_entry_is_never_used(tmp_path, monkeypatch):
 
         real(failing(), tok, out, **kw)
 
-    monkeypatch.setattr(pipeline, "prepare_shards", interrupted)
+    monkeypatch.setattr(cache, "prepare_shards", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.prepare_run_data(_cfg(), tmp_path / "run")
     assert not calls[0].exists()
     calls[0].mkdir(parents=True)  # a directory without a manifest under the entry's name is not trusted
     (calls[0] / "train_0000.bin").write_bytes(b"junk")
-    monkeypatch.setattr(pipeline, "prepare_shards", real)
+    monkeypatch.setattr(cache, "prepare_shards", real)
     data_dir, _ = pipeline.prepare_run_data(_cfg(), tmp_path / "run")
     assert data_dir == calls[0]
     m = json.loads((data_dir / "manifest.json").read_text())

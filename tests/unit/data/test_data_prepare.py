@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -103,8 +104,9 @@ def test_hand_computed_manifest_and_eos_placement(abc, tmp_path):
     assert m["unigram_entropy"] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-12)
     # = (2/3) ln 3 + (2/9) ln 4.5 + (1/9) ln 9
     assert m["unigram_entropy"] == pytest.approx(1.3107837, abs=1e-6)
+    sha = hashlib.sha256(np.array([1, 1, 2, 0, 1, 0, 3, 2, 0], dtype=np.uint16).tobytes()).hexdigest()
     assert m["splits"]["train"] == {
-        "shards": [{"file": "train_0000.bin", "tokens": 9}],
+        "shards": [{"file": "train_0000.bin", "tokens": 9, "sha256": sha, "max_token_id": 3}],
         "tokens": 9,
         "documents": 3,
         "unigram_entropy": m["unigram_entropy"],
@@ -198,10 +200,18 @@ def test_output_dir_rules(abc, tmp_path):
         prepare_shards(_docs(["a", "b"]), abc, tmp_path / "busy", val_fraction=0.0)
     assert (tmp_path / "busy" / "keep.txt").exists()
     prepare_shards(_docs(["a", "b"]), abc, tmp_path / "p", val_fraction=0.0)
-    m = prepare_shards(_docs(["c c c"]), abc, tmp_path / "p", val_fraction=0.0)  # a prepared dir is replaced
+    with pytest.raises(DataError, match="refusing to replace .*p: it already holds prepared data.*--overwrite"):
+        prepare_shards(_docs(["c c c"]), abc, tmp_path / "p", val_fraction=0.0)  # refused by default
+    assert len(TokenShards.open(tmp_path / "p")) == 4
+    m = prepare_shards(_docs(["c c c"]), abc, tmp_path / "p", val_fraction=0.0, if_exists="replace")
     assert m["splits"]["train"]["tokens"] == 4 == len(TokenShards.open(tmp_path / "p"))
-    kept = prepare_shards(_docs(["a"]), abc, tmp_path / "p", val_fraction=0.0, overwrite=False)
+    assert TokenShards.open(tmp_path / "p").read(0, 4).tolist() == [3, 3, 3, 0]
+    kept = prepare_shards(_docs(["a"]), abc, tmp_path / "p", val_fraction=0.0, if_exists="keep")
     assert kept["splits"]["train"]["tokens"] == 4  # not overwritten: the existing manifest comes back
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no work or old directory left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="cannot create .*file/sub: .*file is a file"):
+        prepare_shards(_docs(["a"]), abc, tmp_path / "file" / "sub", val_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------- reading shards back

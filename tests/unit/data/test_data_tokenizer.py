@@ -99,3 +99,15 @@ def test_foreign_tokenizer_without_eos_is_an_error(tmp_path):
     path = _foreign(tmp_path, ["<unk>"])
     with pytest.raises(DataError, match=r"has no eos token .*pass it explicitly"):
         TextTokenizer.load(path)
+
+
+def test_padding_and_truncation_of_a_tokenizer_file_are_turned_off(bpe, tmp_path):
+    backend = Tokenizer.from_str(bpe.to_json())
+    backend.enable_padding(pad_id=bpe.pad_id, pad_token="<|pad|>")
+    backend.enable_truncation(4)
+    path = tmp_path / "tokenizer.json"
+    backend.save(str(path))
+    loaded = TextTokenizer.load(path)
+    long = "once upon a time there was a small cat who liked to sleep in the sun"
+    assert loaded.encode_batch(["a", long]) == [bpe.encode("a"), bpe.encode(long)]
+    assert loaded.encode(long) == bpe.encode(long) and loaded.hash == bpe.hash

@@ -48,7 +48,7 @@ def test_loss_on_all_marks_every_token_but_the_first(sft_tokenizer):
 
 
 def test_builtin_template_matches_the_export_template():
-    from lmlab.models.hf_commands import CHAT_TEMPLATE
+    from lmlab.recipes.hf_commands import CHAT_TEMPLATE
 
     assert BUILTIN_TEMPLATE == CHAT_TEMPLATE
 
