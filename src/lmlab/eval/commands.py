@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.errors import UserError
+from lmlab.eval.memorization import memorization_eval, read_documents, write_jsonl
+from lmlab.eval.perplexity import perplexity
+from lmlab.models.generation import generate
+from lmlab.train.pretrained import load_model
 
 
 def generate_main(argv: list[str]) -> int:
@@ -23,13 +29,15 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_new_tokens < 1:
-        raise UserError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0 and --max-new-tokens >= 1")
-
-    from lmlab.models.generation import generate
-    from lmlab.train.checkpoint import load_model
-
-    model, _, tokenizer = load_model(args.run_dir, device=args.device)
+    require(
+        math.isfinite(args.temperature) and args.temperature >= 0, "--temperature", args.temperature, "finite and >= 0"
+    )
+    require(0 < args.top_p <= 1, "--top-p", args.top_p, "in (0, 1]")
+    require(args.top_k >= 0, "--top-k", args.top_k, ">= 0 (0 = off)")
+    require(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, ">= 1")
+    require(args.num_samples >= 1, "--num-samples", args.num_samples, ">= 1")
+    device = check_device(args.device)
+    model, _, tokenizer = load_model(args.run_dir, device=device)
     if tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -77,14 +85,16 @@ def eval_main(argv: list[str]) -> int:
     mem.add_argument("--out", help="per-document results JSONL (default: RUN_DIR/memorization.jsonl)")
     mem.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    device = check_device(args.device)
     if args.kind == "memorization":
-        return _memorization(args)
-
-    from lmlab.eval.perplexity import perplexity
-    from lmlab.train.checkpoint import load_model
-
-    model, cfg, tokenizer = load_model(args.run_dir, device=args.device)
+        return _memorization(args, device)
+    if args.tokens is not None:
+        require(args.tokens >= 0, "--tokens", args.tokens, ">= 0 (0: the run's train.eval_tokens)")
+    model, cfg, tokenizer = load_model(args.run_dir, device=device)
+    if tokenizer is None:
+        raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     data_dir = Path(args.data) if args.data else _run_data_dir(Path(args.run_dir))
+    check_tokenizer(load_manifest(data_dir), tokenizer, data_dir)  # the error names the directory
     out = perplexity(
         model,
         tokenizer,
@@ -98,12 +108,14 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-def _memorization(args) -> int:
+def _memorization(args, device: torch.device) -> int:
     """``lmlab eval memorization``: prints the summary as JSON, writes per-document rows as JSONL."""
-    from lmlab.eval.memorization import memorization_eval, read_documents, write_jsonl
-    from lmlab.train.checkpoint import load_model
-
-    model, _, tokenizer = load_model(args.run_dir, device=args.device)
+    require(args.prefix_tokens >= 0, "--prefix-tokens", args.prefix_tokens, ">= 0 (0: all but the last n)")
+    require(args.new_tokens >= 1, "--new-tokens", args.new_tokens, ">= 1")
+    require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory; give a .jsonl file path")
+    model, _, tokenizer = load_model(args.run_dir, device=device)
     if tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     summary, per_doc = memorization_eval(
@@ -117,6 +129,23 @@ def _memorization(args) -> int:
     out = write_jsonl(per_doc, args.out or Path(args.run_dir) / "memorization.jsonl")
     print(json.dumps({**summary, "per_document": str(out)}))
     return 0
+
+
+def require(ok: bool, flag: str, value, rule: str) -> None:
+    """A command-line value outside its range is a one-line user error naming the flag."""
+    if not ok:
+        raise UserError(f"{flag} must be {rule}, got {value}")
+
+
+def check_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, refused before any model is loaded when CUDA is missing."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name!r} but CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def _run_data_dir(run_dir: Path) -> Path:
