@@ -55,8 +55,8 @@ from lmlab.errors import UserError
 from lmlab.models.counting import count_params, flops_per_token
 from lmlab.models.decoder import Decoder
 from lmlab.models.hf import lmlab_state_dict_to_hf, model_config_to_hf_config
+from lmlab.objectives.lm_objective import build_lm_loss
 from lmlab.train.distributed import DistContext, setup_distributed
-from lmlab.train.lm_objective import build_lm_loss
 from lmlab.train.loop import Trainer
 from lmlab.train.runtime import autocast_context
 

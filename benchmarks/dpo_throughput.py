@@ -103,7 +103,7 @@ def run_lmlab(root: Path, args: argparse.Namespace, precompute: bool, device: to
     from lmlab.data.preference import PreferenceBatches, load_preference_file, pad_id_of
     from lmlab.data.tokenizer import TextTokenizer
     from lmlab.models.hf import load_hf_model
-    from lmlab.train.align import build_align_loss, reference_table
+    from lmlab.recipes.align import build_align_loss, reference_table
     from lmlab.train.runtime import autocast_context
 
     tok = TextTokenizer.load(root / "hf" / "tokenizer.json")

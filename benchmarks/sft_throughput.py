@@ -35,7 +35,7 @@ from lmlab.data.packing import RowBatches, build_rows
 from lmlab.data.synthetic.facts import FactsWorld
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.models.decoder import Decoder
-from lmlab.train.lm_objective import build_lm_loss
+from lmlab.objectives.lm_objective import build_lm_loss
 
 
 def make_records(n: int, max_turns: int, seed: int = 0) -> list[dict]:

@@ -30,8 +30,8 @@ from lmlab.config import load_config
 from lmlab.data.synthetic.facts import FactsWorld
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.eval.memorization import memorization_eval, write_jsonl
-from lmlab.train.checkpoint import load_model
-from lmlab.train.sft import run_sft
+from lmlab.recipes.sft import run_sft
+from lmlab.train.pretrained import load_model
 
 METHODS = {
     "standard": [],

@@ -13,8 +13,8 @@ concise, padded or wrong), this script:
 3. trains plain and regularised (LM-loss) reward models and compares their pairwise accuracy on the
    in-distribution and the out-of-distribution split (PAPERS.md C01).
 
-Everything runs in-process through ``lmlab.train.pretrain.run_pretraining``, ``lmlab.train.align.run_align``
-and ``lmlab.train.reward.run_reward``. Results go to ``OUT/results.json`` and ``OUT/results.md``.
+Everything runs in-process through ``lmlab.recipes.pretrain.run_pretraining``, ``lmlab.recipes.align.run_align``
+and ``lmlab.recipes.reward.run_reward``. Results go to ``OUT/results.json`` and ``OUT/results.md``.
 
     python examples/preference_study/run_study.py --out runs/preference_study          # full (minutes on CPU)
     python examples/preference_study/run_study.py --out /tmp/study --quick             # smoke test (seconds)
@@ -34,10 +34,10 @@ import torch
 
 from lmlab.config import load_config
 from lmlab.data.synthetic.preference_world import PreferenceWorld, judge
-from lmlab.train.align import run_align
+from lmlab.recipes.align import run_align
+from lmlab.recipes.pretrain import run_pretraining
+from lmlab.recipes.reward import run_reward
 from lmlab.train.metrics import read_metrics
-from lmlab.train.pretrain import run_pretraining
-from lmlab.train.reward import RewardConfig, run_reward
 
 LOSSES = {  # method -> overrides; β values: DPO's default, SimPO's official, LN-DPO larger (normalised ratios)
     "dpo": ["align.loss=dpo", "align.beta=0.1"],
@@ -147,7 +147,7 @@ def judge_samples(run_dir: Path) -> dict[str, float]:
 def greedy_judge(run_dir: Path, test_file: Path, n_prompts: int = 64, max_new_tokens: int = 32) -> dict[str, float]:
     """Judge greedy answers (temperature 0) of the run's model on the first ``n_prompts`` held-out prompts."""
     from lmlab.models.generation import generate
-    from lmlab.train.checkpoint import load_model
+    from lmlab.train.pretrained import load_model
 
     model, _, tok = load_model(run_dir)
     rows = [json.loads(x) for x in test_file.read_text().splitlines()[:n_prompts]]
@@ -228,8 +228,8 @@ def study_reward(out: Path, sft: Path, files: dict[str, Path], n: dict, seeds: l
             run_dir = out / f"rm_{name}_s{seed}"
             if not (run_dir / "summary.json").is_file():
                 overrides = align_overrides(sft, files, n["rm_steps"], seed, ["optim.lr=1e-3"])
-                cfg = load_config(None, overrides)
-                run_reward(cfg, RewardConfig(lm_weight=weight, ood_file=str(files["ood"])), run_dir, quiet=True)
+                overrides += [f"reward.lm_weight={weight}", f"reward.ood_file={files['ood']}"]
+                run_reward(load_config(None, overrides), run_dir, quiet=True)
             s = json.loads((run_dir / "summary.json").read_text())
             row = {"seed": seed, "id_accuracy": s["val"]["accuracy"], "ood_accuracy": s["ood"]["accuracy"]}
             results.setdefault(name, []).append(row)

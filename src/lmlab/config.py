@@ -385,6 +385,7 @@ class AlignConfig:
     label_smoothing: float = 0.0  # cDPO
     orpo_lambda: float = 0.1
     sft_weight: float = 0.0  # optional NLL on the chosen answer
+    reference: str | None = None  # the frozen reference run (default: init_from)
     precompute_reference: bool = False
     identical_pairs: Literal["skip", "error"] = "skip"
     diagnostics_every: int = 50  # gradient-entanglement probe cadence (steps)
@@ -529,7 +530,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=3)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint} (valid keys: {', '.join(prefix + n for n in fields)})")
+            raise ConfigError(
+                f"unknown config key '{full}'{hint} (valid keys: {', '.join(prefix + n for n in fields)})"
+            )
         kinds = fields[key].metadata.get("slot")
         kwargs[key] = _slot_variant(kinds, value, full) if kinds else _coerce(hints[key], value, full)
     return cls(**kwargs)

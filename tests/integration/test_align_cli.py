@@ -14,8 +14,9 @@ from lmlab.config import load_config, save_config
 from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.models.decoder import Decoder
-from lmlab.train.checkpoint import load_model, save_checkpoint
+from lmlab.train.checkpoint import save_checkpoint
 from lmlab.train.metrics import read_metrics
+from lmlab.train.pretrained import load_model
 
 MODEL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=96", "train.seq_len=64"]
 
@@ -133,7 +134,7 @@ def test_bad_inputs_give_one_line_errors(setup, capsys):
     assert "align.beta=0.0 must be > 0" in capsys.readouterr().err
     code = main(["align", cfg, "--out", str(setup["root"] / "b2"), "--reference", str(setup["foreign"])])
     assert code == 1
-    assert "uses another tokenizer than the policy" in capsys.readouterr().err
+    assert "uses a different tokenizer than the policy" in capsys.readouterr().err
     bad = setup["root"] / "bad.jsonl"
     bad.write_text('{"prompt": "Q", "chosen": " a."}\n')
     assert main(["align", cfg, "--out", str(setup["root"] / "b3"), f"align.train_file={bad}"]) == 1
@@ -182,9 +183,7 @@ def test_resume_continues_from_the_checkpoint(setup):
 
 
 def test_example_configs_load():
-    from lmlab.train.reward import load_reward_config
-
     root = Path(__file__).resolve().parents[2] / "examples" / "preference_study"
     assert load_config(root / "align.yaml").align.loss == "dpo"
-    cfg, rcfg = load_reward_config(root / "reward.yaml")
-    assert rcfg.ood_file and cfg.align.train_file
+    cfg = load_config(root / "reward.yaml")
+    assert cfg.reward.ood_file and cfg.align.train_file

@@ -50,5 +50,18 @@ class RewardModel(nn.Module):
         """Next-token logits [B, T, V] from the same hidden states (the kept LM head)."""
         return self.decoder.output(hidden)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.score(self.hidden(input_ids), lengths)
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder's blocks (what FSDP, activation checkpointing and compile wrap one by one)."""
+        return self.decoder.layers
+
+    def forward(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, lm_rows: int = 0
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rewards [B]; with ``lm_rows`` > 0 also the LM logits [lm_rows, T, V] of the first rows (one forward
+        through this module, so wrappers that act on the whole model's call, like FSDP, see both)."""
+        hidden = self.hidden(input_ids)
+        rewards = self.score(hidden, lengths)
+        if lm_rows <= 0:
+            return rewards
+        return rewards, self.lm_logits(hidden[:lm_rows])

@@ -18,4 +18,3 @@ SIZES: dict[str, dict] = {
     "large": dict(d_model=1536, n_layers=24, n_heads=16, n_kv_heads=8),
     "xl": dict(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=8),
 }
-

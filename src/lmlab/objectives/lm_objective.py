@@ -40,7 +40,7 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
     """``loss_fn(model, batch) -> LossOutput`` for next-token prediction with the configured switches.
 
     Distillation (``obj.distill.teacher`` set) needs either ``teacher`` (a callable batch -> logits
-    [B, T, V] run under ``no_grad``, e.g. ``lmlab.train.teacher.Teacher``) or ``topk_cached=True``,
+    [B, T, V] run under ``no_grad``, e.g. ``lmlab.recipes.distill.Teacher``) or ``topk_cached=True``,
     meaning every batch carries the teacher's cached top-k (``TOPK_KEYS``). Metrics (sums): ``ce``,
     plus ``kd`` (τ²·D) and ``lm_loss`` (the LM term) when distilling, ``goldfish_dropped`` with
     goldfish, ``smoothed`` / ``z_loss`` when enabled.

@@ -5,7 +5,9 @@ where the method uses one) and completion token counts where the method normalis
 Each returns a ``PreferenceLoss`` of per-example losses and the implied chosen/rejected rewards
 (the quantities TRL logs as ``rewards/chosen`` and ``rewards/rejected``); ``preference_objective``
 turns one into the loop's ``LossOutput``. Log-probs come from the trainer (reference under
-``no_grad``, computed once).
+``no_grad``, computed once). ``PREFERENCE_METHODS`` registers each loss with one signature and says
+whether it needs a reference model; a new method is a function plus a row there (and its name in
+``AlignConfig.loss``).
 
 Notation (SCIENCE.md §7): ``s(y) = log πθ(y|x) − log πref(y|x)`` summed over completion tokens,
 ``|y|`` the number of completion tokens, σ the logistic function.
@@ -14,11 +16,13 @@ Notation (SCIENCE.md §7): ``s(y) = log πθ(y|x) − log πref(y|x)`` summed ov
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from lmlab.config import AlignConfig
 from lmlab.objectives.base import LossOutput
 
 
@@ -229,3 +233,70 @@ def preference_objective(result: PreferenceLoss) -> LossOutput:
     metrics.update({name: value.detach().sum() for name, value in result.metrics.items()})
     count = torch.tensor(result.losses.numel(), device=result.losses.device)
     return LossOutput(loss_sum=result.losses.sum(), count=count, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Per-pair summed completion log-probs [N] of the policy (and the reference, when a method uses one)
+    and completion token counts [N]: everything a preference loss reads."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+@dataclass(frozen=True)
+class PreferenceMethod:
+    """A registered preference loss: one signature ``compute(logps, align_cfg)`` and whether it needs a
+    frozen reference model (the trainer then provides ``ref_chosen`` / ``ref_rejected``)."""
+
+    compute: Callable[[PairLogps, AlignConfig], PreferenceLoss]
+    needs_reference: bool
+
+
+def _dpo(x: PairLogps, a: AlignConfig) -> PreferenceLoss:
+    return dpo_loss(x.chosen, x.rejected, x.ref_chosen, x.ref_rejected, beta=a.beta, label_smoothing=a.label_smoothing)
+
+
+def _ipo(x: PairLogps, a: AlignConfig) -> PreferenceLoss:
+    lengths = (x.chosen_lengths, x.rejected_lengths)
+    return ipo_loss(x.chosen, x.rejected, x.ref_chosen, x.ref_rejected, *lengths, beta=a.beta)
+
+
+def _ln_dpo(x: PairLogps, a: AlignConfig) -> PreferenceLoss:
+    lengths = (x.chosen_lengths, x.rejected_lengths)
+    return ln_dpo_loss(x.chosen, x.rejected, x.ref_chosen, x.ref_rejected, *lengths, beta=a.beta)
+
+
+def _simpo(x: PairLogps, a: AlignConfig) -> PreferenceLoss:
+    lengths = (x.chosen_lengths, x.rejected_lengths)
+    return simpo_loss(x.chosen, x.rejected, *lengths, beta=a.beta, gamma=a.gamma, label_smoothing=a.label_smoothing)
+
+
+def _orpo(x: PairLogps, a: AlignConfig) -> PreferenceLoss:
+    return orpo_loss(x.chosen, x.rejected, x.chosen_lengths, x.rejected_lengths, lam=a.orpo_lambda)
+
+
+PREFERENCE_METHODS: dict[str, PreferenceMethod] = {
+    "dpo": PreferenceMethod(_dpo, needs_reference=True),
+    "ipo": PreferenceMethod(_ipo, needs_reference=True),
+    "ln_dpo": PreferenceMethod(_ln_dpo, needs_reference=True),
+    "simpo": PreferenceMethod(_simpo, needs_reference=False),
+    "orpo": PreferenceMethod(_orpo, needs_reference=False),
+}
+
+
+def preference_losses(a: AlignConfig, logps: PairLogps) -> PreferenceLoss:
+    """The ``align.loss`` method's per-pair losses, plus the optional SFT term (``align.sft_weight``)."""
+    out = PREFERENCE_METHODS[a.loss].compute(logps, a)
+    if a.sft_weight > 0:
+        sft = sft_term(logps.chosen, logps.chosen_lengths, weight=a.sft_weight)
+        out.losses = out.losses + sft
+        out.metrics = {**out.metrics, "sft": sft.detach()}
+    return out

@@ -1,19 +1,22 @@
-"""The teacher of knowledge distillation: loading, compatibility checks and the top-k cache.
+"""The teacher of knowledge distillation, for the recipes that distil (pretrain, sft): loading and the
+top-k cache.
 
 A teacher is any lmlab run directory (trained by lmlab, or a Hugging Face model imported with
-``lmlab import-hf``). Distillation compares next-token distributions position by position, so the
-teacher must use the student's tokenizer (same SHA-256 hash, ``TextTokenizer.hash``) and the same
-model vocabulary size. It runs in eval mode under ``torch.no_grad`` with frozen parameters.
+``lmlab import-hf``), loaded frozen by ``lmlab.train.pretrained.load_frozen``. Distillation compares
+next-token distributions position by position, so the teacher must use the student's tokenizer (same
+SHA-256 hash, ``TextTokenizer.hash``) and the same model vocabulary size. It runs in eval mode under
+``torch.no_grad`` with frozen parameters.
 
 With ``objective.distill.topk_cache = K`` the teacher runs once over the fixed SFT rows and its K
 largest log-probs per position (values and vocabulary ids) are stored on disk; training then uses
-``topk_distillation_loss`` (SCIENCE.md / ``lmlab.objectives.distill``) and the teacher is not
-loaded again. The cache file is keyed by the teacher checkpoint, K and the rows' content.
+``topk_distillation_loss`` (docs/science.md, Appendix C; ``lmlab.objectives.distill``) and the teacher
+is not loaded again. The cache file is keyed by the teacher checkpoint, K and the rows' content.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,12 +25,10 @@ import torch
 from torch import nn
 
 from lmlab.data.packing import Row, collate
-from lmlab.errors import CheckpointError, ConfigError, UserError
-from lmlab.train.lm_objective import model_inputs
-
-
-class TeacherMismatchError(UserError):
-    """The teacher cannot be compared with the student (tokenizer or vocabulary differs)."""
+from lmlab.errors import ConfigError
+from lmlab.objectives.lm_objective import model_inputs
+from lmlab.safe_io import write_bytes_atomic
+from lmlab.train.pretrained import load_frozen
 
 
 class Teacher:
@@ -45,33 +46,19 @@ class Teacher:
         return self.model(batch["input_ids"], **model_inputs(batch))
 
 
-def check_teacher_compatible(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int, where: str):
-    """Refuse a teacher whose tokenizer or model vocabulary differs from the student's."""
-    if teacher_tokenizer is None:
-        raise TeacherMismatchError(f"teacher {where} has no tokenizer.json, so its vocabulary cannot be checked")
-    if teacher_tokenizer.hash != student_tokenizer.hash:
-        raise TeacherMismatchError(
-            f"teacher {where} uses a different tokenizer (hash {teacher_tokenizer.hash[:12]}, "
-            f"{teacher_tokenizer.vocab_size} tokens) from the student's ({student_tokenizer.source}, hash "
-            f"{student_tokenizer.hash[:12]}, {student_tokenizer.vocab_size} tokens); distillation needs the same tokenizer"
-        )
-    if teacher_vocab != student_vocab:
-        raise TeacherMismatchError(
-            f"teacher {where} has model.vocab_size={teacher_vocab} but the student has {student_vocab}; "
-            f"set model.vocab_size={teacher_vocab} for the student"
-        )
-
-
 def load_teacher(path: str | Path, student_tokenizer, student_vocab: int, device: torch.device | str) -> Teacher:
-    """Load the teacher run at ``path`` (latest checkpoint) after checking it against the student."""
-    from lmlab.train.checkpoint import load_model, resolve_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"objective.distill.teacher: run directory does not exist: {p}")
-    model, cfg, tokenizer = load_model(p, device=device)
-    check_teacher_compatible(tokenizer, student_tokenizer, cfg.model.vocab_size, student_vocab, str(p))
-    return Teacher(model, str(p), resolve_checkpoint(p))
+    """The teacher run at ``path`` (latest checkpoint), refused unless it shares the student's tokenizer
+    and model vocabulary (``ModelMismatchError``)."""
+    loaded = load_frozen(
+        path,
+        device,
+        role="teacher",
+        tokenizer=student_tokenizer,
+        against="student",
+        vocab_size=student_vocab,
+        key="objective.distill.teacher",
+    )
+    return Teacher(loaded.model, str(path), loaded.checkpoint)
 
 
 def _rows_digest(rows: Sequence[Row]) -> str:
@@ -129,7 +116,7 @@ def cached_topk(
         if stored.get("key") == key:
             return {n: stored[n] for n in ("teacher_topk_logprobs", "teacher_topk_indices")}, True
     tables = compute_topk(teacher, rows, k, pad_id=pad_id, pad_to=pad_to, batch_size=batch_size, device=device)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, **tables}, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save({"key": key, **tables}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
     return tables, False

@@ -6,23 +6,32 @@ Import writes ``config.yaml`` (a ``RunConfig`` whose model section describes the
 eval, sft, align, a teacher for distillation) can use the model. Export writes
 ``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json`` and
 ``tokenizer_config.json`` that ``transformers`` loads with ``AutoModelForCausalLM`` /
-``AutoTokenizer``. Both are local-only: nothing is downloaded.
+``AutoTokenizer``. Both are local-only: nothing is downloaded. Export writes into a fresh or empty
+directory; a non-empty one is replaced only with ``--overwrite``, and then wholly (its old files are
+removed), so no file of another model (say a ``modeling_*.py`` that ``auto_map`` would run) is left
+beside the new weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from lmlab.config import RunConfig, TokenizerConfig, TrainConfig, save_config, validate
+from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import CheckpointError, DataError, UserError
 from lmlab.models import hf
+from lmlab.models.decoder import Decoder
+from lmlab.train.checkpoint import model_state_dict, save_checkpoint
+from lmlab.train.pretrained import load_model
 
 # The chat layout written by export when the tokenizer has lmlab's chat tokens: each message is
 # <|role|> content <|end|>, and a generation prompt opens an assistant turn.
@@ -39,10 +48,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = None) -> RunConfig:
     """Turn a local HF model directory into an lmlab run directory; return its ``RunConfig``."""
-    from lmlab.data.tokenizer import TextTokenizer
-    from lmlab.models.decoder import Decoder
-    from lmlab.train.checkpoint import save_checkpoint
-
     src, out = Path(hf_dir), Path(run_dir)
     if not src.is_dir():
         raise UserError(f"Hugging Face directory not found: {src}")
@@ -144,29 +149,71 @@ def _generation_config(cfg: RunConfig, tokenizer: Any) -> dict[str, Any]:
     return out
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Write the run's (latest, or the given checkpoint directory's) model in HF format to ``out_dir``."""
-    from safetensors.torch import save_file
+def check_export_dir(out: Path, run_root: Path, overwrite: bool) -> None:
+    """Refuse a file, a non-empty directory (unless ``overwrite``) and, always, one holding the run itself."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose a new directory to export into")
+    if not out.is_dir():
+        return
+    if run_root.exists() and run_root.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"{out} holds the run {run_root} itself; export into another directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(
+            f"{out} is not empty ({shown}); pass --overwrite to replace its contents, or choose a new directory"
+        )
 
-    from lmlab.train.checkpoint import load_model, model_state_dict
 
+def _publish_dir(tmp: Path, out: Path) -> None:
+    """Make ``out`` hold exactly the files of ``tmp`` (``out``'s old entries are removed), then drop ``tmp``."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    for old in out.iterdir():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    for new in tmp.iterdir():
+        os.replace(new, out / new.name)
+    tmp.rmdir()
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write the run's (latest, or the given checkpoint directory's) model in HF format to ``out_dir``.
+
+    ``out_dir`` must be new or empty unless ``overwrite``, which replaces all of its contents. The files
+    are written to a temporary sibling first, so a failed export leaves ``out_dir`` as it was.
+    """
+    run = Path(run_dir)
+    run_root = run.parent.parent if (run / "meta.json").is_file() else run
+    out = Path(out_dir)
+    check_export_dir(out, run_root, overwrite)
     model, cfg, tokenizer = load_model(run_dir)
     if tokenizer is None:
         raise CheckpointError(f"{run_dir}: the run has no tokenizer.json; a Hugging Face export needs one")
     hf_config = hf.model_config_to_hf_config(
         cfg.model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, dtype=dtype
     )
-    run = Path(run_dir)
-    run_root = run.parent.parent if (run / "meta.json").is_file() else run
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.to(_DTYPES[dtype]) for k, v in hf.lmlab_state_dict_to_hf(model_state_dict(model)).items()}
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(_generation_config(cfg, tokenizer), indent=2))
-    (out / "tokenizer.json").write_text(tokenizer.to_json())
-    tok_cfg = _tokenizer_config(tokenizer, run_root, cfg.model.max_seq_len)
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    target = out.resolve()  # "." has no name; the temporary sibling must not sit inside ``out``
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        weights = {k: v.to(_DTYPES[dtype]) for k, v in hf.lmlab_state_dict_to_hf(model_state_dict(model)).items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg, tokenizer), indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer.to_json())
+        tok_cfg = _tokenizer_config(tokenizer, run_root, cfg.model.max_seq_len)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+        _publish_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
@@ -178,8 +225,11 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="run directory, or one of its checkpoints/step_* directories")
     parser.add_argument("out_dir", help="directory to write config.json, model.safetensors, tokenizer files")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="dtype of the saved weights")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR (all its files)"
+    )
     args = parser.parse_args(argv)
-    out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype)
+    out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {args.run_dir} -> {out} ({arch}, {args.dtype})")
     return 0

@@ -23,18 +23,22 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lmlab import __version__
-from lmlab.config import ModelConfig, model_config_diff
+from lmlab.config import ModelConfig, model_config_diff, to_dict
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.train.dcp_safe import safe_reader
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -93,35 +97,61 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     keep_last: int | None = None,
 ) -> Path:
-    """Atomically write the checkpoint of ``step``; prune to ``keep_last``; return its directory."""
-    root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
+    """Atomically write the checkpoint of ``step``; prune to ``keep_last``; return its directory.
+
+    An OS error while writing (disk full, read-only filesystem) removes the partial checkpoint and
+    raises one ``CheckpointError`` saying which earlier checkpoint is intact.
+    """
+    root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = model if isinstance(model, dict) else model_state_dict(model)
-    save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "lmlab", "step": str(step)})
-    files = [MODEL_FILE]
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE_FILE)
-        files.append(STATE_FILE)
-    for name in files:
-        _fsync_file(tmp / name)
-    info = {
-        "format_version": FORMAT_VERSION,
-        "lmlab_version": __version__,
-        "step": step,
-        "model_config": asdict(model_cfg),
-        "shapes": {k: list(v.shape) for k, v in weights.items()},
-        "sha256": {name: _sha256(tmp / name) for name in files},
-        **(meta or {}),
-    }
-    _publish(tmp, final, info)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        weights = model if isinstance(model, dict) else model_state_dict(model)
+        save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "lmlab", "step": str(step)})
+        files = [MODEL_FILE]
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+            files.append(STATE_FILE)
+        for name in files:
+            _fsync_file(tmp / name)
+        info = {
+            "format_version": FORMAT_VERSION,
+            "lmlab_version": __version__,
+            "step": step,
+            "model_config": to_dict(model_cfg),
+            "shapes": {k: list(v.shape) for k, v in weights.items()},
+            "sha256": {name: _sha256(tmp / name) for name in files},
+            **(meta or {}),
+        }
+        _publish(tmp, final, info)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(run_dir, final, err) from None
     if keep_last is not None:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, owner=(meta or {}).get("run_id"))
     return final
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints``, created if needed; refused when it is a symbolic link (writes stay in the run)."""
+    root = Path(run_dir) / CKPT_DIR
+    if root.is_symlink():
+        raise CheckpointError(f"{root} is a symbolic link; lmlab writes checkpoints only inside the run directory")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _write_error(run_dir: str | Path, final: Path, err: OSError) -> CheckpointError:
+    """One message for a checkpoint that could not be written, naming the intact one to resume from."""
+    intact = latest_checkpoint(run_dir)
+    where = f"the latest intact checkpoint is {intact}" if intact else "no earlier checkpoint exists"
+    reason = err.strerror or str(err)
+    return CheckpointError(
+        f"could not write checkpoint {final}: {reason}; the partial checkpoint was removed and {where}"
+    )
 
 
 def _publish(tmp: Path, final: Path, info: dict[str, Any]) -> None:
@@ -160,16 +190,52 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints, and stale temporary dirs."""
-    ckpts = list_checkpoints(run_dir)
-    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, owner: str | None = None) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints of the run ``owner`` (its ``run_id``).
+
+    Only complete checkpoints (``meta.json`` written last, so present only when complete) whose meta
+    names this run are candidates, plus those of older lmlab versions that name no run; a temporary
+    directory is never touched here (the run lifecycle removes leftovers while it holds the lock).
+    """
+    ours = [p for p in list_checkpoints(run_dir) if _run_id(p) in (owner, None)]
+    for p in ours[: max(0, len(ours) - keep_last)]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _run_id(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / META_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return "<unreadable>"  # never pruned: it is not known to be ours
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Remove the temporary directories of checkpoint writes that never finished (a killed process);
+    call it only while holding the run's lock. Returns what was removed."""
     root = Path(run_dir) / CKPT_DIR
-    for p in root.glob(".tmp_step_*"):
-        if p.name.endswith(f"_{os.getpid()}"):
-            continue
+    if not root.is_dir() or root.is_symlink():
+        return []
+    partial = [p for p in root.iterdir() if p.name.startswith((".tmp_step_", ".old_step_"))]
+    for p in partial:
         shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def set_aside_after(run_dir: str | Path, step: int) -> list[Path]:
+    """Move the checkpoints newer than ``step`` into ``checkpoints/discarded-<time>/`` (kept, not deleted),
+    so resuming from an earlier checkpoint starts a clean continuation."""
+    newer = [p for p in list_checkpoints(run_dir) if _step_of(p) > step]
+    if not newer:
+        return []
+    target = Path(run_dir) / CKPT_DIR / f"discarded-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(exist_ok=True)
+    for p in newer:
+        os.rename(p, target / p.name)
+    return [target / p.name for p in newer]
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name[len("step_") :])
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -182,14 +248,32 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
 
 
 def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Check file checksums and (if given) that the checkpoint belongs to ``model_cfg``."""
+    """Check that the checkpoint holds exactly the files its meta.json lists, with their checksums, and
+    (if given) that it belongs to ``model_cfg``.
+
+    A file that meta.json does not list, a symbolic link or a listed name outside the directory is
+    refused: nothing in a checkpoint is read unless lmlab wrote it and its checksum matches.
+    """
     meta = read_meta(ckpt)
-    for name, digest in meta.get("sha256", {}).items():
+    listed = meta.get("sha256", {})
+    if not isinstance(listed, dict):
+        raise CheckpointError(f"{ckpt / META_FILE}: corrupted (sha256 is not a mapping)")
+    for name, digest in listed.items():
         path = ckpt / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{ckpt / META_FILE}: lists {name!r}, a path outside the checkpoint; refused")
         if not path.is_file():
             raise CheckpointError(f"{ckpt}: {name} is missing")
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: corrupted (checksum mismatch); earlier checkpoints may still be intact")
+    for path in sorted(ckpt.rglob("*")):
+        name = str(path.relative_to(ckpt))
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a symbolic link inside a checkpoint; refused (lmlab writes none)")
+        if path.is_file() and name != META_FILE and name not in listed:
+            raise CheckpointError(
+                f"{path}: not listed in {META_FILE}; refusing a checkpoint holding files lmlab did not write"
+            )
     if model_cfg is not None:
         try:
             diffs = model_config_diff(meta.get("model_config", {}), model_cfg)
@@ -260,25 +344,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Load ``(model, cfg, tokenizer)`` from a run directory or a checkpoint directory."""
-    from lmlab.config import load_config
-    from lmlab.data.tokenizer import TextTokenizer
-    from lmlab.models.decoder import Decoder
-
-    ckpt = resolve_checkpoint(path)
-    run_dir = ckpt.parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run directory (config.yaml is missing)")
-    cfg = load_config(run_dir / "config.yaml")
-    tok_path = run_dir / "tokenizer.json"
-    tokenizer = TextTokenizer.load(tok_path) if tok_path.is_file() else None
-    model = Decoder(cfg.model)
-    load_weights(ckpt, model, cfg.model)
-    model.to(device).eval()
-    return model, cfg, tokenizer
-
-
 # --------------------------------------------------------------------------- sharded checkpoints
 
 DCP_DIR = "dcp"
@@ -299,16 +364,22 @@ def _single_process_dcp():
 
 def _load_sharded_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Read the model part of a sharded checkpoint into a plain (unsharded) model, in this process only."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
     target = {"model": model.state_dict()}  # tensors share storage with the model: loaded in place
     try:
         with _single_process_dcp():
-            dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
+            dcp.load(target, storage_reader=safe_reader(ckpt / DCP_DIR), no_dist=True)
     except (CheckpointException, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({_dcp_reason(err)})") from None
     model.load_state_dict(target["model"])
+
+
+def _dcp_reason(err: BaseException) -> str:
+    """The first line of what went wrong inside DCP (it wraps each rank's error in a ``CheckpointException``)."""
+    failures = getattr(err, "failures", None) or {}
+    inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+    source = inner if isinstance(inner, BaseException) else err
+    text = str(source).strip().splitlines()
+    return f"{type(source).__name__}: {text[0] if text else ''}"[:300]
 
 
 def save_sharded_checkpoint(
@@ -330,14 +401,11 @@ def save_sharded_checkpoint(
     finished, checksums and ``meta.json``, then renames the directory into place. The result loads
     on any world size (``load_sharded_state``) and into a plain model (``load_weights``).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     root = Path(run_dir) / CKPT_DIR
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}_sharded"
     if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
+        checkpoint_root(run_dir)
         if tmp.exists():  # left by a job that died while saving
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -355,14 +423,14 @@ def save_sharded_checkpoint(
             "format": "sharded",
             "lmlab_version": __version__,
             "step": step,
-            "model_config": asdict(model_cfg),
+            "model_config": to_dict(model_cfg),
             "shapes": {k: list(v.shape) for k, v in model_sd.items()},
             "sha256": {name: _sha256(tmp / name) for name in files},
             **(meta or {}),
         }
         _publish(tmp, final, info)
         if keep_last is not None:
-            prune_checkpoints(run_dir, keep_last)
+            prune_checkpoints(run_dir, keep_last, owner=(meta or {}).get("run_id"))
     ctx.barrier()
     return final
 
@@ -372,18 +440,14 @@ def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opti
 
     Collective when a process group exists; DCP reshards the saved tensors to this job's layout.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
         with _single_process_dcp():
-            dcp.load(state, checkpoint_id=str(ckpt / DCP_DIR), no_dist=alone)
+            dcp.load(state, storage_reader=safe_reader(ckpt / DCP_DIR), no_dist=alone)
     except CheckpointException as err:
-        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({err})") from None
+        raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({_dcp_reason(err)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -392,8 +456,6 @@ def load_full_state_sharded(
 ) -> None:
     """Load a single-process checkpoint (``model.safetensors`` + a ``torch.optim`` state dict) into a
     DDP or FSDP model on several ranks: every rank reads the full tensors and keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     try:
         weights = load_file(str(ckpt / MODEL_FILE))
     except (SafetensorError, OSError) as err:

@@ -9,11 +9,15 @@ on and how the loss is computed come from outside as a ``BatchSource`` and a
 With a ``DistContext`` (``lmlab.train.distributed``) the same loop runs on every rank of a
 torchrun job: the loss sum and target count are all-reduced, so the update is the one a single
 process would make on the whole global batch; checkpoints become sharded and collective.
+
+The loop stops early in two ways, both reported in ``TrainResult``: a stop request (a signal,
+``lmlab.train.signals``) ends it after the current step with a checkpoint; a non-finite loss or
+gradient norm ends it at once, naming the first bad step, and no checkpoint of a diverged model is
+written. Behaviour is extended with callbacks (``lmlab.train.callbacks``), not subclasses.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,11 +30,13 @@ from torch import nn
 from lmlab.config import RunConfig
 from lmlab.objectives.base import LossOutput
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.callbacks import Callback
 from lmlab.train.distributed import DistContext, gradient_sync, prepare_model, unwrap
 from lmlab.train.metrics import MetricsLogger
 from lmlab.train.optim import build_optimizer
 from lmlab.train.runtime import autocast_context
 from lmlab.train.schedule import lr_at
+from lmlab.train.signals import StopRequest
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], LossOutput]
@@ -53,6 +59,16 @@ class TrainResult:
     final_train_loss: float | None
     final_eval: dict[str, float] = field(default_factory=dict)
     diverged: bool = False
+    diverged_at: int | None = None  # the first step whose loss or gradient norm was not finite
+    stopped_by: str | None = None  # the signal that interrupted the run
+    checkpoint: Path | None = None  # the last checkpoint written by this process
+
+    @property
+    def status(self) -> str:
+        """``finished``, ``diverged`` or ``interrupted``."""
+        if self.diverged:
+            return "diverged"
+        return "interrupted" if self.stopped_by else "finished"
 
 
 class Trainer:
@@ -71,10 +87,13 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         on_log: Callable[[dict[str, Any]], None] | None = None,
         dist: DistContext | None = None,
+        callbacks: Iterable[Callback] = (),
+        stop: StopRequest | None = None,
     ):
         """``model`` may be a plain module or one already passed through ``prepare_model``; the
         configured switches (activation checkpointing, compile, DDP / FSDP per ``dist``) are applied
-        here otherwise."""
+        here otherwise. ``meta`` goes into every checkpoint's meta.json (``run_id`` marks the
+        checkpoints this run may prune); ``stop`` is polled after every step."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.batches = batches
@@ -83,6 +102,9 @@ class Trainer:
         self.device = device
         self.meta = meta or {}
         self.on_log = on_log
+        self.callbacks = list(callbacks)
+        self.stop = stop or StopRequest()
+        self.logger: MetricsLogger | None = None
         self.dist = dist or DistContext(device=device)
         self.forward_model = prepare_model(model, cfg, self.dist)
         self.model = unwrap(self.forward_model)
@@ -132,7 +154,7 @@ class Trainer:
         if self.dist.sharded:
             state = self.state_dict()
             del state["optimizer"]
-            return ckpt_io.save_sharded_checkpoint(
+            path = ckpt_io.save_sharded_checkpoint(
                 self.run_dir,
                 self.step,
                 self.model,
@@ -143,15 +165,19 @@ class Trainer:
                 meta=meta,
                 keep_last=t.keep_last,
             )
-        return ckpt_io.save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            model_cfg=self.cfg.model,
-            train_state=self.state_dict(),
-            meta=meta,
-            keep_last=t.keep_last,
-        )
+        else:
+            path = ckpt_io.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                model_cfg=self.cfg.model,
+                train_state=self.state_dict(),
+                meta=meta,
+                keep_last=t.keep_last,
+            )
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, path)
+        return path
 
     def resume(self, path: str | Path | None = None) -> Path:
         """Load a checkpoint (default: the run directory's latest): weights, optimizer, data position, RNG.
@@ -209,8 +235,11 @@ class Trainer:
             parts = [out.loss_sum, out.count, *(out.metrics[k] for k in names)]
             local = torch.stack([p.detach().to(torch.float64).reshape(()) for p in parts])
             sums = local if sums is None else sums + local
-        # One all-reduce of [loss_sum, count, metric sums...]: every rank sees the global numbers.
-        summed = self._reduce_sums(sums)
+        # One all-reduce of [loss_sum, count, metric sums..., stop flag]: every rank sees the global
+        # numbers, and a stop request seen by any rank reaches all of them at the same step.
+        flag = torch.ones(1, dtype=torch.float64) if self.stop.requested else torch.zeros(1, dtype=torch.float64)
+        summed = self._reduce_sums(torch.cat([sums, flag.to(sums.device)]))
+        stop_flag, summed = summed[-1], summed[:-1]
         total = summed[1].clamp(min=1.0)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -236,15 +265,12 @@ class Trainer:
         self.tokens += step_tokens * self.world_size()
         metrics: dict[str, Any] = {"loss": summed[0] / total, "lr": lr, "grad_norm": grad_norm.detach()}
         metrics.update({k: v / total for k, v in zip(names, summed[2:]) if k != "ce"})
+        self._stop_flag = stop_flag
         return to_host(metrics) if sync else metrics
 
     # Where this process sits in the job (one process unless a DistContext was given).
     def _reduce_sums(self, values: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_sum(values)
-
-    def reduce_count(self, count: torch.Tensor) -> torch.Tensor:
-        """The target count summed over ranks."""
-        return self._reduce_sums(count.reshape(1).double())[0]
 
     def world_size(self) -> int:
         return self.dist.world_size
@@ -255,46 +281,91 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, logger: MetricsLogger | None = None) -> TrainResult:
+        """Train until ``train.steps``, a stop request or divergence; returns what happened."""
         t = self.cfg.train
+        self.logger = logger
         progress = self._progress_bar()
         last_train_loss = None
         final_eval: dict[str, float] = {}
         window_start, window_tokens = time.perf_counter(), 0
         start_time = time.perf_counter()
-        diverged = False
+        diverged_at: int | None = None
+        stopped_by: str | None = None
+        checkpoint: Path | None = None
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step, on the device
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
         try:
             while self.step < t.steps:
                 tokens_before = self.tokens
                 metrics = self.train_step(sync=False)
                 window_tokens += self.tokens - tokens_before
+                bad = ~(torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"]))
+                first_bad = torch.where(bad & (first_bad < 0), self.step, first_bad)
                 if progress is not None:
                     progress.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                for callback in self.callbacks:
+                    callback.on_step_end(self, metrics)
+                is_last = self.step == t.steps
+                stopping = self._stop_requested()
+                checkpoint_due = self.step % t.ckpt_every == 0 or is_last or stopping
+                log_due = self.step % t.log_every == 0 or is_last
+                if (log_due or checkpoint_due) and int(first_bad) >= 0:  # never checkpoint a diverged model
+                    diverged_at, log_due = int(first_bad), True
+                if log_due:
                     metrics = to_host(metrics)  # the only host-device sync of a training step
                     last_train_loss = metrics["loss"]
-                    diverged = not math.isfinite(metrics["loss"])
                     now = time.perf_counter()
                     rate = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
                     record = {"kind": "train", "step": self.step, "tokens": self.tokens, **metrics}
                     record.update(tokens_per_s=rate, time=now - start_time)
-                    self._emit(logger, record)
+                    self.emit(record)
                     if progress is not None:
                         progress.set_postfix(
                             loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:,.0f}"
                         )
-                if diverged:
+                if diverged_at is not None:
                     break
-                if self.eval_fn is not None and (self.step % t.eval_every == 0 or self.step == t.steps):
+                if self.eval_fn is not None and (self.step % t.eval_every == 0 or is_last):
                     final_eval = self.evaluate()
-                    self._emit(logger, {"kind": "eval", "step": self.step, "tokens": self.tokens, **final_eval})
-                if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                    self.emit({"kind": "eval", "step": self.step, "tokens": self.tokens, **final_eval})
+                    for callback in self.callbacks:
+                        callback.on_evaluate(self, final_eval)
+                if checkpoint_due:
                     if self.is_main() or self.saves_on_all_ranks():
-                        self.save()
+                        checkpoint = self.save()
+                if stopping:
+                    stopped_by = self.stop.signal_name or "a signal on another rank"
+                    break
         finally:
             if progress is not None:
                 progress.close()
-        return TrainResult(self.step, self.tokens, last_train_loss, final_eval, diverged)
+        result = TrainResult(
+            self.step,
+            self.tokens,
+            last_train_loss,
+            final_eval,
+            diverged=diverged_at is not None,
+            diverged_at=diverged_at,
+            stopped_by=stopped_by,
+            checkpoint=checkpoint,
+        )
+        for callback in self.callbacks:
+            callback.on_fit_end(self, result)
+        return result
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step: the local flag alone, or with several ranks the flag summed over
+        ranks in this step's all-reduce (so all ranks stop after the same step)."""
+        if self.world_size() == 1:
+            return self.stop.requested
+        if self.device.type != "cuda":
+            return float(self._stop_flag) > 0
+        # On GPUs read the previous step's flag, which is long computed, so the host does not wait for this
+        # step's all-reduce (the sync-free step); every rank still stops after the same step.
+        previous, self._pending_stop = getattr(self, "_pending_stop", None), self._stop_flag
+        return previous is not None and float(previous) > 0
 
     def saves_on_all_ranks(self) -> bool:
         """Sharded checkpoints are collective: every rank writes its part."""
@@ -309,9 +380,10 @@ class Trainer:
         self.model.train()
         return out
 
-    def _emit(self, logger: MetricsLogger | None, record: dict[str, Any]) -> None:
-        if logger is not None and self.is_main():
-            logger.log(record)
+    def emit(self, record: dict[str, Any]) -> None:
+        """Log ``record`` to ``metrics.jsonl`` and the trackers (rank 0) and to ``on_log``."""
+        if self.logger is not None and self.is_main():
+            self.logger.log(record)
         if self.on_log is not None:
             self.on_log(record)
 
@@ -331,38 +403,6 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.1 if interactive else 10.0,
         )
-
-
-def fit_logged(
-    trainer: Trainer, run_dir: Path, *, resume: bool = False, first_records: Iterable[dict[str, Any]] = ()
-) -> tuple[TrainResult, dict[str, Any]]:
-    """Run ``trainer.fit`` with ``metrics.jsonl`` (rank 0 only) and return the result and the summary
-    fields every run shares (status, steps, tokens, final train loss, wall time).
-
-    On resume the log is cut back to the checkpoint's step; ``first_records`` are logged before training
-    on a fresh run (e.g. SFT's data counts).
-    """
-    logger = None
-    if trainer.is_main():
-        tb = trainer.cfg.train.tensorboard
-        logger = MetricsLogger(run_dir, tensorboard=tb, resume_step=trainer.step if resume else None)
-        if not resume:
-            for record in first_records:
-                logger.log(record)
-    start = time.perf_counter()
-    try:
-        result = trainer.fit(logger)
-    finally:
-        if logger is not None:
-            logger.close()
-    fields = {
-        "status": "diverged" if result.diverged else "finished",
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "final_train_loss": result.final_train_loss,
-        "wall_time_s": time.perf_counter() - start,
-    }
-    return result, fields
 
 
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import ConfigError
+from lmlab.safe_io import open_append, write_text_atomic
+
 
 class MetricsLogger:
     """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
@@ -15,14 +18,12 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
-        self._file = open(self.path, "a")
+        self._file = open_append(self.path)
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                from lmlab.errors import ConfigError
-
                 raise ConfigError(
                     "train.tensorboard=true needs the tensorboard package: pip install 'lmlab[tensorboard]'"
                 ) from err
@@ -38,7 +39,7 @@ class MetricsLogger:
                 continue  # a line cut by a crash
             if rec.get("step", -1) <= step:
                 kept.append(line)
-        self.path.write_text("".join(x + "\n" for x in kept))
+        write_text_atomic(self.path, "".join(x + "\n" for x in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -74,21 +74,3 @@ def environment(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def start_from_run(cfg, command: str):
-    """Device, threads and seed for a run that starts from ``cfg.init_from`` (alignment, reward models);
-    returns ``(device, model, init_cfg, tokenizer)`` or raises one clear message."""
-    from lmlab.errors import CheckpointError
-    from lmlab.train.checkpoint import load_model
-
-    if not cfg.init_from:
-        raise ConfigError(f"lmlab {command} needs init_from: the run directory of the model to start from")
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    model, init_cfg, tokenizer = load_model(cfg.init_from, device)
-    if tokenizer is None:
-        raise CheckpointError(f"{cfg.init_from}: the run has no tokenizer.json; preference data cannot be tokenized")
-    return device, model, init_cfg, tokenizer

@@ -12,7 +12,7 @@ from torch import nn
 from lmlab.config import AlignConfig, load_config
 from lmlab.data.preference import collate_pairs, load_preference_file, pad_id_of
 from lmlab.errors import ConfigError, DataError
-from lmlab.train.align import (
+from lmlab.recipes.align import (
     build_align_loss,
     cached_reference,
     check_align_config,
@@ -21,7 +21,7 @@ from lmlab.train.align import (
     load_reference_model,
     reference_table,
 )
-from lmlab.train.checkpoint import load_model
+from lmlab.train.pretrained import load_model
 
 
 class FixedLogits(nn.Module):
@@ -151,14 +151,13 @@ def test_check_align_config():
         ("align.max_prompt_len=300", "max_prompt_len"),
         ("align.train_file=null", "align.train_file is required"),
     ]:
-        cfg = load_config(None, ["align.train_file=x.jsonl", "model.max_seq_len=256", override])
-        with pytest.raises(ConfigError, match=message):
-            check_align_config(cfg)
+        with pytest.raises(ConfigError, match=message):  # refused when the config loads, or by the recipe
+            check_align_config(load_config(None, ["align.train_file=x.jsonl", "model.max_seq_len=256", override]))
 
 
 def test_reference_with_another_tokenizer_is_refused(base, foreign_run):
     _, _, tok = base
-    with pytest.raises(DataError, match="uses another tokenizer than the policy"):
+    with pytest.raises(DataError, match="uses a different tokenizer than the policy"):
         load_reference_model(foreign_run, tok, "cpu")
 
 
@@ -183,7 +182,7 @@ def test_reference_cache_is_reused_only_for_the_same_data(base, pair_files, tmp_
 
 def test_dispatch_passes_the_config_to_each_loss():
     from lmlab.objectives import preference as P
-    from lmlab.train.align import preference_losses
+    from lmlab.objectives.preference import PairLogps, preference_losses
 
     torch.manual_seed(1)
     pc, pr, rc, rr = (torch.randn(5) * 3 - 10 for _ in range(4))
@@ -197,10 +196,10 @@ def test_dispatch_passes_the_config_to_each_loss():
     }
     for loss, expected in cases.items():
         a = AlignConfig(loss=loss, beta=0.3, gamma=0.7, label_smoothing=0.1, orpo_lambda=0.2)
-        got = preference_losses(a, pc, pr, rc, rr, lc, lr)
+        got = preference_losses(a, PairLogps(pc, pr, rc, rr, lc, lr))
         assert torch.allclose(got.losses, expected.losses), loss
         assert torch.allclose(got.chosen_rewards, expected.chosen_rewards), loss
     a = AlignConfig(loss="dpo", beta=0.3, sft_weight=0.5)
-    got = preference_losses(a, pc, pr, rc, rr, lc, lr)
+    got = preference_losses(a, PairLogps(pc, pr, rc, rr, lc, lr))
     expected = P.dpo_loss(pc, pr, rc, rr, beta=0.3).losses + 0.5 * (-pc / lc)
     assert torch.allclose(got.losses, expected)

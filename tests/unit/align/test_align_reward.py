@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from lmlab.config import ModelConfig
+from lmlab.config import ModelConfig, load_config
 from lmlab.errors import ConfigError
 from lmlab.models.reward_head import RewardModel
-from lmlab.train.reward import bradley_terry_loss, build_reward_loss, chosen_nll, load_reward_config
+from lmlab.recipes.reward import bradley_terry_loss, build_reward_loss, chosen_nll
 
 
 def tiny_model() -> RewardModel:
@@ -65,9 +65,10 @@ def test_regularised_loss_adds_weighted_lm_term():
 def test_reward_config_section(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("init_from: base\nreward:\n  lm_weight: 0.1\n  ood_file: ood.jsonl\n")
-    cfg, rcfg = load_reward_config(path, ["reward.lm_weight=0.2"])
+    cfg = load_config(path, ["reward.lm_weight=0.2"])
+    rcfg = cfg.reward
     assert cfg.init_from == "base" and rcfg.lm_weight == 0.2 and rcfg.ood_file == "ood.jsonl"
     with pytest.raises(ConfigError, match="reward.lm_weight=-1.0 must be >= 0"):
-        load_reward_config(path, ["reward.lm_weight=-1"])
+        load_config(path, ["reward.lm_weight=-1"])
     with pytest.raises(ConfigError, match="unknown config key 'reward.weight'"):
-        load_reward_config(path, ["reward.weight=1"])
+        load_config(path, ["reward.weight=1"])

@@ -13,8 +13,8 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.decoder import Decoder
 from lmlab.train import checkpoint as ck
 from lmlab.train.distributed import check_world, setup_distributed
+from lmlab.train.engine import keep_global_batch
 from lmlab.train.loop import Trainer
-from lmlab.train.pretrain import keep_global_batch
 
 from helpers import tiny_config
 

@@ -20,8 +20,9 @@ from lmlab.errors import CheckpointError, UserError  # noqa: E402
 from lmlab.models import hf  # noqa: E402
 from lmlab.models.decoder import Decoder  # noqa: E402
 from lmlab.models.generation import generate  # noqa: E402
-from lmlab.models.hf_commands import export_main, import_main  # noqa: E402
-from lmlab.train.checkpoint import load_model, save_checkpoint  # noqa: E402
+from lmlab.recipes.hf_commands import export_main, import_main  # noqa: E402
+from lmlab.train.checkpoint import save_checkpoint  # noqa: E402
+from lmlab.train.pretrained import load_model  # noqa: E402
 
 from helpers import model_cfg  # noqa: E402
 

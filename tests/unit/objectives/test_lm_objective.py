@@ -3,9 +3,9 @@ import torch
 from lmlab.config import GoldfishConfig, ObjectiveConfig
 from lmlab.models.decoder import Decoder
 from lmlab.objectives.lm import causal_lm_loss
-from lmlab.train.lm_objective import attach_objective_hooks, build_lm_loss
+from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss
+from lmlab.recipes.pretrain import run_pretraining
 from lmlab.train.metrics import read_metrics
-from lmlab.train.pretrain import run_pretraining
 
 from helpers import tiny_config
 

@@ -20,9 +20,10 @@ from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import ConfigError
 from lmlab.models.decoder import Decoder
 from lmlab.objectives.lm import IGNORE_INDEX
+from lmlab.objectives.lm_objective import build_lm_loss
+from lmlab.recipes.distill import cached_topk, load_teacher
 from lmlab.train.checkpoint import save_checkpoint
-from lmlab.train.lm_objective import build_lm_loss
-from lmlab.train.teacher import TeacherMismatchError, cached_topk, check_teacher_compatible, load_teacher
+from lmlab.train.pretrained import ModelMismatchError
 
 V = 40
 
@@ -114,10 +115,11 @@ def _teacher_run(tmp_path, tokenizer: TextTokenizer, vocab: int):
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, sft_tokenizer):
     other = TextTokenizer.train_bpe(["completely different text"] * 5, 300)
     run, _ = _teacher_run(tmp_path, other, sft_tokenizer.vocab_size)
-    with pytest.raises(TeacherMismatchError, match="different tokenizer"):
+    with pytest.raises(ModelMismatchError, match="different tokenizer"):
         load_teacher(run, sft_tokenizer, sft_tokenizer.vocab_size, "cpu")
-    with pytest.raises(TeacherMismatchError, match="model.vocab_size"):
-        check_teacher_compatible(sft_tokenizer, sft_tokenizer, 400, 352, "t")
+    wide, _ = _teacher_run(tmp_path, sft_tokenizer, 400)
+    with pytest.raises(ModelMismatchError, match="model.vocab_size"):
+        load_teacher(wide, sft_tokenizer, 352, "cpu")
 
 
 def test_teacher_topk_cache_is_computed_once_then_loaded(tmp_path, sft_tokenizer):

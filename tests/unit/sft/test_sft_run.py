@@ -10,10 +10,10 @@ import torch
 from lmlab.config import RunConfig, TrainConfig, load_config, save_config
 from lmlab.data.synthetic.facts import FactsWorld
 from lmlab.models.decoder import Decoder
-from lmlab.train.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from lmlab.recipes.sft import run_sft
+from lmlab.train.checkpoint import latest_checkpoint, save_checkpoint
 from lmlab.train.metrics import read_metrics
-from lmlab.train.sft import VocabularyMismatchError, run_sft
-from lmlab.train.teacher import TeacherMismatchError
+from lmlab.train.pretrained import ModelMismatchError, load_model
 
 TINY = [
     "model.d_model=32",
@@ -140,7 +140,7 @@ def test_vocabulary_mismatch_between_tokenizer_and_model_is_refused(tmp_path, da
     cfg = load_config(
         None, [*TINY, f"init_from={base}", f"tokenizer.path={tok_path}", f"sft.train_file={data / 'train.jsonl'}"]
     )
-    with pytest.raises(VocabularyMismatchError, match=r"has \d+ tokens but the model of init_from"):
+    with pytest.raises(ModelMismatchError, match=r"has \d+ tokens but the model of init_from"):
         run_sft(cfg, tmp_path / "r", quiet=True)
 
 
@@ -166,7 +166,7 @@ def test_teacher_with_a_different_tokenizer_is_refused_by_sft(tmp_path, data, to
 
     other = TextTokenizer.train_bpe(["some other corpus entirely"] * 5, 340)
     teacher, _ = _base_run(tmp_path, other, other.vocab_size)
-    with pytest.raises(TeacherMismatchError, match="different tokenizer"):
+    with pytest.raises(ModelMismatchError, match="different tokenizer"):
         run_sft(_cfg(data, tok_path, f"objective.distill.teacher={teacher}"), tmp_path / "r", quiet=True)
 
 
@@ -189,7 +189,7 @@ def test_facts_world_without_a_file(tmp_path, tok_path):
 
 
 def test_chat_responder_stops_at_end_of_turn(sft_tokenizer):
-    from lmlab.train.sft import chat_responder
+    from lmlab.eval.samples import chat_responder
 
     end = sft_tokenizer.token_to_id("<|end|>")
     hello = sft_tokenizer.encode("hello")
@@ -218,7 +218,7 @@ def test_chat_responder_stops_at_end_of_turn(sft_tokenizer):
 
 def test_imported_hf_model_as_init_and_teacher(tmp_path, data, sft_tokenizer):
     """A model that went through export-hf / import-hf serves as init_from and as the distillation teacher."""
-    from lmlab.models.hf_commands import export_hf, import_hf
+    from lmlab.recipes.hf_commands import export_hf, import_hf
 
     base, base_model = _base_run(tmp_path, sft_tokenizer, sft_tokenizer.vocab_size)
     imported = tmp_path / "imported"

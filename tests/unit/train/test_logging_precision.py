@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from lmlab.recipes.pretrain import run_pretraining
 from lmlab.train.metrics import read_metrics
-from lmlab.train.pretrain import run_pretraining
 
 from helpers import tiny_config
 

@@ -9,9 +9,9 @@ import torch
 
 from lmlab.models.decoder import Decoder
 from lmlab.objectives.lm import causal_lm_loss
+from lmlab.recipes.pretrain import run_pretraining
 from lmlab.train.loop import Trainer
 from lmlab.train.metrics import read_metrics
-from lmlab.train.pretrain import run_pretraining
 
 from helpers import tiny_config
 

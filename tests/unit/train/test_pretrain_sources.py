@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lmlab.errors import ConfigError
+from lmlab.recipes.pretrain import run_pretraining
 from lmlab.train.metrics import read_metrics
-from lmlab.train.pretrain import run_pretraining
 
 from helpers import tiny_config
 

@@ -1,0 +1,139 @@
+"""Pretraining (``lmlab train``): next-token prediction on a token corpus — a synthetic world, local files,
+prepared shards or a mixture — with the configured LM objective (goldfish, NEFTune, z-loss, label
+smoothing, distillation from a teacher). With ``init_from`` it continues pretraining an existing model
+(its architecture and tokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from lmlab.config import RunConfig
+from lmlab.data.mixture import build_mixture, prepare_mixture_data
+from lmlab.data.pipeline import prepare_run_data
+from lmlab.data.sampler import WindowSampler, eval_batches
+from lmlab.data.shards import TokenShards, load_manifest
+from lmlab.errors import ConfigError
+from lmlab.eval.perplexity import evaluate_lm, evaluate_sources
+from lmlab.eval.samples import write_samples
+from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss
+from lmlab.recipes.distill import load_teacher
+from lmlab.recipes.launch import run_command
+from lmlab.train.engine import Job, Plan, execute, print_report
+from lmlab.train.pretrained import check_vocabulary, inherit_from_init
+
+
+class LMBatches:
+    """Adapts ``WindowSampler`` to the loop's dict batches."""
+
+    def __init__(self, sampler: WindowSampler):
+        self.sampler = sampler
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        x, y = self.sampler.next_batch(batch_size)
+        return {"input_ids": x, "labels": y}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> RunConfig:
+    """Fill ``model.vocab_size`` from the tokenizer; refuse a model vocabulary too small for it."""
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer_vocab))
+    if cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
+            "set model.vocab_size=0 to take it from the tokenizer"
+        )
+    return cfg
+
+
+class PretrainRecipe:
+    name = "pretrain"
+
+    def setup(self, job: Job) -> Plan:
+        cfg = inherit_from_init(job.requested)  # continued pretraining: the parent's architecture and tokenizer
+        data_dir, tokenizer = job.ctx.main_first(lambda: prepare_run_data(cfg))
+        cfg = resolve_vocab(cfg, tokenizer.vocab_size)
+        check_vocabulary(tokenizer, cfg)
+        model = job.start_model(cfg)
+        attach_objective_hooks(model, cfg.objective, pad_id=None)
+        batches, eval_fn, entropy = self._data(cfg, data_dir, job)
+        teacher = None
+        if cfg.objective.distill.teacher:
+            if cfg.objective.distill.topk_cache > 0:
+                raise ConfigError(
+                    "objective.distill.topk_cache needs a fixed dataset (lmlab sft); lmlab train samples random windows"
+                )
+            teacher = load_teacher(cfg.objective.distill.teacher, tokenizer, cfg.model.vocab_size, job.device)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        t, world = cfg.train, job.ctx.world_size
+        where = f"{world} processes ({job.ctx.strategy}, {job.ctx.backend})" if world > 1 else str(job.device)
+        headline = (
+            f"run {job.run.path}: {model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
+            f"{t.micro_batch_size * t.grad_accum * world}x{t.seq_len} tokens on {where}"
+        )
+        return Plan(
+            cfg,
+            model,
+            batches,
+            build_lm_loss(cfg.objective, teacher),
+            tokenizer,
+            eval_fn=eval_fn,
+            summary={"unigram_entropy": entropy, "data_dir": str(data_dir)},
+            headline=headline,
+        )
+
+    def _data(self, cfg: RunConfig, data_dir, job: Job):
+        """``(batches, eval_fn, unigram entropy)`` of a single corpus or a mixture."""
+        t, ctx, device = cfg.train, job.ctx, job.device
+        seed = cfg.data.seed + cfg.train.seed
+        if cfg.data.source == "mixture":
+            dirs, _ = prepare_mixture_data(cfg)  # cached by prepare_run_data: opens, does not rebuild
+            batches, val, ratios = build_mixture(cfg, dirs, seed=seed, rank=ctx.rank, world_size=ctx.world_size)
+
+            def mixture_eval(m: torch.nn.Module) -> dict[str, float]:
+                return evaluate_sources(
+                    m, val, ratios, seq_len=t.seq_len, batch_size=t.micro_batch_size, budget_tokens=t.eval_tokens,
+                    device=device,
+                )  # fmt: skip
+
+            return batches, mixture_eval, None
+        train, val = TokenShards.open(data_dir, "train"), TokenShards.open(data_dir, "val")
+        sampler = WindowSampler(train, t.seq_len, seed, rank=ctx.rank, world_size=ctx.world_size)
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate_lm(m, eval_batches(val, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
+
+        entropy = load_manifest(data_dir).get("splits", {}).get("train", {}).get("unigram_entropy")
+        return LMBatches(sampler), eval_fn, entropy
+
+    def finish(self, job: Job, trainer, result) -> None:
+        model = job.plain_model(trainer)
+        if model is not None:
+            write_samples(model, self.tokenizer, self.cfg, job.run.path)
+
+    def report(self, job: Job, summary: dict[str, Any]) -> None:
+        print_report(job.run.path, summary)
+
+
+def run_pretraining(cfg: RunConfig, run_dir, **options) -> dict[str, Any]:
+    """Pretrain per ``cfg`` into ``run_dir`` (options as ``lmlab.train.engine.execute``); returns the summary."""
+    return execute(PretrainRecipe(), cfg, run_dir, **options)
+
+
+def train_main(argv: list[str]) -> int:
+    return run_command(
+        PretrainRecipe(),
+        ["train"],
+        argv,
+        "Pretrain a decoder from a YAML config. Overrides: dotted key=value after the config "
+        "(e.g. optim.lr=3e-4 train.steps=200). Several processes: --nproc N, or run under torchrun "
+        "(torchrun --nproc_per_node N -m lmlab train CONFIG ...); see docs/distributed.md.",
+    )

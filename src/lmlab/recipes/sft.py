@@ -1,0 +1,273 @@
+"""Supervised fine-tuning (``lmlab sft CONFIG [key=value ...] --out DIR``).
+
+Reads JSONL records (conversations, prompt/completion pairs or plain ``text`` documents;
+``lmlab.data.chat``), or the facts world's Q&A when ``data.synthetic.world=facts`` and no file is
+given. Renders them with the chat template, learns the assistant tokens only (``sft.loss_on``), packs
+them into rows of ``train.seq_len`` with per-example attention isolation (``lmlab.data.packing``) and
+trains with the configured LM objective (goldfish, NEFTune, label smoothing, z-loss, distillation from a
+teacher, each logged per component). ``init_from`` gives the architecture, the weights and (unless
+``tokenizer.path`` is set) the tokenizer; without it a BPE is trained on the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.config import RunConfig
+from lmlab.data.chat import SFTRecord, read_records, resolve_template
+from lmlab.data.packing import PackStats, Row, RowBatches, build_rows, iterate_batches
+from lmlab.data.tokenizer import TextTokenizer
+from lmlab.errors import ConfigError, DataError
+from lmlab.eval.samples import chat_responder, write_chat_samples, write_samples
+from lmlab.objectives.lm import causal_lm_loss
+from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss, model_inputs
+from lmlab.recipes.distill import cached_topk, load_teacher
+from lmlab.recipes.launch import run_command
+from lmlab.recipes.pretrain import resolve_vocab
+from lmlab.train.engine import Job, Plan, execute, print_report
+from lmlab.train.pretrained import check_vocabulary, inherit_from_init
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_records(cfg: RunConfig) -> tuple[list[SFTRecord], list[SFTRecord]]:
+    """Training and validation records: the configured files, or the facts world's Q&A.
+
+    Without ``sft.val_file`` a ``data.val_fraction`` share of the training records (chosen with
+    ``data.seed``) is held out for validation when there are at least 10 records.
+    """
+    s = cfg.sft
+    if s.train_file:
+        train = read_records(s.train_file)
+    elif cfg.data.source == "synthetic" and cfg.data.synthetic.world == "facts":
+        train = facts_records(cfg, "train")
+        if not s.val_file:
+            return train, facts_records(cfg, "heldout")
+    else:
+        raise ConfigError("lmlab sft needs sft.train_file (a JSONL file), or data.synthetic.world=facts")
+    if s.val_file:
+        return train, read_records(s.val_file)
+    n_val = int(round(len(train) * cfg.data.val_fraction))
+    if len(train) < 10 or n_val == 0:
+        return train, []
+    order = list(range(len(train)))
+    random.Random(cfg.data.seed).shuffle(order)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def facts_records(cfg: RunConfig, split: str) -> list[SFTRecord]:
+    """Q&A conversations about the first ``data.synthetic.n_docs`` people of the facts world."""
+    from lmlab.data.synthetic.facts import FactsWorld
+
+    syn = cfg.data.synthetic
+    convs = FactsWorld().qa_conversations(syn.seed, syn.n_docs, split)
+    return [SFTRecord(f"facts:{split}:{c['person']}:{c['attribute']}", tuple(c["messages"])) for c in convs]
+
+
+def load_tokenizer(cfg: RunConfig, records: list[SFTRecord]) -> TextTokenizer:
+    """``tokenizer.path`` (the init_from run's by default), else a BPE trained on the records' text."""
+    if cfg.tokenizer.path:
+        return TextTokenizer.load(cfg.tokenizer.path)
+    texts = [r.text if r.text is not None else "\n".join(m["content"] for m in r.messages) for r in records]
+    return TextTokenizer.train_bpe(
+        texts[: cfg.tokenizer.train_docs], cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
+    )
+
+
+def encode_records(records: list[SFTRecord], tokenizer: TextTokenizer, cfg: RunConfig):
+    """``(ids, target_mask)`` per record with the run's template and ``sft.loss_on``."""
+    template = None
+    if any(r.text is None for r in records):
+        template = resolve_template(tokenizer, cfg.sft.chat_template)
+    return [r.encode(tokenizer, template, cfg.sft.loss_on) for r in records]
+
+
+def steps_for_epochs(cfg: RunConfig, n_rows: int, world_size: int = 1) -> RunConfig:
+    """With ``sft.epochs > 0``, ``train.steps`` = ceil(epochs · rows / rows per step)."""
+    if cfg.sft.epochs <= 0:
+        return cfg
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    steps = max(1, math.ceil(cfg.sft.epochs * n_rows / per_step))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    if cfg.schedule.warmup_steps > steps:
+        raise ConfigError(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds the {steps} steps of "
+            f"sft.epochs={cfg.sft.epochs}; lower the warmup"
+        )
+    return cfg
+
+
+def tokenizer_config(tokenizer: TextTokenizer, cfg: RunConfig) -> dict[str, Any]:
+    """The run's ``tokenizer_config.json``: the source's, with the chat template the run used when it is not
+    the built-in one, so generation, evaluation and export use the same template."""
+    source = Path(tokenizer.source).parent / "tokenizer_config.json" if not tokenizer.source.startswith("<") else None
+    config: dict[str, Any] = json.loads(source.read_text()) if source is not None and source.is_file() else {}
+    if cfg.sft.chat_template is not None:
+        template = resolve_template(tokenizer, cfg.sft.chat_template)
+        if template.origin == "builtin":
+            config.pop("chat_template", None)
+        else:
+            config["chat_template"] = template.source
+    return config
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_rows(
+    model: torch.nn.Module, rows: list[Row], *, batch_size: int, pad_id: int, pad_to: int | None, packed: bool, device
+) -> dict[str, float]:
+    """Mean target-token cross-entropy over all validation rows (exactly once)."""
+    loss_sum, count = 0.0, 0
+    for batch in iterate_batches(rows, batch_size, pad_id, pad_to, with_docs=packed):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = causal_lm_loss(model(batch["input_ids"], **model_inputs(batch)), batch["labels"])
+        loss_sum += float(out.loss_sum)
+        count += int(out.count)
+    loss = loss_sum / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def facts_accuracy(model, tokenizer: TextTokenizer, cfg: RunConfig, limit: int = 120) -> dict[str, dict]:
+    """Exact-answer accuracy on the facts world's Q&A: people seen in SFT (``train``) and held out (``heldout``);
+    replies are decoded greedily for at most ``sample.max_new_tokens`` tokens."""
+    from lmlab.data.synthetic.facts import FactsWorld, exact_answer_accuracy
+
+    syn = cfg.data.synthetic
+    respond = chat_responder(model, tokenizer, cfg.sft.chat_template, max_new_tokens=cfg.sample.max_new_tokens)
+    world = FactsWorld()
+    return {
+        split: exact_answer_accuracy(respond, world.qa_conversations(syn.seed, syn.n_docs, split)[:limit])
+        for split in ("train", "heldout")
+    }
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class SFTRecipe:
+    name = "sft"
+
+    def setup(self, job: Job) -> Plan:
+        cfg = inherit_from_init(job.requested)
+        train_records, val_records = load_records(cfg)
+        own = job.run.path / "tokenizer.json"
+        tokenizer = (
+            TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
+        )
+        cfg = resolve_vocab(cfg, tokenizer.vocab_size) if not cfg.init_from else cfg
+        check_vocabulary(tokenizer, cfg)
+        if cfg.train.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+        s, t, ctx = cfg.sft, cfg.train, job.ctx
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        pad_to = t.seq_len if s.packing else None
+        rows, stats = build_rows(
+            encode_records(train_records, tokenizer, cfg), t.seq_len, packing=s.packing, overlong=s.overlong
+        )
+        if not rows:
+            raise DataError(f"no training example is left after the over-long policy ({stats.as_dict()})")
+        val_rows, val_stats = build_rows(
+            encode_records(val_records, tokenizer, cfg), t.seq_len, packing=s.packing, overlong=s.overlong
+        )
+        cfg = steps_for_epochs(cfg, len(rows), ctx.world_size)
+        model = job.start_model(cfg)
+        attach_objective_hooks(model, cfg.objective, pad_id=pad_id)
+        extras, teacher, cache = None, None, None
+        kd = cfg.objective.distill
+        if kd.teacher:
+            teacher = load_teacher(kd.teacher, tokenizer, cfg.model.vocab_size, job.device)
+            if kd.topk_cache > 0:
+                extras, hit = ctx.main_first(
+                    lambda: cached_topk(
+                        teacher, rows, kd.topk_cache, job.run.path / "teacher_topk.pt", pad_id=pad_id,
+                        pad_to=t.seq_len, batch_size=t.micro_batch_size, device=job.device,
+                    )
+                )  # fmt: skip
+                cache, teacher = (
+                    ("loaded" if hit else "computed"),
+                    None,
+                )  # the teacher ran once; training reads the cache
+        batches = RowBatches(
+            rows, pad_id=pad_id, seed=cfg.data.seed + t.seed, pad_to=pad_to, with_docs=s.packing, extras=extras,
+            rank=ctx.rank, world_size=ctx.world_size,
+        )  # fmt: skip
+
+        def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+            return evaluate_rows(
+                m, val_rows, batch_size=t.micro_batch_size, pad_id=pad_id, pad_to=pad_to, packed=s.packing,
+                device=job.device,
+            )  # fmt: skip
+
+        self.cfg, self.tokenizer, self.chat = cfg, tokenizer, any(r.text is None for r in train_records)
+        data = {**stats.as_dict("train_"), **val_stats.as_dict("val_")}
+        tok_cfg = tokenizer_config(tokenizer, cfg)
+        return Plan(
+            cfg,
+            model,
+            batches,
+            build_lm_loss(cfg.objective, teacher, topk_cached=extras is not None),
+            tokenizer,
+            eval_fn=eval_fn if val_rows else None,
+            summary={"data": data, "teacher_topk_cache": cache, "unigram_entropy": None},
+            first_records=[{"kind": "data", "step": 0, **data}],
+            files={"tokenizer_config.json": json.dumps(tok_cfg, indent=1)} if tok_cfg else {},
+            headline=_data_report(job.run.path, cfg, stats, val_stats),
+        )
+
+    def finish(self, job: Job, trainer, result) -> None:
+        model = job.plain_model(trainer)
+        if model is None:
+            return
+        cfg, tokenizer = self.cfg, self.tokenizer
+        if not cfg.sft.train_file and cfg.data.synthetic.world == "facts":
+            job.summary.extra["facts_accuracy"] = facts_accuracy(model, tokenizer, cfg)
+        if self.chat:
+            write_chat_samples(model, tokenizer, cfg, job.run.path)
+        else:
+            write_samples(model, tokenizer, cfg, job.run.path)
+
+    def report(self, job: Job, summary: dict[str, Any]) -> None:
+        print_report(job.run.path, summary)
+
+
+def _data_report(run_dir: Path, cfg: RunConfig, train: PackStats, val: PackStats) -> str:
+    layout = "packed" if cfg.sft.packing else "one example per row"
+    lines = [
+        f"sft {run_dir}: {train.examples} training examples -> {train.rows} rows of <= {cfg.train.seq_len} tokens "
+        f"({layout}); {train.target_tokens:,} target tokens; {val.examples} validation examples; "
+        f"{cfg.train.steps} steps"
+    ]
+    if train.truncated or train.dropped_overlong or val.truncated or val.dropped_overlong:
+        lines.append(
+            f"over-long examples ({cfg.sft.overlong}): train truncated {train.truncated}, dropped "
+            f"{train.dropped_overlong}; validation truncated {val.truncated}, dropped {val.dropped_overlong}"
+        )
+    if train.dropped_no_target:
+        lines.append(f"dropped {train.dropped_no_target} training examples with no target token left")
+    return "\n".join(lines)
+
+
+def run_sft(cfg: RunConfig, run_dir, **options) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` into ``run_dir`` (options as ``lmlab.train.engine.execute``); returns the summary."""
+    return execute(SFTRecipe(), cfg, run_dir, **options)
+
+
+def sft_main(argv: list[str]) -> int:
+    return run_command(
+        SFTRecipe(),
+        ["sft"],
+        argv,
+        "Supervised fine-tuning on JSONL conversations / prompt-completion pairs (or the facts world). "
+        "Overrides: dotted key=value after the config (e.g. sft.train_file=chat.jsonl init_from=runs/base).",
+    )
