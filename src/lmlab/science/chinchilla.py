@@ -130,14 +130,6 @@ def raw_from_params(p: ChinchillaParams) -> np.ndarray:
     return np.array([math.log(p.A), math.log(p.B), math.log(p.E), p.alpha, p.beta])
 
 
-def log_loss_prediction(x: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
-    """``LSE(a − α log N, b − β log D, e)``, the predicted log-loss (§1.2)."""
-    a, b, e, alpha, beta = x
-    z = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    m = z.max(axis=0)
-    return m + np.log(np.exp(z - m).sum(axis=0))
-
-
 def huber_objective(
     x: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float = HUBER_DELTA
 ) -> tuple[float, np.ndarray]:

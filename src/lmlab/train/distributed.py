@@ -188,11 +188,6 @@ def check_launch(cfg: RunConfig, nproc: int) -> None:
     resolve_backend(cfg, resolve_device(cfg.train.device))
 
 
-def global_batch_rows(cfg: RunConfig, world_size: int) -> int:
-    t = cfg.train
-    return t.micro_batch_size * t.grad_accum * world_size
-
-
 def setup_distributed(cfg: RunConfig, env: Mapping[str, str] | None = None) -> DistContext:
     """Join the job described by torchrun's environment (or run alone) and return where we are.
 

@@ -10,7 +10,7 @@ A world may also define an integer ``version`` and bump it whenever its text cha
 pipeline's shard cache key includes it, so stale cached shards are not reused.
 
 Worlds register themselves with :func:`register_world`; importing this package imports every
-module in it, so the built-in worlds are registered. Later modules (facts, arithmetic, preference pairs, languages) add theirs the
+module in it, so the built-in worlds are registered. Later modules (facts, preference pairs, languages) add theirs the
 same way, and configs refer to them by name (``data.synthetic.world``).
 """
 
