@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from lmlab import __version__
 from lmlab.config import ModelConfig, model_config_diff, to_dict
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.train.dcp_safe import safe_reader
+from lmlab.train.dcp_safe import read_metadata_safely, safe_reader
 
 CKPT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -274,6 +274,8 @@ def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[
             raise CheckpointError(
                 f"{path}: not listed in {META_FILE}; refusing a checkpoint holding files lmlab did not write"
             )
+    if is_sharded(ckpt):
+        read_metadata_safely(ckpt / DCP_DIR)  # DCP's metadata is a pickle: read it through the allow-list now
     if model_cfg is not None:
         try:
             diffs = model_config_diff(meta.get("model_config", {}), model_cfg)

@@ -120,8 +120,13 @@ class Run:
         happens. ``resume``: True for the latest checkpoint, a checkpoint directory, or ``"auto"`` (continue
         the directory's run if it is this run, else start a new one)."""
         run = cls(Path(path), kind, ctx or DistContext(), quiet=quiet)
-        claim = run.ctx.main_first(lambda: run._claim(requested, resume, overwrite), others=False)
-        claim = run.ctx.broadcast_object(claim)
+        try:
+            claim = run.ctx.main_first(lambda: run._claim(requested, resume, overwrite), others=False)
+            claim = run.ctx.broadcast_object(claim)
+        except BaseException:
+            if run._lock is not None:
+                run._lock.release()
+            raise
         run.checkpoint = Path(claim["checkpoint"]) if claim["checkpoint"] else None
         run.run_id = claim["run_id"]
         try:
@@ -282,6 +287,8 @@ class Run:
             return
         known = {f.name for f in dataclasses.fields(RunSummary)}
         self.summary.extra = {**{k: v for k, v in old.items() if k not in known}, **self.summary.extra}
+        if self.summary.init_from is None:  # loaded by the first start, not again
+            self.summary.init_from = old.get("init_from")
 
     def _file(self, name: str) -> Path:
         """``RUN_DIR/name`` after refusing a symlink there (writes never leave the run directory)."""
