@@ -30,6 +30,7 @@ from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import CheckpointError, DataError, UserError
 from lmlab.models import hf
 from lmlab.models.decoder import Decoder
+from lmlab.safe_io import write_bytes_atomic
 from lmlab.train.checkpoint import model_state_dict, save_checkpoint
 from lmlab.train.pretrained import load_model
 
@@ -53,10 +54,14 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
         raise UserError(f"Hugging Face directory not found: {src}")
     if (out / "config.yaml").exists():
         raise UserError(f"{out} already holds a run (config.yaml); choose a new --out directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory; choose a new --out directory")
     hf_config = hf.read_hf_config(src)
     model_cfg = hf.hf_config_to_model_config(hf_config, source=str(src / "config.json"))
     tok_src = src / "tokenizer.json"
-    if not tok_src.is_file():
+    if tok_src.is_file():
+        tok_src = hf.shard_path(src, "tokenizer.json", src)  # a symlink out of the model directory is refused
+    else:
         raise DataError(
             f"{src} has no tokenizer.json; save the fast tokenizer first "
             "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
@@ -79,9 +84,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
     validate(cfg)
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_src, out / "tokenizer.json")
+    write_bytes_atomic(out / "tokenizer.json", tok_src.read_bytes())
     if (src / "tokenizer_config.json").is_file():  # kept for export (chat template, special tokens)
-        shutil.copyfile(src / "tokenizer_config.json", out / "tokenizer_config.json")
+        tok_cfg = hf.shard_path(src, "tokenizer_config.json", src)
+        write_bytes_atomic(out / "tokenizer_config.json", tok_cfg.read_bytes())
     save_checkpoint(
         out,
         0,

@@ -82,9 +82,9 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_to_the_cli_then_resume(tmp_path, nproc):
-    """The real command, a real SIGTERM at an unknown step; with ``--nproc 2`` the signal goes to torchrun's
+@pytest.mark.parametrize(("nproc", "sig"), [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
+def test_signal_to_the_cli_then_resume(tmp_path, nproc, sig):
+    """The real command, a real signal at an unknown step; with ``--nproc 2`` the signal goes to torchrun's
     agent, which forwards it: both ranks stop after the same step and write one sharded checkpoint."""
     overrides = ["schedule.name=constant", "schedule.warmup_steps=0", "train.ckpt_every=1000", "train.threads=1"]
     if nproc == 2:
@@ -98,7 +98,7 @@ def test_sigterm_to_the_cli_then_resume(tmp_path, nproc):
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         _wait_for_step(run, job, 3)
-        job.send_signal(signal.SIGTERM)
+        job.send_signal(sig)
         _, err = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
@@ -106,8 +106,8 @@ def test_sigterm_to_the_cli_then_resume(tmp_path, nproc):
     assert job.returncode == EXIT_INTERRUPTED, err[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     stopped = summary["steps"]
-    assert summary["status"] == "interrupted" and summary["stopped_by"] == "SIGTERM"
-    assert f"lmlab train: stopped by SIGTERM after step {stopped}" in err and "Traceback" not in err
+    assert summary["status"] == "interrupted" and summary["stopped_by"] == sig.name
+    assert f"lmlab train: stopped by {sig.name} after step {stopped}" in err and "Traceback" not in err
     assert ck.latest_checkpoint(run).name == f"step_{stopped:07d}"
     if nproc == 2:
         assert ck.is_sharded(ck.latest_checkpoint(run))
