@@ -5,7 +5,7 @@ accumulation normalised by the token count, clipping, AdamW parameter groups, au
 implementation of the *same* model (Hugging Face ``LlamaForCausalLM``, built from the lmlab config by
 ``lmlab.models.hf.model_config_to_hf_config`` and loaded with the lmlab weights) on the same batches.
 
-Measurement rules (DESIGN.md: "performance is measured in benchmarks that print ratios against a peer
+Measurement rules (docs/design.md: "performance is measured in benchmarks that print ratios against a peer
 run in the same process or job"):
 
 - warmup steps are run and discarded before anything is timed;

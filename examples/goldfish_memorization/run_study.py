@@ -1,6 +1,6 @@
 """Goldfish vs standard cross-entropy: how much of its training data does a tiny model reproduce verbatim?
 
-The study of issue 3 (Hans et al. 2024, *Be like a Goldfish, Don't Memorize!*; SCIENCE.md §5) at
+The study of issue 3 (Hans et al. 2024, *Be like a Goldfish, Don't Memorize!*; docs/science.md §5) at
 laptop scale: the same tiny decoder is trained for many epochs on a small set of synthetic
 biographies (the ``facts`` world), once with the standard loss and once with the goldfish loss
 (k = 4, hashed mask over a 13-token context), for several seeds each. Then each model is prompted

@@ -1,4 +1,4 @@
-"""Study 5e of issue 5: the multilingual mixture law (SCIENCE.md §4) on three synthetic languages.
+"""Study 5e of issue 5: the multilingual mixture law (docs/science.md §4) on three synthetic languages.
 
     lmlab sweep configs/mixture/mixture_sweep.yaml --out runs/mixture --jobs 6
     python examples/mixture/analyze.py runs/mixture [--out examples/mixture/RESULTS.md]

@@ -8,10 +8,10 @@ concise, padded or wrong), this script:
    in-distribution test pairs), judged correctness and mean length (words) of answers sampled at
    temperature 1 on held-out prompts, and the Monte-Carlo KL(πθ ‖ πref) on those samples;
 2. runs DPO with a large learning rate and logs, every few steps, the chosen and rejected log-probs,
-   the margin and the gradient-entanglement cosine (PAPERS.md D02), to look for the chosen log-prob
+   the margin and the gradient-entanglement cosine (Yuan et al. 2024, arXiv 2410.13828), to look for the chosen log-prob
    falling while the margin grows;
 3. trains plain and regularised (LM-loss) reward models and compares their pairwise accuracy on the
-   in-distribution and the out-of-distribution split (PAPERS.md C01).
+   in-distribution and the out-of-distribution split (Yang et al. 2024, arXiv 2406.10216).
 
 Everything runs in-process through ``lmlab.recipes.pretrain.run_pretraining``, ``lmlab.recipes.align.run_align``
 and ``lmlab.recipes.reward.run_reward``. Results go to ``OUT/results.json`` and ``OUT/results.md``.

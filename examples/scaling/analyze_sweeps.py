@@ -2,7 +2,7 @@
 
     python examples/scaling/analyze_sweeps.py [--sweeps DIR] [--out FILE.md]
 
-- 5b Chinchilla: fit L(N, D) (SCIENCE.md §1.2) on all runs but the held-out largest-compute ones, predict
+- 5b Chinchilla: fit L(N, D) (docs/science.md §1.2) on all runs but the held-out largest-compute ones, predict
   the held-out final validation losses.
 - 5c annealing: fit the LR-annealing law (§2) jointly on the constant and cosine runs' validation curves,
   predict the WSD run's curve (mean absolute error as a fraction of the loss).
@@ -147,7 +147,7 @@ def lr_horizon_study(sweep: Path) -> list[str]:
         f"Fit on the {len(train_d)} shorter horizons: LR*(D) = {fit.B:.4g} · D^-{fit.beta:.3f}. Predicted LR* at "
         f"{target_d:,.0f} tokens: {pred:.4g}; measured vertex {vertices[target_d]:.4g}; ratio **{ratio:.2f}** "
         f"(goal within a factor of 1.5). The paper's beta at 50M–125M parameters is 0.65–0.70 and ≈ 0.32 at ≥ 760M "
-        "(SCIENCE.md §3).",
+        "(docs/science.md §3).",
         "",
     ]
     return lines

@@ -1,4 +1,4 @@
-"""Recover the Epoch Chinchilla constants from synthetic runs (SCIENCE.md §1, §12), offline in seconds.
+"""Recover the Epoch Chinchilla constants from synthetic runs (docs/science.md §1, §12), offline in seconds.
 
 Draws runs with N log-uniform in [5e7, 1.6e10] and D log-uniform in [8e8, 3.2e11], losses from the Epoch headline
 law with multiplicative noise, fits them with the default 4500-start grid, and prints the recovered constants,

@@ -2,7 +2,7 @@
 so the scripts cannot silently rot; plus the fairness premise they rest on: the HF peer is the same
 function as the lmlab model (same logits from the same weights), trained on the same tokens.
 
-Timings are never asserted (DESIGN.md: performance is measured in benchmarks, not in tests); only
+Timings are never asserted (docs/design.md: performance is measured in benchmarks, not in tests); only
 that every figure the lead's RESULTS.md needs is produced, finite and consistent.
 """
 

@@ -12,7 +12,6 @@ Synthetic and file sources are prepared once and cached (``lmlab.data.cache``).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from lmlab.config import RunConfig
@@ -21,6 +20,7 @@ from lmlab.data.mixture import prepare_mixture_data
 from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
+from lmlab.safe_io import write_bytes_atomic
 
 
 def prepare_run_data(cfg: RunConfig, run_dir: str | Path | None = None) -> tuple[Path, TextTokenizer]:
@@ -41,7 +41,7 @@ def prepare_run_data(cfg: RunConfig, run_dir: str | Path | None = None) -> tuple
     if run_dir is not None:
         run = Path(run_dir)
         run.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_dir / "tokenizer.json", run / "tokenizer.json")
+        write_bytes_atomic(run / "tokenizer.json", (data_dir / "tokenizer.json").read_bytes())
     return data_dir, tok
 
 

@@ -5,7 +5,7 @@ Each line is one pair. ``prompt`` is text or a list of chat messages (``{"role",
 document (prefixed with EOS, the separator the model saw in pretraining, as ``write_samples`` does)
 and each answer ends with EOS. A messages prompt is rendered with the fine-tuning chat template
 (``lmlab.data.chat``) and each answer becomes the assistant turn; the template's assistant mask marks
-the completion. Only completion tokens are scored: the prompt is masked (SCIENCE.md §7, "completion
+the completion. Only completion tokens are scored: the prompt is masked (docs/science.md §7, "completion
 log-ratio summed over completion tokens").
 
 Truncation follows TRL's defaults: a prompt longer than ``align.max_prompt_len`` keeps its *last*

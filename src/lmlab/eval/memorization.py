@@ -1,7 +1,7 @@
 """Memorization (verbatim extraction) evaluation: ``lmlab eval memorization RUN_DIR --data FILE``.
 
 The protocol of Carlini et al. 2023 (*Quantifying Memorization Across Neural Language Models*)
-as used by the goldfish paper (Hans et al. 2024, SCIENCE.md §5): prompt the model with the first
+as used by the goldfish paper (Hans et al. 2024, docs/science.md §5): prompt the model with the first
 ``p`` tokens of a training document (after the EOS that starts documents in lmlab's data), decode
 ``n`` tokens greedily, and compare them with the document's true next ``n`` tokens:
 
@@ -12,7 +12,7 @@ as used by the goldfish paper (Hans et al. 2024, SCIENCE.md §5): prompt the mod
   same on the decoded texts split into words the way the ``rouge_score`` package does (lower-cased,
   non-alphanumerics as spaces), the form the goldfish reference code reports.
 
-``p = 0`` is the reference protocol of SCIENCE.md §5: the prompt is everything but the last ``n``
+``p = 0`` is the reference protocol of docs/science.md §5: the prompt is everything but the last ``n``
 tokens (documents are first cut to the model's context). Documents shorter than ``p + n`` tokens
 (``n + 1`` with ``p = 0``) are skipped and counted. Data files: ``.jsonl`` (the
 ``text`` field, or a conversation's messages joined by newlines) or ``.txt`` (one document per

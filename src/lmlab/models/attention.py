@@ -3,7 +3,7 @@ cache for decoding, and block-diagonal masks for packed documents.
 
 - Grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245): ``n_kv_heads`` key/value
   heads are shared by groups of ``n_heads / n_kv_heads`` query heads.
-- qk-norm (Wortsman et al. 2023, arXiv 2309.14322; SCIENCE.md §10): RMSNorm over the head
+- qk-norm (Wortsman et al. 2023, arXiv 2309.14322; docs/science.md §10): RMSNorm over the head
   dimension of q and k, after the projections and before RoPE, bounds the attention logits.
 - q/k/v bias: the Qwen2 variant; the output projection never has a bias.
 - Packed sequences: ``doc_ids`` [B, T] restrict each query to keys of the same document
@@ -198,7 +198,7 @@ class Attention(nn.Module):
 
     def attention_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Causal attention probabilities [B, H, T, T], computed explicitly in fp32 (a diagnostic,
-        e.g. for the qk-norm invariance check of SCIENCE.md §12 §10)."""
+        e.g. for the qk-norm invariance check of docs/science.md §12 §10)."""
         q_len = x.shape[1]
         q, k, _ = self.project(x, rope)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, H, T, D]

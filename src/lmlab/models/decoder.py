@@ -4,7 +4,7 @@ each with a residual), a final RMSNorm and the output projection (tied to the em
 The attention and FFN modules come from the config's slots (``cfg.attention.build``,
 ``cfg.ffn.build``; ``lmlab.models.component``), so a new variant never edits this file.
 
-Single-device and plain PyTorch (DESIGN.md principle 1): FSDP, activation checkpointing
+Single-device and plain PyTorch (docs/design.md, principle 1): FSDP, activation checkpointing
 and ``torch.compile`` wrap ``model.layers[i]`` from outside. Parameter names follow
 docs/CONTRACTS.md (Model) and map one-to-one onto Hugging Face Llama names.
 """

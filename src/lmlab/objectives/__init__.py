@@ -1,4 +1,4 @@
-"""lmlab.objectives: pure loss functions, one module per family, each citing its SCIENCE.md section.
+"""lmlab.objectives: pure loss functions, one module per family, each citing its docs/science.md section.
 
 ``lm`` (cross-entropy, label smoothing, z-loss, chunking), ``goldfish`` (masks), ``neftune``
 (embedding noise), ``distill`` (KL / JSD distillation), ``preference`` (DPO, IPO, SimPO, LN-DPO,

@@ -1,4 +1,4 @@
-"""Goldfish loss masks (Hans et al. 2024, *Be like a Goldfish, Don't Memorize!*; SCIENCE.md §5).
+"""Goldfish loss masks (Hans et al. 2024, *Be like a Goldfish, Don't Memorize!*; docs/science.md §5).
 
 The goldfish objective drops a pseudo-random 1/k of the target tokens from the loss (the forward
 pass still sees them), so a model cannot learn any training sequence verbatim. This module only
@@ -35,7 +35,7 @@ def _hash_table_on(device: str) -> torch.Tensor:
 
 
 def goldfish_hash_table(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The global table of ``1_000_003`` uniform(0, 1) floats, seeded 2971215073 (SCIENCE.md §5).
+    """The global table of ``1_000_003`` uniform(0, 1) floats, seeded 2971215073 (docs/science.md §5).
 
     Always generated on CPU and then copied, so the values (and hence every goldfish decision)
     are the same on every device, rank and run. Built once per process and cached per device.
@@ -52,7 +52,7 @@ def goldfish_mask(
     start: int = 0,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Keep-mask (bool [B, T]) of the goldfish loss for next-token ``targets`` [B, T] (SCIENCE.md §5).
+    """Keep-mask (bool [B, T]) of the goldfish loss for next-token ``targets`` [B, T] (docs/science.md §5).
 
     True where a target counts in the loss; False where goldfish drops it or where the target
     is ``ignore_index`` already. The masked loss is ``causal_lm_loss(logits, targets, loss_mask=mask)``.

@@ -1,8 +1,8 @@
 """Causal language-modelling cross-entropy (next-token prediction), with its usual add-ons.
 
 Labels are the inputs shifted by one; positions whose label is ``ignore_index`` (or that an
-extra ``loss_mask`` turns off, e.g. the goldfish mask of SCIENCE.md §5) do not count. Options:
-label smoothing, the PaLM z-loss (SCIENCE.md §10) and a chunked evaluation that bounds the
+extra ``loss_mask`` turns off, e.g. the goldfish mask of docs/science.md §5) do not count. Options:
+label smoothing, the PaLM z-loss (docs/science.md §10) and a chunked evaluation that bounds the
 float32 memory used for large vocabularies. Returns sums and counts (``LossOutput``) so gradient
 accumulation normalises by the number of target tokens across all micro-batches.
 """
@@ -64,7 +64,7 @@ def causal_lm_loss(
     ``labels[b, t]`` is the target for position t (already shifted by the data loader). A token
     counts iff ``labels != ignore_index`` and, when given, ``loss_mask`` (bool [B, T]) is True;
     ``count`` is the number of such tokens, so ``loss_sum / count`` is the mean over kept tokens
-    (the goldfish objective of SCIENCE.md §5, ``−(1/|G|) Σ G_i log P(x_i | x_<i)``).
+    (the goldfish objective of docs/science.md §5, ``−(1/|G|) Σ G_i log P(x_i | x_<i)``).
 
     Per counted token the loss is
 
@@ -72,7 +72,7 @@ def causal_lm_loss(
 
     where ε = ``label_smoothing`` (Szegedy et al. 2016; ``CE_uniform`` is the cross-entropy against
     the uniform distribution, as in ``torch.nn.functional.cross_entropy``) and c_z = ``z_loss``,
-    the PaLM z-loss coefficient (Chowdhery et al. 2022, "Loss function"; SCIENCE.md §10: 1e-4).
+    the PaLM z-loss coefficient (Chowdhery et al. 2022, "Loss function"; docs/science.md §10: 1e-4).
 
     Metrics are sums over counted tokens, like ``loss_sum``: ``ce`` (plain cross-entropy, so
     perplexity stays interpretable), ``smoothed`` (the label-smoothed CE, only when ε > 0) and

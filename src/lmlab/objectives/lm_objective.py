@@ -1,7 +1,7 @@
 """Builds the loop's ``loss_fn`` for token-level LM training from ``ObjectiveConfig``.
 
 Composes the pure objectives: cross-entropy with label smoothing and PaLM z-loss
-(SCIENCE.md §10), the goldfish keep-mask (§5), NEFTune embedding noise (§6, as a
+(docs/science.md §10), the goldfish keep-mask (§5), NEFTune embedding noise (§6, as a
 training-only hook on the model) and knowledge distillation from a teacher (Hinton et al.
 2015; GKD, Agarwal et al. 2024): ``total = alpha·τ²·D(p_T, p_S) + (1 − alpha)·LM`` where LM is
 the configured token loss (plain CE unless smoothing / z-loss are on) and D is forward KL,

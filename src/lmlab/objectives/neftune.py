@@ -1,4 +1,4 @@
-"""NEFTune: uniform noise on the input embeddings during fine-tuning (Jain et al. 2023; SCIENCE.md §6).
+"""NEFTune: uniform noise on the input embeddings during fine-tuning (Jain et al. 2023; docs/science.md §6).
 
 ``X_emb' = X_emb + (alpha / sqrt(L·d))·eps``, ``eps ~ Uniform(−1, 1)``, in training only. The
 noise is a pure function of the embeddings (``neftune_noise``); ``attach_neftune`` wires it into a
@@ -22,7 +22,7 @@ def neftune_noise(
     generator: torch.Generator | None = None,
     padded: bool = False,
 ) -> torch.Tensor:
-    """``embeddings`` [B, T, d] plus NEFTune noise (arXiv 2310.05914; SCIENCE.md §6).
+    """``embeddings`` [B, T, d] plus NEFTune noise (arXiv 2310.05914; docs/science.md §6).
 
     Default (``padded=False``): the paper's experiment code (neelsjain/NEFTune
     ``experiment_code/train.py``). Each sequence b uses its unpadded length

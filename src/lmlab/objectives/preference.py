@@ -1,4 +1,4 @@
-"""Pairwise preference-optimisation losses: DPO, IPO, SimPO, LN-DPO, ORPO (SCIENCE.md §7).
+"""Pairwise preference-optimisation losses: DPO, IPO, SimPO, LN-DPO, ORPO (docs/science.md §7).
 
 Every loss is a pure function of per-example *summed* completion log-probs (policy, and reference
 where the method uses one) and completion token counts where the method normalises by length.
@@ -9,7 +9,7 @@ turns one into the loop's ``LossOutput``. Log-probs come from the trainer (refer
 whether it needs a reference model; a new method is a function plus a row there (and its name in
 ``AlignConfig.loss``).
 
-Notation (SCIENCE.md §7): ``s(y) = log πθ(y|x) − log πref(y|x)`` summed over completion tokens,
+Notation (docs/science.md §7): ``s(y) = log πθ(y|x) − log πref(y|x)`` summed over completion tokens,
 ``|y|`` the number of completion tokens, σ the logistic function.
 """
 
@@ -60,7 +60,7 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> PreferenceLoss:
-    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7; SCIENCE.md §7):
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7; docs/science.md §7):
 
         loss = −log σ(β·(s(y_w) − s(y_l)))
 
@@ -97,7 +97,7 @@ def ipo_loss(
     *,
     beta: float = 0.1,
 ) -> PreferenceLoss:
-    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; SCIENCE.md §7), in TRL's length-averaged form:
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17; docs/science.md §7), in TRL's length-averaged form:
 
         h = s(y_w)/|y_w| − s(y_l)/|y_l|,    loss = (h − 1/(2τ))²,    τ = ``beta``
 
@@ -123,13 +123,13 @@ def ln_dpo_loss(
     *,
     beta: float = 0.1,
 ) -> PreferenceLoss:
-    """Length-normalised DPO (Ahrabian et al., arXiv 2407.15229; SCIENCE.md §7):
+    """Length-normalised DPO (Ahrabian et al., arXiv 2407.15229; docs/science.md §7):
 
         loss = −log σ(β·(s(y_w)/|y_w| − s(y_l)/|y_l|))
 
     TRL ``loss_type="sigmoid_norm"``; also "DPO w/ LN" in SimPO App. I. Normalised ratios are
     small, so useful β are much larger than DPO's (the recommended value is *unverified*,
-    SCIENCE.md §11). Rewards are the unnormalised ``β·s(y_w)``, ``β·s(y_l)`` (as TRL logs them).
+    docs/science.md §11). Rewards are the unnormalised ``β·s(y_w)``, ``β·s(y_l)`` (as TRL logs them).
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
@@ -148,7 +148,7 @@ def simpo_loss(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
 ) -> PreferenceLoss:
-    """SimPO (Meng, Xia, Chen 2024, arXiv 2405.14734, the SimPO objective; SCIENCE.md §7), reference-free:
+    """SimPO (Meng, Xia, Chen 2024, arXiv 2405.14734, the SimPO objective; docs/science.md §7), reference-free:
 
         loss = −log σ(β/|y_w|·log πθ(y_w|x) − β/|y_l|·log πθ(y_l|x) − γ)
 
@@ -176,7 +176,7 @@ def orpo_loss(
     lam: float = 0.1,
     chosen_nll: torch.Tensor | None = None,
 ) -> PreferenceLoss:
-    """ORPO (Hong, Lee, Thorne 2024, arXiv 2403.07691, Eqs. 4 and 7; SCIENCE.md §7), reference-free:
+    """ORPO (Hong, Lee, Thorne 2024, arXiv 2403.07691, Eqs. 4 and 7; docs/science.md §7), reference-free:
 
         P(y|x) = exp(log πθ(y|x)/|y|)                      (length-normalised likelihood)
         log odds(y|x) = log P − log(1 − P)

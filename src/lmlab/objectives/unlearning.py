@@ -1,4 +1,4 @@
-"""Unlearning losses: NPO and gradient ascent on a forget set, optionally with a retain NLL (SCIENCE.md §7).
+"""Unlearning losses: NPO and gradient ascent on a forget set, optionally with a retain NLL (docs/science.md §7).
 
 Pure functions of per-example summed log-probs of forget examples under the policy (and, for NPO,
 the frozen reference), plus per-example retain NLLs; the reference forward belongs to the trainer.
@@ -15,7 +15,7 @@ from lmlab.objectives.base import LossOutput
 
 
 def npo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
-    """Negative Preference Optimization per forget example (Zhang, Lin, Bai, Mei 2024, arXiv 2404.05868; SCIENCE.md §7):
+    """Negative Preference Optimization per forget example (Zhang, Lin, Bai, Mei 2024, arXiv 2404.05868; docs/science.md §7):
 
         L = −(2/β)·log σ(−β·s),   s = log πθ(y|x) − log πref(y|x)   (summed over the answer)
           = (2/β)·log(1 + (πθ/πref)^β)

@@ -12,7 +12,7 @@ Logged per step (means over pairs): ``loss``, ``rewards/{chosen,rejected,margins
 ``logps/{chosen,rejected}`` (policy), ``ref_logps/{chosen,rejected}``, ``length/{chosen,rejected}``
 (completion tokens). Every ``align.diagnostics_every`` steps a ``kind: "diagnostic"`` record holds the
 gradient-entanglement probe (Yuan et al., "A common pitfall of margin-based language model alignment:
-gradient entanglement", PAPERS.md D02; docs/science.md §7.3): on a fixed probe batch of held-out
+gradient entanglement", Yuan et al. 2024, arXiv 2410.13828; docs/science.md §7.3): on a fixed probe batch of held-out
 pairs, the cosine between ∇θ Σ log πθ(y_w|x) and ∇θ Σ log πθ(y_l|x), their norms, and the probe's
 chosen/rejected log-probs and margin. Evaluation reports held-out preference accuracy; at the end,
 answers sampled at temperature 1 from held-out prompts go to ``samples.jsonl`` with their policy and
@@ -171,7 +171,7 @@ def load_reference_model(path: str | Path, tokenizer, device) -> nn.Module:
 
 
 def entanglement_probe(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Gradient entanglement on a probe batch (PAPERS.md D02; docs/science.md §7.3).
+    """Gradient entanglement on a probe batch (Yuan et al. 2024, arXiv 2410.13828; docs/science.md §7.3).
 
     g_w = ∇θ Σ_i log πθ(y_w,i|x_i) and g_l = ∇θ Σ_i log πθ(y_l,i|x_i) over the probe pairs; returns
     ``grad_cos`` = ⟨g_w, g_l⟩/(‖g_w‖‖g_l‖), ``grad_dot``, ``grad_norm_chosen``, ``grad_norm_rejected``
@@ -202,6 +202,12 @@ def entanglement_probe(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict
         "probe_logps/rejected": float(rejected.sum()) / n,
         "probe_margin": float((chosen - rejected).sum()) / n,
     }
+
+
+def probe_batch(data: PreferenceData, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """The fixed probe of the entanglement diagnostic: the first ``PROBE_PAIRS`` pairs of ``data``."""
+    index = list(range(min(PROBE_PAIRS, len(data))))
+    return {k: v.to(device) for k, v in collate_pairs([data.pairs[i] for i in index], pad_id, index).items()}
 
 
 class EntanglementProbe(Callback):
@@ -331,20 +337,11 @@ class AlignRecipe:
             def eval_fn(m: nn.Module) -> dict[str, float]:
                 return evaluate_pairs(m, loss_fn, val, pad_id, mb, device, tables.get("val"))
 
-        probe_data = val if val is not None else train
-        probe_idx = list(range(min(PROBE_PAIRS, len(probe_data))))
-        probe = {
-            k: v.to(device)
-            for k, v in collate_pairs([probe_data.pairs[i] for i in probe_idx], pad_id, probe_idx).items()
-        }
+        held_out = val if val is not None else train
+        probe = probe_batch(held_out, pad_id, device)
         callbacks = [EntanglementProbe(probe, a.diagnostics_every)] if a.diagnostics_every > 0 else []
-        self.cfg, self.tokenizer, self.held_out, self.reference, self.load_ref = (
-            cfg,
-            tokenizer,
-            val or train,
-            reference,
-            load_ref,
-        )
+        self.cfg, self.tokenizer, self.held_out = cfg, tokenizer, held_out
+        self.reference, self.load_ref = reference, load_ref
         pairs = mb * cfg.train.grad_accum * ctx.world_size
         return Plan(
             cfg,

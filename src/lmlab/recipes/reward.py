@@ -4,7 +4,7 @@ Model: ``lmlab.models.reward_head.RewardModel`` (the decoder of ``init_from`` pl
 the final hidden state of the last non-pad token). Loss per pair, with r = the model's reward:
 
     L_BT  = −log σ(r(x, y_w) − r(x, y_l))                    Bradley–Terry (Ouyang et al. 2022, Eq. 1)
-    L     = L_BT + w · NLL(y_w | x)/|y_w|                    regularised variant (PAPERS.md C01)
+    L     = L_BT + w · NLL(y_w | x)/|y_w|                    regularised variant (Yang et al. 2024, arXiv 2406.10216)
 
 The regularised variant is the SFT-regulariser of Yang et al. 2024 ("Regularizing hidden states
 enables learning generalizable reward model for LLMs", GRM; docs/science.md §7.2): the LM head stays and

@@ -90,6 +90,14 @@ def encode_records(records: list[SFTRecord], tokenizer: TextTokenizer, cfg: RunC
     return [r.encode(tokenizer, template, cfg.sft.loss_on) for r in records]
 
 
+def encode_rows(records: list[SFTRecord], tokenizer: TextTokenizer, cfg: RunConfig) -> tuple[list[Row], PackStats]:
+    """The records as rows of ``train.seq_len`` tokens (packed or one per row, per ``sft.overlong``)."""
+    s = cfg.sft
+    return build_rows(
+        encode_records(records, tokenizer, cfg), cfg.train.seq_len, packing=s.packing, overlong=s.overlong
+    )
+
+
 def steps_for_epochs(cfg: RunConfig, n_rows: int, world_size: int = 1) -> RunConfig:
     """With ``sft.epochs > 0``, ``train.steps`` = ceil(epochs · rows / rows per step)."""
     if cfg.sft.epochs <= 0:
@@ -161,43 +169,23 @@ class SFTRecipe:
     def setup(self, job: Job) -> Plan:
         cfg = inherit_from_init(job.requested)
         train_records, val_records = load_records(cfg)
-        own = job.run.path / "tokenizer.json"
+        own = job.run.path / "tokenizer.json"  # a continued run keeps the tokenizer it trained
         tokenizer = (
             TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
         )
-        cfg = resolve_vocab(cfg, tokenizer.vocab_size) if not cfg.init_from else cfg
+        cfg = cfg if cfg.init_from else resolve_vocab(cfg, tokenizer.vocab_size)
         check_vocabulary(tokenizer, cfg)
-        if cfg.train.seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
         s, t, ctx = cfg.sft, cfg.train, job.ctx
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         pad_to = t.seq_len if s.packing else None
-        rows, stats = build_rows(
-            encode_records(train_records, tokenizer, cfg), t.seq_len, packing=s.packing, overlong=s.overlong
-        )
+        rows, stats = encode_rows(train_records, tokenizer, cfg)
         if not rows:
             raise DataError(f"no training example is left after the over-long policy ({stats.as_dict()})")
-        val_rows, val_stats = build_rows(
-            encode_records(val_records, tokenizer, cfg), t.seq_len, packing=s.packing, overlong=s.overlong
-        )
+        val_rows, val_stats = encode_rows(val_records, tokenizer, cfg)
         cfg = steps_for_epochs(cfg, len(rows), ctx.world_size)
         model = job.start_model(cfg)
         attach_objective_hooks(model, cfg.objective, pad_id=pad_id)
-        extras, teacher, cache = None, None, None
-        kd = cfg.objective.distill
-        if kd.teacher:
-            teacher = load_teacher(kd.teacher, tokenizer, cfg.model.vocab_size, job.device)
-            if kd.topk_cache > 0:
-                extras, hit = ctx.main_first(
-                    lambda: cached_topk(
-                        teacher, rows, kd.topk_cache, job.run.path / "teacher_topk.pt", pad_id=pad_id,
-                        pad_to=t.seq_len, batch_size=t.micro_batch_size, device=job.device,
-                    )
-                )  # fmt: skip
-                cache, teacher = (
-                    ("loaded" if hit else "computed"),
-                    None,
-                )  # the teacher ran once; training reads the cache
+        teacher, extras, cache = self._teacher(job, cfg, tokenizer, rows, pad_id)
         batches = RowBatches(
             rows, pad_id=pad_id, seed=cfg.data.seed + t.seed, pad_to=pad_to, with_docs=s.packing, extras=extras,
             rank=ctx.rank, world_size=ctx.world_size,
@@ -224,6 +212,24 @@ class SFTRecipe:
             files={"tokenizer_config.json": json.dumps(tok_cfg, indent=1)} if tok_cfg else {},
             headline=_data_report(job.run.path, cfg, stats, val_stats),
         )
+
+    def _teacher(self, job: Job, cfg: RunConfig, tokenizer, rows: list[Row], pad_id: int):
+        """``(teacher, cached top-k tables, cache state)`` for distillation: with ``topk_cache`` the teacher
+        runs once (rank 0 writes the cache, the others read it) and training reads the tables instead."""
+        kd, t = cfg.objective.distill, cfg.train
+        if not kd.teacher:
+            return None, None, None
+        teacher = load_teacher(kd.teacher, tokenizer, cfg.model.vocab_size, job.device)
+        if kd.topk_cache <= 0:
+            return teacher, None, None
+        path = job.run.path / "teacher_topk.pt"
+        tables, hit = job.ctx.main_first(
+            lambda: cached_topk(
+                teacher, rows, kd.topk_cache, path, pad_id=pad_id, pad_to=t.seq_len, batch_size=t.micro_batch_size,
+                device=job.device,
+            )
+        )  # fmt: skip
+        return None, tables, "loaded" if hit else "computed"
 
     def finish(self, job: Job, trainer, result) -> None:
         model = job.plain_model(trainer)

@@ -1,4 +1,4 @@
-"""lmlab.science: scaling-law fitters, predictions, sweeps and their results (SCIENCE.md §1–4).
+"""lmlab.science: scaling-law fitters, predictions, sweeps and their results (docs/science.md §1–4).
 
 Modules, one job each:
 

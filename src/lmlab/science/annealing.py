@@ -1,7 +1,7 @@
-"""The scaling law with learning-rate annealing, ``L(s) = L0 + A·S1(s)^-alpha − C·S2(s)`` (SCIENCE.md §2).
+"""The scaling law with learning-rate annealing, ``L(s) = L0 + A·S1(s)^-alpha − C·S2(s)`` (docs/science.md §2).
 
 Source: Tissue, Wang, Wang 2024, *Scaling Law with Learning Rate Annealing*, arXiv 2408.11029; definitions and the
-fitting recipe follow the authors' reference script exactly as SCIENCE.md §2.2–2.3 states them:
+fitting recipe follow the authors' reference script exactly as docs/science.md §2.2–2.3 states them:
 
 - forward area ``S1 = cumsum(lrs)`` (steps indexed from 0, so ``S1(s) = Σ_{i=0..s} η_i``);
 - annealing area with momentum ``m_i = λ m_{i−1} + (η_{i−1} − η_i)``, ``m_0 = 0``, ``S2 = cumsum(m)``, λ = 0.999;
@@ -89,7 +89,7 @@ class AnnealingParams:
             raise UserError(f"annealing-law parameters are missing key {err.args[0]!r}") from None
 
 
-#: The authors' example fit (SCIENCE.md §2.4, computed).
+#: The authors' example fit (docs/science.md §2.4, computed).
 REFERENCE_FIT = AnnealingParams(L0=2.6278, A=0.42967, C=0.41077, alpha=0.54984)
 
 

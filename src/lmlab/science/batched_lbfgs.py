@@ -1,6 +1,6 @@
 """A batched, unconstrained L-BFGS in numpy: many independent starts of one smooth objective at once.
 
-Why it exists: the §1.2 Chinchilla fit runs L-BFGS from 4500 grid starts (SCIENCE.md §1.2). Calling scipy once per
+Why it exists: the §1.2 Chinchilla fit runs L-BFGS from 4500 grid starts (docs/science.md §1.2). Calling scipy once per
 start spends most of its time in per-call Python overhead (tens of seconds on one core); here every start advances in
 lock step and the objective is evaluated for all of them in one vectorised call, which takes a second or two. Each
 start follows the standard L-BFGS two-loop recursion (Nocedal & Wright, *Numerical Optimization*, Alg. 7.4) with a

@@ -1,4 +1,4 @@
-"""The Chinchilla parametric law ``L(N, D) = E + A/N^α + B/D^β`` (SCIENCE.md §1).
+"""The Chinchilla parametric law ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1).
 
 What lives here: the law and its published constants (§1.4), the closed-form compute-optimal allocation (§1.3),
 the Approach-3 fitter exactly as §1.2 (log-sum-exp form, Huber δ = 1e-3 on log-loss residuals summed over points,
@@ -64,7 +64,7 @@ class ChinchillaParams:
             raise UserError(f"Chinchilla parameters are missing key {err.args[0]!r}") from None
 
 
-#: Published constants (SCIENCE.md §1.4). ``hoffmann-rounded`` are the paper body's values; ``hoffmann-tex`` the
+#: Published constants (docs/science.md §1.4). ``hoffmann-rounded`` are the paper body's values; ``hoffmann-tex`` the
 #: unrounded values of the paper's TeX source (used by Epoch); ``epoch`` the Epoch replication's headline MLE fit on
 #: 240 points; ``epoch-huber`` the Epoch notebook's grid fit (the procedure :func:`fit_chinchilla` implements).
 PRESETS: dict[str, ChinchillaParams] = {
@@ -79,7 +79,7 @@ PRESETS: dict[str, ChinchillaParams] = {
 
 
 def chinchilla_loss(n: np.ndarray | float, d: np.ndarray | float, params: ChinchillaParams) -> np.ndarray:
-    """``E + A / N^alpha + B / D^beta`` (SCIENCE.md §1.1), elementwise."""
+    """``E + A / N^alpha + B / D^beta`` (docs/science.md §1.1), elementwise."""
     n = np.asarray(n, dtype=float)
     d = np.asarray(d, dtype=float)
     return params.E + params.A / n**params.alpha + params.B / d**params.beta
@@ -214,7 +214,7 @@ class ChinchillaFit:
 
 
 #: L-BFGS-B options. Tighter than scipy's defaults so that noise-free data are recovered to 1e-3 relative with an
-#: objective below 1e-10 (SCIENCE.md §12): scipy's default ``ftol`` (2.2e-9, an absolute decrease once |f| < 1)
+#: objective below 1e-10 (docs/science.md §12): scipy's default ``ftol`` (2.2e-9, an absolute decrease once |f| < 1)
 #: stops far above the optimum of a Huber sum whose scale is 1e-6..1e-3.
 LBFGS_OPTIONS = {"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-12, "maxls": 50}
 
@@ -248,7 +248,7 @@ def fit_chinchilla(
     polish: int = 8,
     options: dict | None = None,
 ) -> ChinchillaFit:
-    """Fit ``E, A, B, alpha, beta`` by Approach 3 as SCIENCE.md §1.2.
+    """Fit ``E, A, B, alpha, beta`` by Approach 3 as docs/science.md §1.2.
 
     Every row of ``grid`` (default :func:`default_grid`, the 4500 starts of §1.2) is optimised on the summed Huber
     objective of log-loss residuals, and the lowest objective wins.
@@ -316,7 +316,7 @@ def bootstrap_chinchilla(
 
     A resample is a vector of multiplicities over the original points, so all resamples are refitted at once with
     the batched L-BFGS, each from the full-data optimum (not from the 4500-start grid, which would cost a full fit
-    per resample). 100 resamples (the CLI default) take a second or two; Epoch used 4000 (SCIENCE.md §1.2), which
+    per resample). 100 resamples (the CLI default) take a second or two; Epoch used 4000 (docs/science.md §1.2), which
     ``n_resamples=4000`` reproduces in count. Resamples whose design collapses to one model size or one token count
     are skipped.
     """

@@ -25,7 +25,7 @@ DEFAULT_BOOTSTRAP = 100
 
 
 def fit_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmlab fit", description="Fit a scaling law to sweep results (SCIENCE.md §1-4).")
+    p = argparse.ArgumentParser(prog="lmlab fit", description="Fit a scaling law to sweep results (docs/science.md §1-4).")
     p.add_argument("law", choices=LAWS)
     p.add_argument("input", help="sweep directory, results CSV, or (annealing) run directories / curve CSV")
     p.add_argument("--out", required=True, help="directory for fit.json and fit.png")
@@ -90,7 +90,7 @@ def _show(v) -> str:
 def predict_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmlab predict", description="Predict from a fitted law.")
     sub = p.add_subparsers(dest="what", required=True)
-    c = sub.add_parser("curve", help="loss curve of an LR schedule from an annealing fit (SCIENCE.md §2)")
+    c = sub.add_parser("curve", help="loss curve of an LR schedule from an annealing fit (docs/science.md §2)")
     c.add_argument("fit_dir")
     c.add_argument("--schedule", required=True, choices=("constant", "cosine", "wsd", "multistep", "rewarm"))
     c.add_argument("--steps", type=int, required=True)
@@ -105,7 +105,7 @@ def predict_main(argv: list[str]) -> int:
     c.add_argument("--rewarm-steps", type=int, default=0)
     c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
     c.add_argument("--out", help="write step,lr,loss for every step to this CSV")
-    lo = sub.add_parser("loss", help="loss at N params and D tokens from a Chinchilla fit (SCIENCE.md §1)")
+    lo = sub.add_parser("loss", help="loss at N params and D tokens from a Chinchilla fit (docs/science.md §1)")
     lo.add_argument("fit_dir")
     lo.add_argument("--params", type=float, required=True)
     lo.add_argument("--tokens", type=float, required=True)

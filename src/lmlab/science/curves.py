@@ -1,4 +1,4 @@
-"""Training curves for the annealing-law fit (SCIENCE.md §2), read from run directories or a CSV.
+"""Training curves for the annealing-law fit (docs/science.md §2), read from run directories or a CSV.
 
 **Run directories.** ``INPUT`` is a run directory or a directory of them. A run's schedule is rebuilt from its
 ``config.yaml`` with the trainer's own ``lmlab.train.schedule.lr_schedule``; its points are the ``eval`` records of

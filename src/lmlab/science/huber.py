@@ -1,4 +1,4 @@
-"""The Huber loss used by every scaling-law fitter (SCIENCE.md §1.2, §2.3).
+"""The Huber loss used by every scaling-law fitter (docs/science.md §1.2, §2.3).
 
 ``Huber_δ(r) = ½ r²`` if ``|r| ≤ δ`` and ``δ(|r| − ½δ)`` otherwise, with δ = 1e-3 by default. The fitters
 apply it to residuals in log-loss space and **sum** it over points (Hoffmann et al. 2022, App. D.2; the Epoch
@@ -13,7 +13,7 @@ HUBER_DELTA = 1e-3
 
 
 def huber(r: np.ndarray | float, delta: float = HUBER_DELTA) -> np.ndarray:
-    """Elementwise Huber loss of residuals ``r`` (SCIENCE.md §1.2)."""
+    """Elementwise Huber loss of residuals ``r`` (docs/science.md §1.2)."""
     r = np.asarray(r, dtype=float)
     a = np.abs(r)
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
@@ -26,5 +26,5 @@ def huber_grad(r: np.ndarray | float, delta: float = HUBER_DELTA) -> np.ndarray:
 
 
 def huber_sum(r: np.ndarray, delta: float = HUBER_DELTA) -> float:
-    """The summed Huber objective of a residual vector (SCIENCE.md §1.2: summed, not averaged)."""
+    """The summed Huber objective of a residual vector (docs/science.md §1.2: summed, not averaged)."""
     return float(np.sum(huber(r, delta)))

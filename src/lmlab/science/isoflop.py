@@ -1,4 +1,4 @@
-"""Hoffmann Approach 2: IsoFLOP profiles (Hoffmann et al. 2022, arXiv 2203.15556, §3.2; SCIENCE.md §1.4).
+"""Hoffmann Approach 2: IsoFLOP profiles (Hoffmann et al. 2022, arXiv 2203.15556, §3.2; docs/science.md §1.4).
 
 For each compute budget, the final losses of runs of different sizes trained with that budget are fitted by a
 parabola in ``log N``; its vertex is the budget's compute-optimal size ``N_opt``. A least-squares line through

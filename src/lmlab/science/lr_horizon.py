@@ -1,4 +1,4 @@
-"""Optimal learning rate across token horizons (Bjorck et al. 2024, arXiv 2409.19913; SCIENCE.md §3).
+"""Optimal learning rate across token horizons (Bjorck et al. 2024, arXiv 2409.19913; docs/science.md §3).
 
 - :func:`lr_vertex`: per (N, D), the final loss over a peak-LR sweep is fitted by a quadratic in ``log LR``; its
   vertex is LR* (the paper's Fig. 1 dashed lines; the procedure is marked *unverified* in §3).

@@ -1,5 +1,5 @@
 """Multilingual scaling by language family and optimal sampling ratios (He et al. 2024, arXiv 2410.12883;
-SCIENCE.md §4).
+docs/science.md §4).
 
 Family i's loss depends only on its own sampling ratio: ``L_i(N, D, p_i) = (E_i + A_i/N^α_i + B_i/D^β_i)·p_i^-γ_i``.
 

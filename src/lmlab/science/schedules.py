@@ -1,6 +1,6 @@
 """Learning-rate schedules as arrays ``lrs[s]`` for steps ``s = 0 … steps`` (inclusive), for the annealing law.
 
-The conventions follow SCIENCE.md §2.4 (Tissue et al. 2024, arXiv 2408.11029): after ``warmup`` steps the cosine
+The conventions follow docs/science.md §2.4 (Tissue et al. 2024, arXiv 2408.11029): after ``warmup`` steps the cosine
 is ``min + ½(1 + cos(π (s − warmup)/(steps − warmup)))·(max − min)``, reaching ``min`` at ``s = steps``; a WSD
 schedule holds ``max`` until ``s0 = steps − round(decay_fraction·steps)`` and decays to ``min`` at ``s = steps``.
 Warmup here is linear, ``max·(s+1)/warmup`` for ``s < warmup``, as in training; the annealing law replaces those
@@ -41,7 +41,7 @@ def constant_schedule(steps: int, lr: float, *, warmup: int = 0) -> np.ndarray:
 
 
 def cosine_schedule(steps: int, lr: float, *, min_lr: float = 0.0, warmup: int = 0) -> np.ndarray:
-    """Cosine from ``lr`` at ``warmup`` to ``min_lr`` at ``steps`` (SCIENCE.md §2.4)."""
+    """Cosine from ``lr`` at ``warmup`` to ``min_lr`` at ``steps`` (docs/science.md §2.4)."""
     _check(steps, lr, warmup)
     s = np.arange(steps + 1, dtype=float)
     frac = np.clip((s - warmup) / (steps - warmup), 0.0, 1.0)

@@ -20,7 +20,8 @@ subprocess ``[*train_command, base, "--out", run_dir, "--quiet", *overrides]`` w
 to ``[sys.executable, "-m", "lmlab", "train"]`` and can be replaced by the environment variable
 ``LMLAB_SWEEP_TRAIN_CMD`` (split with shlex; the tests use a fake trainer). A run whose ``summary.json`` says
 ``finished`` is skipped; a run directory with a checkpoint but no finished summary is resumed with
-``[*train_command, "--resume", run_dir, "--quiet"]``; anything else starts fresh. Each run's output goes to
+``[*train_command, "--resume", run_dir, "--quiet"]``; anything else starts fresh (``--overwrite`` when a
+directory without a checkpoint is left). Each run's output goes to
 ``OUT/logs/<run>.log``; the plan is written to ``OUT/sweep.json`` and, at the end, ``OUT/results.csv``.
 """
 
@@ -224,7 +225,9 @@ def command_for(spec: SweepSpec, run: PlannedRun, out: Path, cmd: Sequence[str])
     action = run_action(run_dir)
     if action == "resume":
         return action, [*cmd, "--resume", str(run_dir), "--quiet"]
-    return action, [*cmd, str(spec.base), "--out", str(run_dir), "--quiet", *spec.overrides, *run.overrides]
+    # A run directory left without a checkpoint (the run died early) holds nothing worth keeping: start over.
+    fresh = ["--overwrite"] if run_dir.exists() else []
+    return action, [*cmd, str(spec.base), "--out", str(run_dir), "--quiet", *fresh, *spec.overrides, *run.overrides]
 
 
 def estimate(spec: SweepSpec, run: PlannedRun) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Multi-process training on PyTorch's own stack: torchrun, DDP, FSDP2, and the speed switches.
 
-lmlab writes no distributed engine of its own (issue 6; DESIGN.md principle 1): processes are
+lmlab writes no distributed engine of its own (issue 6; docs/design.md, principle 1): processes are
 started by ``torchrun`` (or ``lmlab train --nproc N``, which runs torchrun), each reads its rank
 from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables torchrun sets, and the model is
 wrapped from the outside, here, never inside ``lmlab.models``:

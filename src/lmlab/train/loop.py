@@ -4,7 +4,7 @@
 accumulation normalised by the number of target tokens, clipping, mixed precision,
 periodic evaluation, metrics, atomic checkpoints and exact resume. What is trained
 on and how the loss is computed come from outside as a ``BatchSource`` and a
-``loss_fn(model, batch) -> LossOutput`` (DESIGN.md principle 4).
+``loss_fn(model, batch) -> LossOutput`` (docs/design.md, principle 4).
 
 With a ``DistContext`` (``lmlab.train.distributed``) the same loop runs on every rank of a
 torchrun job: the loss sum and target count are all-reduced, so the update is the one a single

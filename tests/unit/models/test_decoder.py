@@ -133,7 +133,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
 
 
 def test_qk_norm_makes_attention_invariant_to_scaling_wq_wk():
-    """SCIENCE.md §12 §10: with qk-norm (bias-free projections), W_q, W_k ×100 leave the attention
+    """docs/science.md §12 §10: with qk-norm (bias-free projections), W_q, W_k ×100 leave the attention
     probabilities unchanged to 1e-4; without qk-norm they change. Only the norm's eps breaks the
     invariance (by about eps / mean(q²)), so the check uses the Llama value 1e-6, not 1e-5."""
     for qk_norm in (True, False):

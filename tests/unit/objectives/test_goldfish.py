@@ -1,4 +1,4 @@
-"""Goldfish masks (SCIENCE.md §5 and the §12 checks)."""
+"""Goldfish masks (docs/science.md §5 and the §12 checks)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _naive_hash_keep(row: list[int], k: int, h: int) -> list[bool]:
 def test_static_mask_drops_start_plus_multiples_of_k():
     targets = torch.arange(1, 13).reshape(1, 12)
     mask = goldfish_mask(targets, k=4, strategy="static")
-    assert set(torch.nonzero(~mask[0]).flatten().tolist()) == {0, 4, 8}  # SCIENCE.md §12
+    assert set(torch.nonzero(~mask[0]).flatten().tolist()) == {0, 4, 8}  # docs/science.md §12
     shifted = goldfish_mask(targets, k=4, strategy="static", start=1)
     assert set(torch.nonzero(~shifted[0]).flatten().tolist()) == {1, 5, 9}
 

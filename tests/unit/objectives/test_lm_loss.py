@@ -1,4 +1,4 @@
-"""causal_lm_loss: hand-computed values, label smoothing, z-loss (SCIENCE.md §10), loss_mask, chunking."""
+"""causal_lm_loss: hand-computed values, label smoothing, z-loss (docs/science.md §10), loss_mask, chunking."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_hand_computed_label_smoothing_and_z_loss():
 
 
 def test_z_loss_science_vector_all_zero_logits():
-    # SCIENCE.md §12 (§10): all-zero logits, V = 32000: 1e-4·(ln 32000)² = 0.0107609
+    # docs/science.md §12 (§10): all-zero logits, V = 32000: 1e-4·(ln 32000)² = 0.0107609
     logits = torch.zeros(1, 1, 32000)
     out = causal_lm_loss(logits, torch.tensor([[7]]), z_loss=1e-4)
     assert out.metrics["z_loss"].item() == pytest.approx(0.0107609, abs=1e-7)

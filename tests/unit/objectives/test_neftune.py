@@ -1,4 +1,4 @@
-"""NEFTune noise and hook (SCIENCE.md §6 and the §12 checks)."""
+"""NEFTune noise and hook (docs/science.md §6 and the §12 checks)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class _TinyLM(nn.Module):
 
 
 def test_noise_norm_is_alpha_over_sqrt_three():
-    # SCIENCE.md §12: L = 512, d = 256, alpha = 5: Frobenius norm within 1% of 5/sqrt(3)
+    # docs/science.md §12: L = 512, d = 256, alpha = 5: Frobenius norm within 1% of 5/sqrt(3)
     embeddings = torch.zeros(2, 512, 256)
     noised = neftune_noise(embeddings, alpha=5.0, generator=torch.Generator().manual_seed(0))
     for b in range(2):

@@ -1,4 +1,4 @@
-"""Preference losses: the SCIENCE.md §12 vectors and hand-computed values."""
+"""Preference losses: the docs/science.md §12 vectors and hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parity of lmlab's preference losses with TRL's own loss code (DESIGN.md principle 6; SCIENCE.md §7.1).
+"""Parity of lmlab's preference losses with TRL's own loss code (docs/design.md, principle 6; docs/science.md §7.1).
 
 TRL (1.16) has no standalone DPO loss function: ``DPOTrainer._compute_loss`` runs the model itself.
 So these tests build a tiny random ``LlamaForCausalLM`` policy and reference (float64), give them
@@ -7,7 +7,7 @@ minimal stand-in for the trainer object (``types.SimpleNamespace`` carrying the 
 methods read). For the DPO family lmlab's losses get identical inputs: the per-example summed
 log-probs TRL's fused head returns for the same models. That head computes in float32 tiles, so
 log-probs extracted independently in float64 agree with it only to ~1e-5 (checked separately);
-given identical log-probs the losses agree to 1e-6 (SCIENCE.md §7 "Numerical check recipe").
+given identical log-probs the losses agree to 1e-6 (docs/science.md §7 "Numerical check recipe").
 SimPO and ORPO use plain logits in TRL, so there lmlab's independent float64 extraction is fed
 directly. SimPO runs through
 ``trl.experimental.cpo.CPOTrainer.get_batch_loss_metrics`` (``loss_type="simpo"``,
@@ -212,7 +212,7 @@ def test_simpo_matches_trl_cpo_trainer(models, pairs, beta, gamma, label_smoothi
         is_encoder_decoder=False,
         pad_token_id=0,
         aux_loss_enabled=False,
-        cpo_alpha=0.0,  # pure SimPO: no NLL/BC term (SCIENCE.md §7.1 pitfall)
+        cpo_alpha=0.0,  # pure SimPO: no NLL/BC term (docs/science.md §7.1 pitfall)
         loss_type="simpo",
         simpo_gamma=gamma,
         beta=beta,

@@ -1,4 +1,4 @@
-"""NPO and gradient-ascent unlearning losses (SCIENCE.md §7 and the §12 vectors)."""
+"""NPO and gradient-ascent unlearning losses (docs/science.md §7 and the §12 vectors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SCIENCE.md §2 / §12 checks: S1 and S2 definitions, the schedule table, and the joint fit."""
+"""docs/science.md §2 / §12 checks: S1 and S2 definitions, the schedule table, and the joint fit."""
 
 from __future__ import annotations
 

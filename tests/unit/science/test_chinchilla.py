@@ -1,4 +1,4 @@
-"""SCIENCE.md §1 / §12 checks for the Chinchilla law, the Huber objective and the Approach-3 fitter."""
+"""docs/science.md §1 / §12 checks for the Chinchilla law, the Huber objective and the Approach-3 fitter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SCIENCE.md §3 (optimal LR across horizons), §4 (sampling ratios) and Approach-2 IsoFLOP checks (§12)."""
+"""docs/science.md §3 (optimal LR across horizons), §4 (sampling ratios) and Approach-2 IsoFLOP checks (§12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Equivalence classes of the training loop (DESIGN.md principle 7)."""
+"""Equivalence classes of the training loop (docs/design.md, principle 7)."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 """The ``languages`` world: several synthetic languages, grouped into families, for multilingual experiments.
 
-Why this world: the multilingual scaling law of He et al. 2024 (SCIENCE.md §4) is about language *families* —
+Why this world: the multilingual scaling law of He et al. 2024 (docs/science.md §4) is about language *families* —
 related languages transfer to each other, unrelated ones do not. Here that structure is built in and known:
 
 * each **family** has its own phonotactics (consonant and vowel inventories, syllable shapes) and a proto-lexicon

@@ -16,7 +16,7 @@ model fine-tuned on it produces all three styles and preference training has som
 
 Splits: ``train`` and ``test`` share the question templates and number range (``test`` draws other
 pairs with another seed stream: in-distribution); ``ood`` rewords every question, uses larger numbers
-and other filler sentences (a distribution shift for reward-model generalisation, PAPERS.md C01).
+and other filler sentences (a distribution shift for reward-model generalisation, Yang et al. 2024, arXiv 2406.10216).
 
 ``judge(prompt, answer)`` parses the question back from the prompt and scores an answer: correct when
 the first number (or colour word) in the answer is the right one; its length in words and whether it
