@@ -4,8 +4,8 @@
 sequence-classification head of HF reward models). Sequences are right-padded, so with causal
 attention the hidden state at the last real token has seen the whole prompt and answer and none of
 the padding. The decoder's own LM head stays in place (``lm_logits``) so the regularised variant
-(Yang et al. 2024, arXiv 2406.10216; Yang et al. 2024, "Regularizing hidden states enables learning generalizable reward
-models for LLMs") can keep training it with a text-generation loss on the shared hidden states.
+(Yang et al. 2024, "Regularizing hidden states enables learning generalizable reward models for LLMs",
+arXiv 2406.10216) can keep training it with a text-generation loss on the shared hidden states.
 
 Checkpoints use the parameter names ``decoder.<Decoder names>`` and ``head.weight``.
 """

@@ -11,12 +11,13 @@ keyed by the data files' SHA-256), so training holds one model. The losses are t
 Logged per step (means over pairs): ``loss``, ``rewards/{chosen,rejected,margins,accuracies}``,
 ``logps/{chosen,rejected}`` (policy), ``ref_logps/{chosen,rejected}``, ``length/{chosen,rejected}``
 (completion tokens). Every ``align.diagnostics_every`` steps a ``kind: "diagnostic"`` record holds the
-gradient-entanglement probe (Yuan et al., "A common pitfall of margin-based language model alignment:
-gradient entanglement", Yuan et al. 2024, arXiv 2410.13828; docs/science.md §7.3): on a fixed probe batch of held-out
-pairs, the cosine between ∇θ Σ log πθ(y_w|x) and ∇θ Σ log πθ(y_l|x), their norms, and the probe's
-chosen/rejected log-probs and margin. Evaluation reports held-out preference accuracy; at the end,
-answers sampled at temperature 1 from held-out prompts go to ``samples.jsonl`` with their policy and
-reference log-probs, and their mean difference is the Monte-Carlo estimate of KL(πθ ‖ πref).
+gradient-entanglement probe (Yuan et al. 2024, "A common pitfall of margin-based language model alignment:
+gradient entanglement", arXiv 2410.13828; docs/science.md §7.3): on a fixed probe batch of held-out pairs,
+the cosine between ∇θ Σ log πθ(y_w|x) and ∇θ Σ log πθ(y_l|x), their norms, and the probe's chosen/rejected
+log-probs and margin (single-process runs only: the probe needs whole gradients). Evaluation reports
+held-out preference accuracy; at the end, answers sampled at temperature 1 from held-out prompts go to
+``samples.jsonl`` with their policy and reference log-probs, and their mean difference is the Monte-Carlo
+estimate of KL(πθ ‖ πref).
 """
 
 from __future__ import annotations

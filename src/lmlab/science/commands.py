@@ -25,7 +25,9 @@ DEFAULT_BOOTSTRAP = 100
 
 
 def fit_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmlab fit", description="Fit a scaling law to sweep results (docs/science.md §1-4).")
+    p = argparse.ArgumentParser(
+        prog="lmlab fit", description="Fit a scaling law to sweep results (docs/science.md §1-4)."
+    )
     p.add_argument("law", choices=LAWS)
     p.add_argument("input", help="sweep directory, results CSV, or (annealing) run directories / curve CSV")
     p.add_argument("--out", required=True, help="directory for fit.json and fit.png")

@@ -75,6 +75,7 @@ class Job:
     run: Run
     ctx: DistContext
     quiet: bool
+    head: Head = "lm"  # the model head of this run, set by ``start_model``
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +94,7 @@ class Job:
         """The model to train: seeded, built from ``cfg.model`` and, on a new run with ``init_from``, loaded
         from that run (a reward model loads its decoder). Logged and recorded in ``summary.init_from``."""
         seed_everything(cfg.train.seed)
+        self.head = head
         model = build_model(cfg.model, head)
         if cfg.init_from and not self.run.resuming:
             decoder = model.decoder if head == "reward" else model
@@ -114,7 +116,7 @@ class Job:
         weights = full_state_dict(trainer.model, self.ctx)
         if not self.ctx.is_main:
             return None
-        model = build_model(cfg.model, "reward" if hasattr(trainer.model, "head") else "lm")
+        model = build_model(cfg.model, self.head)
         model.load_state_dict(weights)
         return model.to(self.device).eval()
 

@@ -236,10 +236,14 @@ class Trainer:
             local = torch.stack([p.detach().to(torch.float64).reshape(()) for p in parts])
             sums = local if sums is None else sums + local
         # One all-reduce of [loss_sum, count, metric sums..., stop flag]: every rank sees the global
-        # numbers, and a stop request seen by any rank reaches all of them at the same step.
-        flag = torch.ones(1, dtype=torch.float64) if self.stop.requested else torch.zeros(1, dtype=torch.float64)
-        summed = self._reduce_sums(torch.cat([sums, flag.to(sums.device)]))
-        stop_flag, summed = summed[-1], summed[:-1]
+        # numbers, and a stop request seen by any rank reaches all of them at the same step. The flag is
+        # made on the device (a fill, not a host-to-device copy), so the step stays free of host syncs.
+        if self.world_size() > 1:
+            flag = torch.full((1,), float(self.stop.requested), dtype=sums.dtype, device=sums.device)
+            summed = self._reduce_sums(torch.cat([sums, flag]))
+            self._stop_flag, summed = summed[-1], summed[:-1]
+        else:
+            summed = sums
         total = summed[1].clamp(min=1.0)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -265,7 +269,6 @@ class Trainer:
         self.tokens += step_tokens * self.world_size()
         metrics: dict[str, Any] = {"loss": summed[0] / total, "lr": lr, "grad_norm": grad_norm.detach()}
         metrics.update({k: v / total for k, v in zip(names, summed[2:]) if k != "ce"})
-        self._stop_flag = stop_flag
         return to_host(metrics) if sync else metrics
 
     # Where this process sits in the job (one process unless a DistContext was given).

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import ConfigError
-from lmlab.safe_io import open_append, write_text_atomic
+from lmlab.safe_io import open_append, refuse_symlink, write_text_atomic
 
 
 class MetricsLogger:
@@ -16,6 +16,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = False, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
+        refuse_symlink(self.path)  # neither read nor written through a link out of the run directory
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self._file = open_append(self.path)

@@ -304,7 +304,6 @@ class Run:
         """``trainer.fit`` with ``metrics.jsonl`` (cut back to the resumed step), trackers and stop signals."""
         logger = None
         if self.ctx.is_main:
-            self._file("metrics.jsonl")
             logger = MetricsLogger(
                 self.path,
                 tensorboard=trainer.cfg.train.tensorboard,
