@@ -36,7 +36,11 @@ class TrainingProcessError(UserError):
 
 def run_parser(prog: str, description: str, *, out_required: bool = False) -> argparse.ArgumentParser:
     """The arguments every run-creating command shares."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    epilog = (
+        f"exit status: 0 finished, 1 bad input, 2 bad config, {EXIT_DIVERGED} diverged (nan/inf), {EXIT_INTERRUPTED} "
+        "stopped by SIGTERM/SIGINT/SIGUSR1 after writing a checkpoint (continue with --resume RUN)"
+    )
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     p.add_argument("config", nargs="?", help="YAML config (omit with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     out_help = "run directory to create" + ("" if out_required else " (default: runs/<name>-<time>)")

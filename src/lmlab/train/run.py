@@ -126,6 +126,8 @@ class Run:
         except BaseException:
             if run._lock is not None:
                 run._lock.release()
+            if run._created:  # refused before anything was written: leave no empty directory behind
+                shutil.rmtree(run.path, ignore_errors=True)
             raise
         run.checkpoint = Path(claim["checkpoint"]) if claim["checkpoint"] else None
         run.run_id = claim["run_id"]
