@@ -7,11 +7,12 @@ from pathlib import Path
 
 from lmlab.config import load_config
 from lmlab.recipes.align import AlignRecipe
+from lmlab.recipes.reward import RewardRecipe
 from lmlab.recipes.sft import SFTRecipe
 from lmlab.train.distributed import setup_distributed
 from lmlab.train.engine import execute
 
-RECIPES = {"sft": SFTRecipe, "align": AlignRecipe}
+RECIPES = {"sft": SFTRecipe, "align": AlignRecipe, "reward": RewardRecipe}
 
 
 def recipe_worker(rank: int, root: str, runs_json: str) -> None:
