@@ -82,7 +82,11 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("nproc", "sig"), [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)])
+@pytest.mark.parametrize(
+    ("nproc", "sig"),
+    [(1, signal.SIGTERM), (2, signal.SIGTERM), (2, signal.SIGINT)],
+    ids=["1rank-SIGTERM", "2ranks-SIGTERM", "2ranks-SIGINT"],
+)
 def test_signal_to_the_cli_then_resume(tmp_path, nproc, sig):
     """The real command, a real signal at an unknown step; with ``--nproc 2`` the signal goes to torchrun's
     agent, which forwards it: both ranks stop after the same step and write one sharded checkpoint."""
