@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmlab.data.textio import iter_lines, read_text
+from lmlab.data.textio import iter_lines, json_lines, read_text
 from lmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -308,15 +308,8 @@ def read_records(path: str | Path) -> list[SFTRecord]:
     if not p.is_file():
         raise DataError(f"SFT data file not found: {p}")
     records = []
-    for lineno, line in iter_lines(p):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-        records.append(parse_record(obj, where))
+    for lineno, obj in json_lines(iter_lines(p), p):
+        records.append(parse_record(obj, f"{p}:{lineno}"))
     if not records:
         raise DataError(f"{p}: no records")
     return records

@@ -22,7 +22,6 @@ which key the cached reference log-probs).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from lmlab.data import chat
-from lmlab.data.textio import lines_of_bytes
+from lmlab.data.textio import json_lines, lines_of_bytes
 from lmlab.errors import DataError
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -148,15 +147,9 @@ def load_preference_file(
         raise ValueError(f"identical_pairs must be 'skip' or 'error', got {identical_pairs!r}")
     raw = p.read_bytes()
     data = PreferenceData(path=p, pairs=[], sha256=hashlib.sha256(raw).hexdigest())
-    for number, line in lines_of_bytes(raw, p):
-        if not line.strip():
-            continue
+    for number, record in json_lines(lines_of_bytes(raw, p), p):
         data.lines += 1
         where = f"{p}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)}")
         missing = [k for k in REQUIRED_FIELDS if k not in record or record[k] in (None, "", [])]

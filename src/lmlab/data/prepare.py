@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 
 from lmlab.data import tempdirs
-from lmlab.data.textio import iter_lines, read_text
+from lmlab.data.textio import iter_lines, json_lines, read_text
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
@@ -109,13 +109,7 @@ def _read_txt(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for lineno, obj in json_lines(iter_lines(path), path):
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         if text_field not in obj:

@@ -8,9 +8,10 @@ instead of letting a ``UnicodeDecodeError`` escape. Byte positions are 1-based, 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lmlab.errors import DataError
 
@@ -47,6 +48,18 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 def lines_of_bytes(data: bytes, path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of every line of ``data``, the bytes of the file ``path``."""
     return lines_of(io.BytesIO(data), path)
+
+
+def json_lines(lines: Iterable[tuple[int, str]], path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` of every non-blank line of a JSONL file; a line that is not JSON is one
+    ``DataError`` naming ``path:line`` and the column."""
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
 
 
 def decode_text(data: bytes, path: str | Path) -> str:

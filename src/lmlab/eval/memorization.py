@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lmlab.data.textio import iter_lines
+from lmlab.data.textio import iter_lines, json_lines
 from lmlab.errors import DataError
 
 
@@ -72,17 +72,13 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"memorization data file not found: {p}")
+    if p.suffix != ".jsonl":
+        docs = [line for _, line in iter_lines(p) if line.strip()]
+        if not docs:
+            raise DataError(f"{p}: no documents")
+        return docs
     docs: list[str] = []
-    for lineno, line in iter_lines(p):
-        if not line.strip():
-            continue
-        if p.suffix != ".jsonl":
-            docs.append(line)
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+    for lineno, obj in json_lines(iter_lines(p), p):
         if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
             docs.append(obj[text_field])
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
