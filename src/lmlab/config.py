@@ -454,14 +454,13 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- validation
 
-SECTIONS = ("model", "tokenizer", "data", "optim", "schedule", "train", "sample", "objective", "sft", "align")
-SECTIONS += ("reward", "distributed")
-
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every section, then the rules that span sections; raise ``ConfigError`` naming the key."""
-    for name in SECTIONS:
-        getattr(cfg, name).validate()
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            section.validate()
     if not cfg.name.strip():
         raise ConfigError("name must not be empty")
     m, t, s = cfg.model, cfg.train, cfg.schedule

@@ -15,6 +15,7 @@ from lmlab.eval.memorization import memorization_eval, read_documents, write_jso
 from lmlab.eval.perplexity import perplexity
 from lmlab.models.generation import generate
 from lmlab.train.pretrained import load_model
+from lmlab.train.runtime import resolve_device
 
 
 def generate_main(argv: list[str]) -> int:
@@ -36,7 +37,7 @@ def generate_main(argv: list[str]) -> int:
     require(args.top_k >= 0, "--top-k", args.top_k, ">= 0 (0 = off)")
     require(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, ">= 1")
     require(args.num_samples >= 1, "--num-samples", args.num_samples, ">= 1")
-    device = check_device(args.device)
+    device = resolve_device(args.device, "--device", UserError)  # before any model is loaded
     model, _, tokenizer = load_model(args.run_dir, device=device)
     if tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
@@ -85,7 +86,7 @@ def eval_main(argv: list[str]) -> int:
     mem.add_argument("--out", help="per-document results JSONL (default: RUN_DIR/memorization.jsonl)")
     mem.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    device = check_device(args.device)
+    device = resolve_device(args.device, "--device", UserError)  # before any model is loaded
     if args.kind == "memorization":
         return _memorization(args, device)
     if args.tokens is not None:
@@ -135,17 +136,6 @@ def require(ok: bool, flag: str, value, rule: str) -> None:
     """A command-line value outside its range is a one-line user error naming the flag."""
     if not ok:
         raise UserError(f"{flag} must be {rule}, got {value}")
-
-
-def check_device(name: str) -> torch.device:
-    """``--device``: cpu, cuda or cuda:N, refused before any model is loaded when CUDA is missing."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; valid: cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name!r} but CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def _run_data_dir(run_dir: Path) -> Path:

@@ -5,7 +5,6 @@ smoothing, distillation from a teacher). With ``init_from`` it continues pretrai
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.recipes.distill import load_teacher
 from lmlab.recipes.launch import run_command
 from lmlab.train.engine import Job, Plan, execute, print_report
-from lmlab.train.pretrained import check_vocabulary, inherit_from_init
+from lmlab.train.pretrained import fit_vocabulary, inherit_from_init
 
 
 class LMBatches:
@@ -42,26 +41,13 @@ class LMBatches:
         self.sampler.load_state_dict(state)
 
 
-def resolve_vocab(cfg: RunConfig, tokenizer_vocab: int) -> RunConfig:
-    """Fill ``model.vocab_size`` from the tokenizer; refuse a model vocabulary too small for it."""
-    if cfg.model.vocab_size == 0:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer_vocab))
-    if cfg.model.vocab_size < tokenizer_vocab:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}); "
-            "set model.vocab_size=0 to take it from the tokenizer"
-        )
-    return cfg
-
-
 class PretrainRecipe:
     name = "pretrain"
 
     def setup(self, job: Job) -> Plan:
         cfg = inherit_from_init(job.requested)  # continued pretraining: the parent's architecture and tokenizer
         data_dir, tokenizer = job.ctx.main_first(lambda: prepare_run_data(cfg))
-        cfg = resolve_vocab(cfg, tokenizer.vocab_size)
-        check_vocabulary(tokenizer, cfg)
+        cfg = fit_vocabulary(cfg, tokenizer)
         model = job.start_model(cfg)
         attach_objective_hooks(model, cfg.objective, pad_id=None)
         batches, eval_fn, entropy = self._data(cfg, data_dir, job)

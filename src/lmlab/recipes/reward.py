@@ -33,7 +33,7 @@ from torch import nn
 from lmlab.config import RewardConfig, RunConfig, from_dict, load_yaml
 from lmlab.data.preference import PreferenceBatches, PreferenceData, iterate_batches, load_preference_file, pad_id_of
 from lmlab.data.tokenizer import TextTokenizer
-from lmlab.errors import CheckpointError, ConfigError
+from lmlab.errors import CheckpointError, ConfigError, UserError
 from lmlab.objectives.base import LossOutput
 from lmlab.recipes.launch import run_command
 from lmlab.train.engine import Job, Plan, execute
@@ -225,7 +225,7 @@ def reward_main(argv: list[str]) -> int:
     p.add_argument("--out", help="write per-pair rewards here as JSONL")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args(rest)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device", UserError)
     model, cfg, _, tokenizer = load_reward_model(args.run_dir, device)
     a = cfg.align
     data = load_preference_file(

@@ -30,9 +30,8 @@ from lmlab.objectives.lm import causal_lm_loss
 from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss, model_inputs
 from lmlab.recipes.distill import cached_topk, load_teacher
 from lmlab.recipes.launch import run_command
-from lmlab.recipes.pretrain import resolve_vocab
 from lmlab.train.engine import Job, Plan, execute, print_report
-from lmlab.train.pretrained import check_vocabulary, inherit_from_init
+from lmlab.train.pretrained import fit_vocabulary, inherit_from_init
 
 # --------------------------------------------------------------------------- inputs
 
@@ -173,8 +172,7 @@ class SFTRecipe:
         tokenizer = (
             TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
         )
-        cfg = cfg if cfg.init_from else resolve_vocab(cfg, tokenizer.vocab_size)
-        check_vocabulary(tokenizer, cfg)
+        cfg = fit_vocabulary(cfg, tokenizer)
         s, t, ctx = cfg.sft, cfg.train, job.ctx
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         pad_to = t.seq_len if s.packing else None

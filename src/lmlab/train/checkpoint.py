@@ -286,13 +286,16 @@ def verify_checkpoint(ckpt: Path, model_cfg: ModelConfig | None = None) -> dict[
     return meta
 
 
-def load_weights(ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Verify and load the checkpoint's weights into ``model`` (strict); return the meta.
+def load_weights(
+    ckpt: Path, model: torch.nn.Module, model_cfg: ModelConfig | None = None, *, verified: bool = False
+) -> dict[str, Any]:
+    """Verify (unless the caller just did: ``verified``) and load the checkpoint's weights into ``model``
+    (strict); return the meta.
 
     Works for both formats: ``model.safetensors`` and a sharded ``dcp/`` checkpoint, which is
     read into this (unsharded) model whatever world size wrote it.
     """
-    meta = verify_checkpoint(ckpt, model_cfg)
+    meta = read_meta(ckpt) if verified else verify_checkpoint(ckpt, model_cfg)
     if is_sharded(ckpt):
         expected = model_state_dict(model)
         _check_same_model(ckpt, expected, {k: torch.Size(v) for k, v in meta.get("shapes", {}).items()})

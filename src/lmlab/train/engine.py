@@ -29,7 +29,7 @@ from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.callbacks import Callback
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.loop import BatchSource, LossFn, Trainer, TrainResult
-from lmlab.train.pretrained import RunModel, load_init_weights
+from lmlab.train.pretrained import load_init_weights
 from lmlab.train.run import Run, RunSummary
 from lmlab.train.runtime import seed_everything
 
@@ -99,12 +99,9 @@ class Job:
         if cfg.init_from and not self.run.resuming:
             decoder = model.decoder if head == "reward" else model
             loaded = load_init_weights(decoder, cfg.init_from, cfg)
-            self.record_init(loaded)
+            self.summary.init_from = loaded.describe()
+            self.say(f"init_from {cfg.init_from}: loaded {loaded.checkpoint.name} (step {loaded.step})")
         return model.to(self.device)
-
-    def record_init(self, loaded: RunModel) -> None:
-        self.summary.init_from = loaded.describe()
-        self.say(f"init_from {loaded.describe()['path']}: loaded {loaded.checkpoint.name} (step {loaded.step})")
 
     def plain_model(self, trainer: Trainer) -> nn.Module | None:
         """The trained weights as a plain module on rank 0, for generation and task evaluation (a gather under
@@ -158,9 +155,9 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
     plan = recipe.setup(job)
     cfg = validate(plan.cfg)  # the config is complete only now
     if run.checkpoint is not None:  # refuse a mismatched model before anything in the run is rewritten
-        meta = verify_resumable(run, cfg)
+        meta = ctx.broadcast_object(ctx.main_first(lambda: verify_resumable(run, cfg), others=False))
         cfg = keep_global_batch(cfg, meta.get("global_batch"), ctx.world_size, quiet=job.quiet)
-    run.start(cfg, job.requested, tokenizer=plan.tokenizer, files=plan.files, device=ctx.device)
+    run.start(cfg, job.requested, tokenizer=plan.tokenizer, files=plan.files)
     params = count_params(cfg.model)
     summary = job.summary
     summary.params = params["total"] + plan.extra_params
@@ -180,7 +177,7 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
         meta={"run_id": run.run_id, "kind": recipe.name},
     )
     if run.checkpoint is not None:
-        trainer.resume(run.checkpoint)
+        trainer.resume(run.checkpoint, verified=True)  # checked once, on rank 0, above
     if plan.headline:
         job.say(plan.headline)
     result = run.fit(trainer, plan.first_records)

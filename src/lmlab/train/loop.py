@@ -104,6 +104,8 @@ class Trainer:
         self.on_log = on_log
         self.callbacks = list(callbacks)
         self.stop = stop or StopRequest()
+        self._stop_flag: torch.Tensor | None = None  # this step's stop request summed over ranks (several ranks)
+        self._pending_stop: torch.Tensor | None = None  # the previous step's, read on GPUs (no wait)
         self.logger: MetricsLogger | None = None
         self.dist = dist or DistContext(device=device)
         self.forward_model = prepare_model(model, cfg, self.dist)
@@ -179,23 +181,24 @@ class Trainer:
             callback.on_checkpoint(self, path)
         return path
 
-    def resume(self, path: str | Path | None = None) -> Path:
+    def resume(self, path: str | Path | None = None, *, verified: bool = False) -> Path:
         """Load a checkpoint (default: the run directory's latest): weights, optimizer, data position, RNG.
 
         Either checkpoint format resumes on any world size: a sharded one is resharded by
-        ``torch.distributed.checkpoint``, a single-process one is read whole on every rank.
+        ``torch.distributed.checkpoint``, a single-process one is read whole on every rank. ``verified``:
+        the caller has just checked the checkpoint (checksums, files, model), so it is not hashed again.
         """
         ckpt = ckpt_io.resolve_checkpoint(self.run_dir if path is None else path)
-        if ckpt_io.is_sharded(ckpt):
+        if not verified:
             ckpt_io.verify_checkpoint(ckpt, self.cfg.model)
+        if ckpt_io.is_sharded(ckpt):
             state = ckpt_io.load_train_state(ckpt)
             ckpt_io.load_sharded_state(ckpt, self.model, self.optimizer)
         elif self.dist.sharded or self.dist.world_size > 1:
-            ckpt_io.verify_checkpoint(ckpt, self.cfg.model)
             state = ckpt_io.load_train_state(ckpt)
             ckpt_io.load_full_state_sharded(ckpt, self.model, self.optimizer, state.pop("optimizer"))
         else:
-            ckpt_io.load_weights(ckpt, self.model, self.cfg.model)
+            ckpt_io.load_weights(ckpt, self.model, self.cfg.model, verified=True)
             state = ckpt_io.load_train_state(ckpt)
         self.load_state_dict(state)
         return ckpt
@@ -367,7 +370,7 @@ class Trainer:
             return float(self._stop_flag) > 0
         # On GPUs read the previous step's flag, which is long computed, so the host does not wait for this
         # step's all-reduce (the sync-free step); every rank still stops after the same step.
-        previous, self._pending_stop = getattr(self, "_pending_stop", None), self._stop_flag
+        previous, self._pending_stop = self._pending_stop, self._stop_flag
         return previous is not None and float(previous) > 0
 
     def saves_on_all_ranks(self) -> bool:

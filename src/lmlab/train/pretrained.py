@@ -59,19 +59,10 @@ def run_directory(path: str | Path, what: str = "run directory") -> Path:
     return root
 
 
-def run_config(path: str | Path) -> RunConfig:
-    """The resolved config of the run at ``path``."""
-    return load_config(run_directory(path) / "config.yaml")
-
-
-def run_tokenizer(path: str | Path, *, required: str | None = None) -> TextTokenizer | None:
-    """The run's ``tokenizer.json``; a missing one is a ``CheckpointError`` when ``required`` says why it is needed."""
+def run_tokenizer(path: str | Path) -> TextTokenizer | None:
+    """The run's ``tokenizer.json``, or None when it has none."""
     tok = run_directory(path) / "tokenizer.json"
-    if tok.is_file():
-        return TextTokenizer.load(tok)
-    if required:
-        raise CheckpointError(f"{path}: the run has no tokenizer.json; {required}")
-    return None
+    return TextTokenizer.load(tok) if tok.is_file() else None
 
 
 def run_head(path: str | Path) -> Head:
@@ -142,7 +133,7 @@ def check_same_tokenizer(theirs: TextTokenizer | None, ours: TextTokenizer, who:
         )
 
 
-def load_init_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> RunModel | None:
+def load_init_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> RunModel:
     """Load the weights of ``path`` (``init_from``: a run, a sharded run, an imported HF model, or one of
     their checkpoints) into ``model``, refusing a checkpoint of another architecture; returns what was read."""
     run_directory(path, "init_from run directory")
@@ -169,14 +160,24 @@ def inherit_from_init(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=load_config(root / "config.yaml").model, tokenizer=tokenizer)
 
 
-def check_vocabulary(tokenizer: TextTokenizer, cfg: RunConfig) -> None:
-    """Refuse a model whose embedding table is smaller than the tokenizer's vocabulary."""
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        where = f"the model of init_from={cfg.init_from} (vocab_size)" if cfg.init_from else "model.vocab_size"
-        raise ModelMismatchError(
-            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but {where} is {cfg.model.vocab_size}; "
-            "the model and the tokenizer must come from the same run"
+def fit_vocabulary(cfg: RunConfig, tokenizer: TextTokenizer) -> RunConfig:
+    """``cfg`` with ``model.vocab_size`` taken from the tokenizer when it is 0; a model whose embedding table is
+    smaller than the tokenizer's vocabulary is refused (a ``ConfigError`` for the user's own setting, a
+    ``ModelMismatchError`` for the architecture of ``init_from``)."""
+    vocab = cfg.model.vocab_size
+    if vocab == 0 and not cfg.init_from:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if tokenizer.vocab_size <= vocab:
+        return cfg
+    if not cfg.init_from:
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
+            "set model.vocab_size=0 to take it from the tokenizer"
         )
+    raise ModelMismatchError(
+        f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model of init_from={cfg.init_from} "
+        f"(vocab_size) is {vocab}; the model and the tokenizer must come from the same run"
+    )
 
 
 def require_init_from(cfg: RunConfig, command: str) -> str:

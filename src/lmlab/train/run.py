@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmlab import __version__
 from lmlab.config import RunConfig, save_config, to_dict
 from lmlab.errors import CheckpointError, UserError
@@ -239,7 +237,6 @@ class Run:
         *,
         tokenizer=None,
         files: dict[str, str] | None = None,
-        device: torch.device | None = None,
     ) -> None:
         """Write the run's description (config, tokenizer, extra ``files``, env.json, run.json, summary)."""
         self.started = True
@@ -249,7 +246,7 @@ class Run:
                 write_text_atomic(self._file("tokenizer.json"), tokenizer.to_json())
             for name, text in (files or {}).items():
                 write_text_atomic(self._file(name), text)
-            env = environment(device or self.ctx.device)
+            env = environment(self.ctx.device)
             env.update(world_size=self.ctx.world_size, strategy=self.ctx.strategy, backend=self.ctx.backend)
             write_text_atomic(self._file("env.json"), json.dumps(env, indent=1))
             self._write_record(requested)

@@ -15,19 +15,20 @@ import numpy as np
 import torch
 
 from lmlab import __version__
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, UserError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; a CUDA request without CUDA is a ConfigError."""
+def resolve_device(name: str, key: str = "train.device", error: type[UserError] = ConfigError) -> torch.device:
+    """``auto`` -> cuda if available else cpu; a name that is no device, or CUDA without CUDA, is ``error``
+    naming ``key`` (the config key, or a command-line flag such as ``--device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
+        raise error(f"{key}={name!r} is not a device; valid: auto, cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine; use cpu or auto")
+        raise error(f"{key}={name!r} but CUDA is not available on this machine; use cpu or auto")
     return device
 
 
