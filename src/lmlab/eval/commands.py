@@ -1,8 +1,14 @@
-"""CLI entry points: ``lmlab generate`` and ``lmlab eval``."""
+"""CLI entry points: ``lmlab generate`` and ``lmlab eval``.
+
+``lmlab eval perplexity`` and ``lmlab eval memorization`` live here; every other ``lmlab eval KIND`` is a
+``module:function`` in ``EVAL_COMMANDS`` taking the remaining argv, imported only when it runs (so an optional
+dependency such as lm-eval is needed only by the command that uses it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 from pathlib import Path
@@ -61,9 +67,22 @@ def generate_main(argv: list[str]) -> int:
     return 0
 
 
+EVAL_COMMANDS: dict[str, tuple[str, str]] = {
+    "harness": ("lmlab.eval.harness_command:harness_main", "lm-evaluation-harness tasks on a run (no export)"),
+    "passk": ("lmlab.eval.pass_at_k_command:passk_main", "pass@k of sampled answers checked by a program"),
+    "compare": ("lmlab.eval.pairwise_command:compare_main", "pairwise judging of runs: win rates, Bradley-Terry"),
+    "ood": ("lmlab.eval.ood_command:ood_main", "likelihood-ratio OOD detection (fine-tuned vs base): AUROC"),
+}
+
+
 def eval_main(argv: list[str]) -> int:
+    if argv and argv[0] in EVAL_COMMANDS:
+        module_name, func_name = EVAL_COMMANDS[argv[0]][0].split(":")
+        return int(getattr(importlib.import_module(module_name), func_name)(argv[1:]) or 0)
     p = argparse.ArgumentParser(prog="lmlab eval", description="Evaluate a run.")
     sub = p.add_subparsers(dest="kind", required=True)
+    for name, (_, help_) in EVAL_COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
     ppl = sub.add_parser("perplexity", help="validation loss and perplexity")
     ppl.add_argument("run_dir")
     ppl.add_argument("--data", help="prepared data directory (default: the run's own data)")
