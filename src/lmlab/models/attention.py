@@ -84,10 +84,16 @@ class LayerKVCache:
 
 
 class KVCache:
-    """The per-layer caches of a decoder; ``length`` is the number of positions already seen."""
+    """The per-layer caches of a decoder; ``length`` is the number of positions already seen.
+
+    ``key_mask`` [B, T_past + T] (True = a real token) lets rows of different lengths share one batch:
+    prompts are left-padded, and the caller extends the mask to cover the positions of each forward call
+    before making it. None: every cached position is real.
+    """
 
     def __init__(self, n_layers: int) -> None:
         self.layers = [LayerKVCache() for _ in range(n_layers)]
+        self.key_mask: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -96,14 +102,29 @@ class KVCache:
 
 
 def attention_mask(
-    q_len: int, past_len: int, doc_ids: torch.Tensor | None, device: torch.device
+    q_len: int,
+    past_len: int,
+    doc_ids: torch.Tensor | None,
+    device: torch.device,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (True = may attend) for ``q_len`` new queries after ``past_len`` cached keys.
 
     Returns None when plain causal attention suffices: no past keys (``is_causal`` then
     applies), or a single query that may see every key. Otherwise [T_q, T_k] for an
     offset causal mask, or [B, 1, T, T] block-diagonal causal when ``doc_ids`` is given.
+    ``key_mask`` [B, T_k] (left-padded rows, see ``KVCache``) hides padding keys: [B, 1, T_q, T_k]. A query
+    always sees itself, so a padding query's row is never empty (an empty row would give NaN, and NaN
+    values leak through zero attention weights).
     """
+    if key_mask is not None:
+        if doc_ids is not None:
+            raise ValueError("doc_ids cannot be combined with a key mask")
+        keys = past_len + q_len
+        causal = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril(diagonal=past_len)  # [T_q, T_k]
+        itself = torch.zeros_like(causal)
+        itself[torch.arange(q_len), torch.arange(past_len, keys)] = True
+        return ((causal[None] & key_mask[:, None, :]) | itself[None])[:, None]  # [B, 1, T_q, T_k]
     if doc_ids is not None:
         if past_len:
             raise ValueError("doc_ids cannot be combined with a KV cache")

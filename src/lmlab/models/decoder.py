@@ -131,7 +131,8 @@ class Decoder(nn.Module):
                 position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
             max_position = past + seq - 1
         rope = self.rope(position_ids, max_position)  # cos, sin: [B, T, head_dim]
-        mask = attention_mask(seq, past, doc_ids, input_ids.device)
+        key_mask = kv_cache.key_mask if kv_cache is not None else None
+        mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)
         hidden = self.tok_embeddings(input_ids)  # [B, T, d]
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, rope, mask, None if kv_cache is None else kv_cache.layers[i])

@@ -7,6 +7,8 @@ Degeneration", arXiv 1904.09751). Both are standalone functions on logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -61,29 +63,50 @@ def sample_next(
 @torch.no_grad()
 def _generate_batch(
     model: nn.Module,
-    prompts: torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float,
     top_k: int,
     top_p: float,
     eos_id: int | None,
     generator: torch.Generator | None,
+    stop: Callable[[list[int]], bool] | None,
 ) -> list[list[int]]:
-    """Generate for equal-length prompts [B, T]; each row stops after its ``eos_id``."""
-    batch = prompts.shape[0]
+    """Generate for a batch of prompts of any lengths; each row stops after its ``eos_id`` or when ``stop`` says so.
+
+    Prompts of different lengths are left-padded; the cache's key mask hides the padding and every row's
+    positions count from its own first token, so a row's tokens do not depend on the others in its batch.
+    """
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # [B, T]
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
     cache = model.new_kv_cache()
-    logits = model(prompts, kv_cache=cache)[:, -1]  # [B, V]
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    finished = [False] * batch
+    padded = bool((lengths != width).any())
+    if padded:
+        real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [B, T]
+        cache.key_mask = real
+        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
+        logits = model(ids, position_ids=positions, kv_cache=cache)[:, -1]  # [B, V]
+    else:
+        logits = model(ids, kv_cache=cache)[:, -1]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
     for step in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
         for row, token in enumerate(tokens.tolist()):
             if not finished[row]:
                 outputs[row].append(token)
-                finished[row] = eos_id is not None and token == eos_id
+                finished[row] = (eos_id is not None and token == eos_id) or (stop is not None and stop(outputs[row]))
         if all(finished) or step == max_new_tokens - 1:
             break
-        logits = model(tokens[:, None], kv_cache=cache)[:, -1]
+        if padded:
+            cache.key_mask = torch.cat((cache.key_mask, cache.key_mask.new_ones(len(prompts), 1)), dim=1)
+            logits = model(tokens[:, None], position_ids=(lengths + step)[:, None], kv_cache=cache)[:, -1]
+        else:
+            logits = model(tokens[:, None], kv_cache=cache)[:, -1]
     return outputs
 
 
@@ -96,41 +119,36 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[int] | list[list[int]]:
     """Sample up to ``max_new_tokens`` new tokens after a prompt, using the model's KV cache.
 
     ``prompt_ids``: one prompt (a list of ids or a 1-D tensor) returns one list of new ids;
-    a batch (a list of lists, or a 2-D tensor) returns one list per prompt. Prompts of
-    different lengths are generated one at a time. Generation stops after ``eos_id``
-    (which is included in the output). ``temperature=0`` is greedy decoding. ``model``
-    needs ``forward(ids, kv_cache=...)`` and ``new_kv_cache()`` (``lmlab.models.decoder.Decoder``).
+    a batch (a list of lists, or a 2-D tensor) returns one list per prompt, generated together
+    (prompts of different lengths are left-padded). Generation of a row stops after ``eos_id``
+    (which is included in the output) or once ``stop(new_ids_so_far)`` is true. ``temperature=0``
+    is greedy decoding. ``model`` needs ``forward(ids, position_ids=..., kv_cache=...)`` and
+    ``new_kv_cache()`` (``lmlab.models.decoder.Decoder``).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    device = next(model.parameters()).device
     if isinstance(prompt_ids, torch.Tensor):
         single = prompt_ids.dim() == 1
-        rows = [prompt_ids.to(device).view(1, -1)] if single else [prompt_ids.to(device)]
+        prompts = [prompt_ids.tolist()] if single else prompt_ids.tolist()
     else:
         single = len(prompt_ids) == 0 or not isinstance(prompt_ids[0], (list, tuple))
         prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("a prompt must contain at least one token (e.g. BOS)")
-        if len({len(p) for p in prompts}) == 1:
-            rows = [torch.tensor(prompts, dtype=torch.long, device=device)]
-        else:
-            rows = [torch.tensor([p], dtype=torch.long, device=device) for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("a prompt must contain at least one token (e.g. BOS)")
     if max_new_tokens <= 0:
-        outputs = [[] for row in rows for _ in range(row.shape[0])]
+        outputs = [[] for _ in prompts]
         return outputs[0] if single else outputs
     was_training = model.training
     model.eval()
     try:
-        outputs = []
-        for row in rows:
-            outputs += _generate_batch(model, row, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+        outputs = _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, stop)
     finally:
         model.train(was_training)
     return outputs[0] if single else outputs

@@ -128,3 +128,19 @@ def test_cpu_generator_works_for_any_device_logits():
     a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(0))
     b = sample_next(logits.cpu(), 1.0, generator=torch.Generator().manual_seed(0))
     assert a.device.type == device and torch.equal(a.cpu(), b)
+
+
+def test_left_padded_batch_equals_one_prompt_at_a_time(model):
+    """Prompts of different lengths share one batch (left padding under the cache's key mask) and each row's
+    greedy continuation and logits are those it gets alone."""
+    prompts = [[3, 9, 14, 2, 7, 30], [5], [11, 4, 8]]
+    alone = [generate(model, p, max_new_tokens=8, temperature=0) for p in prompts]
+    assert generate(model, prompts, max_new_tokens=8, temperature=0) == alone
+    # the same prompts in another order (other padding per row) give the same rows
+    assert generate(model, prompts[::-1], max_new_tokens=8, temperature=0) == alone[::-1]
+
+
+def test_stop_callback_ends_a_row_early(model):
+    full = generate(model, [1, 2, 3], max_new_tokens=8, temperature=0)
+    stopped = generate(model, [1, 2, 3], max_new_tokens=8, temperature=0, stop=lambda new: len(new) >= 3)
+    assert stopped == full[:3]
