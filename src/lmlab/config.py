@@ -251,6 +251,33 @@ class ScheduleConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """One task evaluated during training (``train.evals``): an lm-evaluation-harness task by name (the
+    synthetic worlds' ``lmlab_*`` tasks are built in; others come from lm-eval or ``include_path``)."""
+
+    task: str = ""
+    every: int = 0  # steps between evaluations (and at the last step); 0: train.eval_every
+    limit: float | None = None  # documents per evaluation (a fraction if < 1); None: all
+    num_fewshot: int | None = None
+    batch_size: int = 16
+    metadata: dict[str, Any] = field(default_factory=dict)  # passed to the task (e.g. a world's seed)
+    include_path: list[str] = field(default_factory=list)
+
+    def validate(self, key: str = "train.evals[]") -> None:
+        if not self.task:
+            raise ConfigError(f"{key}.task must name an lm-eval task (e.g. lmlab_facts_mc)")
+        _positive(f"{key}.every", self.every, allow_zero=True)
+        _positive(f"{key}.batch_size", self.batch_size)
+        if self.limit is not None and not self.limit > 0:
+            raise ConfigError(f"{key}.limit={self.limit} must be > 0 (a count, or a fraction if < 1)")
+        if self.num_fewshot is not None:
+            _positive(f"{key}.num_fewshot", self.num_fewshot, allow_zero=True)
+        for path in self.include_path:
+            if not Path(path).is_dir():
+                raise ConfigError(f"{key}.include_path: {path} is not a directory")
+
+
+@dataclass
 class TrainConfig:
     """The loop: steps, batch geometry, precision, evaluation and checkpoint cadence."""
 
@@ -271,10 +298,13 @@ class TrainConfig:
     keep_last: int = 2
     tensorboard: bool = False
     progress: bool = True
+    evals: list[EvalTaskConfig] = field(default_factory=list)  # downstream tasks during training
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens"):
             _positive(f"train.{key}", getattr(self, key))
+        for i, task in enumerate(self.evals):
+            task.validate(f"train.evals[{i}]")
         for key in ("log_every", "ckpt_every", "keep_last"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.global_batch_size", self.global_batch_size, allow_zero=True)

@@ -163,6 +163,11 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
     summary.params = params["total"] + plan.extra_params
     summary.non_embedding_params = params["non_embedding"] + plan.extra_params
     summary.extra.update(plan.summary)
+    callbacks = list(plan.callbacks)
+    if cfg.train.evals:  # downstream tasks during any kind of run; lm-eval is an optional dependency
+        from lmlab.eval.in_loop import task_evals
+
+        callbacks.append(task_evals(cfg, plan.tokenizer))
     trainer = Trainer(
         cfg,
         run.path,
@@ -172,7 +177,7 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
         device=ctx.device,
         eval_fn=plan.eval_fn,
         dist=ctx,
-        callbacks=plan.callbacks,
+        callbacks=callbacks,
         stop=run.stop,
         meta={"run_id": run.run_id, "kind": recipe.name},
     )
