@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ from lmlab.report.multi import runs_report
 from lmlab.report.run_report import run_report
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+if CHROMIUM is None and os.environ.get("LMLAB_REQUIRE_CHROMIUM") == "1":  # CI installs it: a skip there is a failure
+    raise RuntimeError("LMLAB_REQUIRE_CHROMIUM=1 but no chromium binary is on PATH")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt install chromium)")
 
 PROBE = """
