@@ -37,6 +37,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
+from lmlab.data.chat import end_of_turn_id, resolve_template
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
 from lmlab.models.generation import generate
@@ -122,6 +123,22 @@ class LmlabLM(TemplateLM):
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ chat (lm-eval's --apply_chat_template)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The run's chat template (its tokenizer's own, else lmlab's built-in one) when lm-eval asks for one."""
+        if chat_template is False or chat_template is None:
+            return None
+        return resolve_template(self.tokenizer, None if chat_template is True else chat_template).source
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        chat = resolve_template(self.tokenizer)
+        return chat.render(chat_history, add_generation_prompt=add_generation_prompt, tokenizer=self.tokenizer)
+
+    def _stop_ids(self) -> set[int]:
+        """Tokens that end a generation: EOS and, for chat models, the end of an assistant turn."""
+        return {self.eot_token_id, end_of_turn_id(self.tokenizer)}
 
     def _prefix_for(self, context: list[int]) -> list[int]:
         """The document-start token before ``context``, unless lm-eval already put it there (an empty context)."""
@@ -218,8 +235,10 @@ class LmlabLM(TemplateLM):
                 context = self.tok_encode(args[i][0])
                 prompts.append((self._prefix_for(context) + context)[-keep:])
 
-            def stop(new_ids: list[int], until=until) -> bool:
-                return any(s in self.tok_decode(new_ids) for s in until)
+            stop_ids = self._stop_ids()
+
+            def stop(new_ids: list[int], until=until, stop_ids=stop_ids) -> bool:
+                return new_ids[-1] in stop_ids or any(s in self.tok_decode(new_ids) for s in until)
 
             outputs = generate(
                 self.model,
@@ -229,11 +248,11 @@ class LmlabLM(TemplateLM):
                 top_p=float(kwargs.get("top_p", 1.0) or 1.0),
                 top_k=int(kwargs.get("top_k", 0) or 0),
                 eos_id=None if distributed else self.eot_token_id,
-                stop=None if distributed or not until else stop,
+                stop=None if distributed else stop,
             )
             for i, new_ids in zip(chunk, outputs):
-                if self.eot_token_id in new_ids:
-                    new_ids = new_ids[: new_ids.index(self.eot_token_id)]
+                ends = [j for j, token in enumerate(new_ids) if token in stop_ids]
+                new_ids = new_ids[: ends[0]] if ends else new_ids
                 text = self.tok_decode(new_ids)
                 for s in until:
                     text = text.split(s)[0]

@@ -157,3 +157,12 @@ def test_world_task_items_are_well_formed():
     assert all(r["target"].startswith(" ") and " " not in r["target"][1:] for r in stories)
     pairs = preference_items(n=40)
     assert {r["gold"] for r in pairs} == {0, 1} and all(r["choices"][0] != r["choices"][1] for r in pairs)
+
+
+def test_apply_chat_template_renders_prompts_with_the_runs_template(run, tmp_path):
+    out = tmp_path / "chat"
+    argv = ["eval", "harness", str(run), "--tasks", "lmlab_facts_qa", "--limit", "2", "--apply-chat-template"]
+    assert lmlab_main(argv + ["--metadata", json.dumps(META), "--output-path", str(out), "--log-samples"]) == 0
+    rows = [json.loads(line) for line in next(out.glob("*/samples_lmlab_facts_qa_*.jsonl")).open()]
+    prompt = rows[0]["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.startswith("<|user|>Question: ") and prompt.endswith("<|end|><|assistant|>")
