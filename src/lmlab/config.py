@@ -370,13 +370,18 @@ class DistillConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Switches on the token-level LM objective, combinable; each component is logged."""
+    """Switches on the token-level LM objective, combinable; each component is logged.
+
+    ``coverage_n > 1`` swaps the token cross-entropy for the per-sequence Direct Coverage Optimization loss
+    −log(1 − (1 − p)^N) with N = ``coverage_n`` (docs/science.md §20; ``lmlab.objectives.coverage``).
+    """
 
     label_smoothing: float = 0.0
     z_loss: float = 0.0  # PaLM z-loss coefficient (1e-4 in the paper)
     neftune_alpha: float = 0.0  # NEFTune noise (training only); 0 = off
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    coverage_n: int = 1  # 1: cross-entropy; N > 1: DCO for pass@N with this N
 
     def validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -385,6 +390,20 @@ class ObjectiveConfig:
         _positive("objective.neftune_alpha", self.neftune_alpha, allow_zero=True)
         self.goldfish.validate()
         self.distill.validate()
+        if self.coverage_n < 1:
+            raise ConfigError(f"objective.coverage_n={self.coverage_n} must be >= 1 (1 = plain cross-entropy)")
+        token_level = {
+            "label_smoothing": self.label_smoothing > 0,
+            "z_loss": self.z_loss > 0,
+            "goldfish.enabled": self.goldfish.enabled,
+            "distill.teacher": self.distill.teacher is not None,
+        }
+        clash = [f"objective.{k}" for k, on in token_level.items() if on]
+        if self.coverage_n > 1 and clash:
+            raise ConfigError(
+                f"objective.coverage_n={self.coverage_n} is a loss on whole sequences and does not combine with the "
+                f"token-level {', '.join(clash)}; turn those off or set objective.coverage_n=1"
+            )
 
 
 @dataclass

@@ -7,7 +7,10 @@ training-only hook on the model) and knowledge distillation from a teacher (Hint
 the configured token loss (plain CE unless smoothing / z-loss are on) and D is forward KL,
 reverse KL or JSD(β) (``lmlab.objectives.distill``). All switches combine: the goldfish mask
 removes a token from both terms. Packed batches may carry ``doc_ids`` and ``position_ids``;
-they are passed to the model (and the teacher) unchanged.
+they are passed to the model (and the teacher) unchanged. ``coverage_n > 1`` replaces the token loss by
+Direct Coverage Optimization over whole sequences (§20, ``lmlab.objectives.coverage``; a sequence is a row
+or, in packed rows, one ``doc_ids`` document), which ``ObjectiveConfig`` keeps apart from the token-level
+switches.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from lmlab.config import ObjectiveConfig
 from lmlab.errors import ConfigError
 from lmlab.objectives.base import LossOutput
+from lmlab.objectives.coverage import coverage_loss, sequence_logps
 from lmlab.objectives.distill import distillation_loss, topk_distillation_loss
 from lmlab.objectives.goldfish import goldfish_mask
 from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss
@@ -43,7 +47,8 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
     [B, T, V] run under ``no_grad``, e.g. ``lmlab.recipes.distill.Teacher``) or ``topk_cached=True``,
     meaning every batch carries the teacher's cached top-k (``TOPK_KEYS``). Metrics (sums): ``ce``,
     plus ``kd`` (τ²·D) and ``lm_loss`` (the LM term) when distilling, ``goldfish_dropped`` with
-    goldfish, ``smoothed`` / ``z_loss`` when enabled.
+    goldfish, ``smoothed`` / ``z_loss`` when enabled; with ``coverage_n > 1`` (count = sequences) ``ce`` (the
+    token cross-entropy sum), ``seq_nll`` and ``coverage_weight`` (Σ F, the share of CE's gradient kept).
     """
     gf, kd_cfg = obj.goldfish, obj.distill
     distilling = kd_cfg.teacher is not None
@@ -56,6 +61,8 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         labels = batch["labels"]
+        if obj.coverage_n > 1:
+            return coverage_objective(model(batch["input_ids"], **model_inputs(batch)), batch, obj.coverage_n)
         keep = None
         if gf.enabled:
             keep = goldfish_mask(labels, k=gf.k, strategy=gf.strategy, context_width=gf.context_width, start=gf.start)
@@ -81,6 +88,14 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
         return LossOutput(alpha * kd.loss_sum + (1.0 - alpha) * out.loss_sum, out.count, metrics)
 
     return loss_fn
+
+
+def coverage_objective(logits: torch.Tensor, batch: dict[str, torch.Tensor], n: int) -> LossOutput:
+    """DCO over the batch's sequences (rows, or ``doc_ids`` documents of packed rows), with the token CE as ``ce``."""
+    logps, counts = sequence_logps(logits, batch["labels"], batch.get("doc_ids"))
+    out = coverage_loss(logps, n, mask=counts > 0)
+    out.metrics["ce"] = -logps.detach().sum()  # the token CE sum (the trainer logs its per-sequence twin seq_nll)
+    return out
 
 
 def attach_objective_hooks(model: nn.Module, obj: ObjectiveConfig, pad_id: int | None = None) -> list:

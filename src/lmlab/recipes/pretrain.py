@@ -46,6 +46,11 @@ class PretrainRecipe:
 
     def setup(self, job: Job) -> Plan:
         cfg = inherit_from_init(job.requested)  # continued pretraining: the parent's architecture and tokenizer
+        if cfg.objective.coverage_n > 1:  # DCO scores whole answers; pretraining windows cut documents anywhere
+            raise ConfigError(
+                f"objective.coverage_n={cfg.objective.coverage_n} is a loss on whole answers and runs under lmlab sft; "
+                "lmlab train samples windows that cut documents anywhere (set objective.coverage_n=1)"
+            )
         data_dir, tokenizer = job.ctx.main_first(lambda: prepare_run_data(cfg))
         cfg = fit_vocabulary(cfg, tokenizer)
         model = job.start_model(cfg)
