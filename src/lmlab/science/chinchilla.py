@@ -301,7 +301,10 @@ def fit_chinchilla(
     return ChinchillaFit(params, best_f, np.asarray(best_x), len(n), len(starts), rmse)
 
 
-def bootstrap_chinchilla(
+BOOTSTRAP_COLUMNS = ("E", "A", "B", "alpha", "beta", "a_opt")
+
+
+def bootstrap_chinchilla_draws(
     n: Sequence[float] | np.ndarray,
     d: Sequence[float] | np.ndarray,
     loss: Sequence[float] | np.ndarray,
@@ -310,9 +313,9 @@ def bootstrap_chinchilla(
     n_resamples: int = 100,
     seed: int = 42,
     delta: float = HUBER_DELTA,
-    level: float = 0.95,
-) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals for ``E, A, B, alpha, beta, a_opt`` (points resampled with replacement).
+) -> np.ndarray:
+    """Bootstrap refits [R, 6] of ``BOOTSTRAP_COLUMNS`` = ``E, A, B, alpha, beta, a_opt`` (points resampled with
+    replacement); ``bootstrap_chinchilla`` turns them into intervals, a report draws bands from them.
 
     A resample is a vector of multiplicities over the original points, so all resamples are refitted at once with
     the batched L-BFGS, each from the full-data optimum (not from the 4500-start grid, which would cost a full fit
@@ -330,7 +333,7 @@ def bootstrap_chinchilla(
     ok = np.array([len(np.unique(n[u])) >= 2 and len(np.unique(d[u])) >= 2 for u in used], dtype=bool)
     counts = counts[ok]
     if len(counts) == 0:
-        return {}
+        return np.empty((0, len(BOOTSTRAP_COLUMNS)))
     args = (np.log(n), np.log(d), np.log(loss))
     x0 = np.tile(fit.raw, (len(counts), 1))
     ends, fs = batched_lbfgs(lambda x, rows: huber_objective_batched(x, *args, delta, counts[rows]), x0, max_iter=1000)
@@ -339,7 +342,15 @@ def bootstrap_chinchilla(
         if np.isfinite(f):
             p = params_from_raw(x)
             samples.append([p.E, p.A, p.B, p.alpha, p.beta, p.a_opt])
-    return percentile_intervals(np.array(samples), ["E", "A", "B", "alpha", "beta", "a_opt"], level)
+    return np.array(samples).reshape(-1, len(BOOTSTRAP_COLUMNS))
+
+
+def bootstrap_chinchilla(
+    n, d, loss, fit: ChinchillaFit, *, level: float = 0.95, **options
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals for ``E, A, B, alpha, beta, a_opt`` (``bootstrap_chinchilla_draws``)."""
+    draws = bootstrap_chinchilla_draws(n, d, loss, fit, **options)
+    return percentile_intervals(draws, list(BOOTSTRAP_COLUMNS), level) if len(draws) else {}
 
 
 def percentile_intervals(samples: np.ndarray, names: Sequence[str], level: float = 0.95) -> dict:

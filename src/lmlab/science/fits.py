@@ -26,8 +26,9 @@ from lmlab.errors import UserError
 from lmlab.science import plots
 from lmlab.science.annealing import MOMENTUM, AnnealingParams, fit_annealing
 from lmlab.science.chinchilla import (
+    BOOTSTRAP_COLUMNS,
     ChinchillaParams,
-    bootstrap_chinchilla,
+    bootstrap_chinchilla_draws,
     chinchilla_loss,
     compute_optimal,
     fit_chinchilla,
@@ -40,6 +41,7 @@ from lmlab.science.mixture import fit_gamma, optimal_ratios
 from lmlab.science.results import column, load_results, require_columns, usable_rows
 
 FIT_FILE = "fit.json"
+MAX_DRAWS_SAVED = 500  # bootstrap refits kept in fit.json for the report's bands
 PLOT_FILE = "fit.png"
 
 
@@ -93,7 +95,8 @@ def fit_chinchilla_command(
     flops = column(sel.rows, "flops") if has_flops else np.full(len(n), np.nan)
     flops = np.where(np.isfinite(flops), flops, 6.0 * n * d)
     fit = fit_chinchilla(n, d, loss, grid=small_grid() if grid == "small" else None, method=method)
-    intervals = bootstrap_chinchilla(n, d, loss, fit, n_resamples=bootstrap, seed=seed) if bootstrap > 0 else {}
+    draws = bootstrap_chinchilla_draws(n, d, loss, fit, n_resamples=bootstrap, seed=seed) if bootstrap > 0 else None
+    intervals = percentile_intervals(draws, list(BOOTSTRAP_COLUMNS)) if draws is not None else {}
     isoflop = None
     try:
         isoflop = fit_isoflop(n, flops, loss)
@@ -122,6 +125,11 @@ def fit_chinchilla_command(
         "b_opt": fit.params.b_opt,
         "intervals": intervals,
         "bootstrap_resamples": bootstrap,
+        # the refits themselves, so a report can draw the fitted curve's band (not only per-parameter intervals)
+        "bootstrap_params": [
+            dict(zip(BOOTSTRAP_COLUMNS[:5], map(float, row[:5]))) for row in (draws if draws is not None else [])
+        ][:MAX_DRAWS_SAVED],
+        "warnings": chinchilla_warnings(fit.params.to_dict(), intervals, sel, flops, computes),
         "fit_error": {"huber_objective": fit.objective, "rmse": fit.rmse},
         "n_points": fit.n_points,
         "n_starts": fit.n_starts,
@@ -135,6 +143,29 @@ def fit_chinchilla_command(
     }
     write_fit(out, result)
     return result
+
+
+def chinchilla_warnings(params: dict, intervals: dict, sel, flops: np.ndarray, computes: list[float]) -> list[str]:
+    """What a reader of a Chinchilla fit should be told before trusting it: few points, runs left out, exponents the
+    bootstrap cannot pin down, and predictions far beyond the largest run."""
+    out = []
+    if len(sel.rows) < 10:
+        out.append(f"only {len(sel.rows)} runs: the five parameters are weakly constrained (Chinchilla used ~400)")
+    if sel.excluded:
+        out.append(f"{len(sel.excluded)} run(s) left out of the fit: " + ", ".join(sorted(sel.excluded)))
+    for name in ("alpha", "beta"):
+        lo_hi = intervals.get(name)
+        if lo_hi and params.get(name) and (lo_hi[1] - lo_hi[0]) > 0.5 * abs(params[name]):
+            out.append(
+                f"{name}={params[name]:.3g} has a 95% interval {lo_hi[0]:.3g}–{lo_hi[1]:.3g}: wider than half its value"
+            )
+    largest = float(np.nanmax(flops)) if len(flops) else 0.0
+    for c in computes:
+        if largest > 0 and c > 100 * largest:
+            out.append(
+                f"compute {c:.3g} is {c / largest:,.0f}× the largest run's FLOPs ({largest:.3g}): an extrapolation"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- annealing

@@ -57,6 +57,18 @@ def test_fit_chinchilla_writes_fit_json_and_plot(tmp_path, capsys):
     assert set(fit["intervals"]) == {"E", "A", "B", "alpha", "beta", "a_opt"}
     assert fit["isoflop"]["a"] == pytest.approx(PRESETS["epoch"].a_opt, abs=0.05)
     assert (out / "fit.png").stat().st_size > 1000
+    # the refits behind the intervals, for a report's band, and what a reader should be warned about
+    assert 15 <= len(fit["bootstrap_params"]) <= 20 and set(fit["bootstrap_params"][0]) == {
+        "E",
+        "A",
+        "B",
+        "alpha",
+        "beta",
+    }
+    alphas = sorted(d["alpha"] for d in fit["bootstrap_params"])
+    assert alphas[0] <= fit["intervals"]["alpha"][0] <= fit["intervals"]["alpha"][1] <= alphas[-1]
+    assert any("2 run(s) left out" in w for w in fit["warnings"])
+    assert not any("extrapolation" in w for w in fit["warnings"])  # 1e21 is 10x the largest run: within 100x
     assert "excluded: blew-up (diverged), cut-short (running)" in capsys.readouterr().out
     assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "2e10"]) == 0
     predicted = float(capsys.readouterr().out)
@@ -247,3 +259,20 @@ def test_missing_final_loss_falls_back_to_final_eval(tmp_path):
     rows = {r["run"]: r for r in collect_results(tmp_path)}
     assert rows["a"]["loss"] == 3.25 and rows["a"]["status"] == "finished"
     assert math.isnan(rows["b"]["loss"]) and rows["b"]["status"] == "no final loss"
+
+
+def test_chinchilla_warnings_name_extrapolation_and_loose_exponents():
+    from types import SimpleNamespace
+
+    from lmlab.science.fits import chinchilla_warnings
+
+    sel = SimpleNamespace(rows=[{}] * 8, excluded={})
+    params = {"alpha": 0.34, "beta": 0.28}
+    intervals = {"alpha": (0.10, 0.60), "beta": (0.25, 0.31)}
+    warnings = chinchilla_warnings(params, intervals, sel, np.array([1e18, 1e19]), [1e20, 1e22])
+    assert warnings[0].startswith("only 8 runs")
+    assert any(w.startswith("alpha=0.34 has a 95% interval 0.1–0.6") for w in warnings)
+    assert not any(w.startswith("beta") for w in warnings)
+    assert [w for w in warnings if "extrapolation" in w] == [
+        "compute 1e+22 is 1,000× the largest run's FLOPs (1e+19): an extrapolation"
+    ]
