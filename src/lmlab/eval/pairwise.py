@@ -278,7 +278,6 @@ def bradley_terry(
     var = np.diag(cov) + cov[reference, reference] - 2 * cov[:, reference]
     stderr = np.sqrt(np.clip(var, 0.0, None))
     scores = theta - theta[reference]
-    order = np.argsort(-scores, kind="stable")
-    ranks = np.empty(n_players, dtype=int)
-    ranks[order] = np.arange(1, n_players + 1)
+    # competition ranking: equal scores share a rank (1, 2, 2, 4), so a tie is not broken by the order of the names
+    ranks = np.array([1 + int(np.sum(scores > s + 1e-9)) for s in scores], dtype=int)
     return BradleyTerry(scores, stderr, scores - z * stderr, scores + z * stderr, ranks, reference, iterations)

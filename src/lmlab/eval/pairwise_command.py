@@ -247,15 +247,18 @@ def summarize(names: Sequence[str], rows: Sequence[dict], *, confidence: float, 
     the Bradley-Terry table and win-rate matrix (three or more)."""
     index = {n: k for k, n in enumerate(names)}
     bias = position_bias([(r["p_first_ab"], r["p_first_ba"]) for r in rows])
+    # two identical answers can only be judged by position: they say nothing about consistency
+    different = [(r["p_first_ab"], r["p_first_ba"]) for r in rows if r["answer_a"] != r["answer_b"]]
     out: dict[str, Any] = {
         "comparisons": len(rows),
         "judgements": 2 * len(rows),
+        "identical_answers": len(rows) - len(different),
         "position_bias": {
             "first_wins": _r(bias.first_wins),
             "second_wins": _r(bias.second_wins),
             "ties": _r(bias.ties),
             "mean_p_first": _r(bias.mean_p_first),
-            "consistency": _r(bias.consistency),
+            "consistency": _r(position_bias(different).consistency) if different else None,
         },
     }
     if len(names) == 2:

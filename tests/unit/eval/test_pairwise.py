@@ -395,3 +395,26 @@ def test_cli_generates_with_two_runs_and_judges_with_a_run(tmp_path, runs, capsy
     assert code == 0
     assert summary["judge"] == str(runs[1])
     assert 0.0 <= summary["win_rate"]["mean_p"] <= 1.0
+
+
+def test_equal_bradley_terry_scores_share_a_rank():
+    from lmlab.eval.pairwise import bradley_terry
+
+    # a beats b and c equally often; b and c tie each other: b and c share rank 2 whatever their order
+    comparisons = [(0, 1, 1.0)] * 6 + [(0, 2, 1.0)] * 6 + [(1, 2, 0.5)] * 4 + [(0, 1, 0.0), (0, 2, 0.0)]
+    fit = bradley_terry(3, comparisons, prior=1.0)
+    assert list(fit.ranks) == [1, 2, 2]
+
+
+def test_identical_answers_do_not_count_against_consistency():
+    from lmlab.eval.pairwise_command import summarize
+
+    rows = [
+        {"a": "x", "b": "y", "answer_a": "7.", "answer_b": "7.", "p_first_ab": 0.7, "p_first_ba": 0.7}
+        | {"p_a": 0.5, "outcome": 0.5},
+        {"a": "x", "b": "y", "answer_a": "7.", "answer_b": "8.", "p_first_ab": 0.9, "p_first_ba": 0.2}
+        | {"p_a": 0.85, "outcome": 1.0},
+    ]
+    out = summarize(["x", "y"], rows, confidence=0.95, prior=1.0)
+    assert out["identical_answers"] == 1
+    assert out["position_bias"]["consistency"] == 1.0  # the one pair with different answers is consistent
