@@ -16,7 +16,6 @@ Programmatic judges return a hard 1, 0 or 0.5; the LM judge a probability.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +24,7 @@ import torch
 
 from lmlab.data.synthetic.preference_world import judge as judge_preference_answer
 from lmlab.errors import UserError
+from lmlab.eval.user_code import import_function
 from lmlab.train.pretrained import load_model
 
 COMPARISON_TEMPLATE = (
@@ -127,17 +127,7 @@ def check_template(template: str, where: str) -> None:
 
 def import_score(spec: str) -> Callable[[str, str], Any]:
     """The function named by ``module:function`` (the user's own code, named on the command line)."""
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise UserError(f"--judge {spec!r}: expected module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"--judge {spec!r}: cannot import module {module_name!r} ({err})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise UserError(f"--judge {spec!r}: module {module_name!r} has no function {func_name!r}")
-    return func
+    return import_function(spec, "--judge")
 
 
 def load_judge(spec: str, device: str | torch.device = "cpu", template: str = COMPARISON_TEMPLATE) -> Judge:

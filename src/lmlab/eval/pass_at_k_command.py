@@ -13,7 +13,6 @@ A checker is ``check(problem, response) -> bool`` (``lmlab.eval.pass_at_k.Checke
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from lmlab.data.textio import iter_lines, json_lines
 from lmlab.errors import DataError, UserError
 from lmlab.eval.commands import require
 from lmlab.eval.pass_at_k import Checker, Problem, sample_pass_at_k
+from lmlab.eval.user_code import import_function
 from lmlab.safe_io import refuse_symlink, write_text_atomic
 from lmlab.train.pretrained import load_model
 from lmlab.train.runtime import resolve_device
@@ -77,16 +77,9 @@ def resolve_checker(name: str) -> tuple[Checker, bool]:
     """``(check, needs_answer)`` for a built-in name or a user's ``module:function``."""
     if name in CHECKERS:
         return CHECKERS[name].check, CHECKERS[name].needs_answer
-    module_name, sep, func_name = name.partition(":")
-    if not sep or not module_name or not func_name:
+    if ":" not in name:
         raise UserError(f"--checker {name!r} is unknown; use one of {', '.join(CHECKERS)} or module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"--checker {name}: cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
-    check = getattr(module, func_name, None)
-    if not callable(check):
-        raise UserError(f"--checker {name}: {module_name} has no function {func_name}")
+    check = import_function(name, "--checker")
     return check, False
 
 
