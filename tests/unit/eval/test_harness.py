@@ -166,3 +166,35 @@ def test_apply_chat_template_renders_prompts_with_the_runs_template(run, tmp_pat
     rows = [json.loads(line) for line in next(out.glob("*/samples_lmlab_facts_qa_*.jsonl")).open()]
     prompt = rows[0]["arguments"]["gen_args_0"]["arg_0"]
     assert prompt.startswith("<|user|>Question: ") and prompt.endswith("<|end|><|assistant|>")
+
+
+def test_cli_parity_lmlab_eval_harness_vs_lm_eval_hf(run, exported, tmp_path):
+    """The issue's check, through both command lines: ``lmlab eval harness`` on the run and ``lm_eval --model hf`` on
+    its export write the same per-choice log-likelihoods (1e-4) and the same accuracy in their samples files."""
+    eos = LmlabLM(run=str(run)).eot_token_id
+    hf_out, ours_out = tmp_path / "hf", tmp_path / "ours"
+    lm_eval = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--device", "cpu", "--limit", "12"]
+    lm_eval += ["--model_args", f"pretrained={exported},dtype=float32,prefix_token_id={eos}"]
+    lm_eval += ["--tasks", "lmlab_facts_mc", "--include_path", str(TASKS_DIR), "--log_samples"]
+    lm_eval += ["--output_path", str(hf_out), "--metadata", json.dumps(META)]
+    proc = subprocess.run(lm_eval, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["eval", "harness", str(run), "--tasks", "lmlab_facts_mc", "--limit", "12", "--no-bos", "--log-samples"]
+    assert lmlab_main(argv + ["--output-path", str(ours_out), "--metadata", json.dumps(META)]) == 0
+
+    def samples(root):
+        (path,) = root.glob("*/samples_lmlab_facts_mc_*.jsonl")
+        return {row["doc_id"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+    def accuracy(root):
+        (path,) = root.glob("*/results_*.json")
+        return json.loads(path.read_text())["results"]["lmlab_facts_mc"]["acc,none"]
+
+    ref, got = samples(hf_out), samples(ours_out)
+    assert sorted(ref) == sorted(got) == list(range(12))
+    for doc_id, row in ref.items():
+        ref_ll = [float(choice[0][0]) for choice in row["resps"]]
+        got_ll = [float(choice[0][0]) for choice in got[doc_id]["resps"]]
+        assert got_ll == pytest.approx(ref_ll, abs=1e-4)
+        assert got[doc_id]["acc"] == row["acc"]
+    assert accuracy(ours_out) == accuracy(hf_out)
