@@ -13,7 +13,7 @@ Optimization (DCO), −log(1 − (1 − p)^N), avoids the collapse. This script 
   epochs at a constant learning rate. There is one run per (loss, seed), with checkpoints along the way: CE
   (``objective.coverage_n=1``) and DCO (``objective.coverage_n=16``, ``LOSSES``).
 - **Evaluation**: ``lmlab eval passk CKPT --problems test.jsonl --checker exact --n 64 --k 1,4,16,64`` at the
-  checkpoints of steps 250 (the short horizon), 750 and 1500 (the long one). Sampling is at temperature 1, on
+  checkpoints of steps 50, 100, 250 (the short horizons), 750 and 1500 (the long one). Sampling is at temperature 1, on
   held-out problems (half easy, half hard). Each cell is the mean over
   seeds ± the half-width of the 95% Student-t interval.
 
@@ -55,7 +55,7 @@ KS = (1, 4, 16, 64)
 def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return dict(train=96, test=16, steps=20, every=10, evals=(10, 20), n=8, ks=(1, 8))
-    return dict(train=480, test=200, steps=1500, every=250, evals=(250, 750, 1500), n=64, ks=KS)
+    return dict(train=480, test=200, steps=1500, every=50, evals=(50, 100, 250, 750, 1500), n=64, ks=KS)
 
 
 # --------------------------------------------------------------------------- the task
