@@ -63,6 +63,7 @@ class LmlabLM(TemplateLM):
         max_batch_size: int | None = None,
         add_bos_token: bool | str = True,
         max_length: int | None = None,
+        seed: int | str = 1234,
         *,
         model: nn.Module | None = None,
         tokenizer: TextTokenizer | None = None,
@@ -92,6 +93,9 @@ class LmlabLM(TemplateLM):
         self.add_bos_token = _flag(add_bos_token)
         self._max_length = int(max_length)
         self.run = run
+        # sampled generations draw from their own generator: reproducible, and an in-loop evaluation leaves the
+        # training's global random state alone
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
         if dist.is_available() and dist.is_initialized():
             self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
@@ -249,6 +253,7 @@ class LmlabLM(TemplateLM):
                 top_k=int(kwargs.get("top_k", 0) or 0),
                 eos_id=None if distributed else self.eot_token_id,
                 stop=None if distributed else stop,
+                generator=self.generator,
             )
             for i, new_ids in zip(chunk, outputs):
                 ends = [j for j, token in enumerate(new_ids) if token in stop_ids]

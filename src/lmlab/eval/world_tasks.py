@@ -8,7 +8,8 @@ streams as the training data; ``--metadata '{"seed": S}'`` picks the world seed 
   among three other people's places); held-out people's Q&A is never in SFT data, so this measures
   knowledge a model read in biographies (Allen-Zhu & Li 2023, arXiv 2309.14316).
 - ``lmlab_facts_qa``: the same people's questions, answered by generation and scored with the world's
-  own answer check (the answer value must appear in the response).
+  own answer check (the answer value must appear in the response); ``lmlab_facts_qa_passk`` samples 16
+  answers per question (temperature 1) and reports the unbiased pass@1/4/16 (docs/science.md §20).
 - ``lmlab_stories_cloze``: the last word of a held-out story (a LAMBADA-style cloze: accuracy = the
   greedy continuation is the word, plus its perplexity); held-out = a seed no training stream uses.
 - ``lmlab_stories_ppl``: held-out stories scored whole (word/byte perplexity, bits per byte).
@@ -24,6 +25,7 @@ from typing import Any
 from lmlab.data.synthetic.facts import ATTRIBUTES, FactsWorld, answer_is_correct
 from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.data.synthetic.stories import StoriesWorld
+from lmlab.eval.pass_at_k import pass_at_k
 
 HELDOUT_STORY_SEED = 900_001  # no config or example trains on this stream
 CHOICES = 4
@@ -73,6 +75,17 @@ def facts(seed: int = 0, n_people: int = 1000, **_) -> Any:
 def facts_qa_score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """``process_results`` of ``lmlab_facts_qa``: the world's own check of a generated answer."""
     return {"exact_answer": float(answer_is_correct(results[0], doc["answer"]))}
+
+
+PASS_AT = (1, 4, 16)
+
+
+def facts_pass_at_k(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
+    """``process_results`` of ``lmlab_facts_qa_passk``: the unbiased pass@k (Chen et al. 2021) of the ``repeats``
+    sampled answers to one question, each checked by the world's answer check."""
+    replies = results[0] if isinstance(results[0], list) else results  # lm-eval hands the repeats as one list
+    correct = sum(answer_is_correct(reply, doc["answer"]) for reply in replies)
+    return {f"pass@{k}": pass_at_k(len(replies), correct, k) for k in PASS_AT if k <= len(replies)}
 
 
 def stories_items(seed: int = HELDOUT_STORY_SEED, n: int = 500) -> list[dict[str, Any]]:

@@ -198,3 +198,45 @@ def test_cli_parity_lmlab_eval_harness_vs_lm_eval_hf(run, exported, tmp_path):
         assert got_ll == pytest.approx(ref_ll, abs=1e-4)
         assert got[doc_id]["acc"] == row["acc"]
     assert accuracy(ours_out) == accuracy(hf_out)
+
+
+def test_facts_pass_at_k_scores_the_repeats_with_the_unbiased_estimator():
+    from lmlab.eval.world_tasks import facts_pass_at_k
+
+    doc = {"answer": "Kraimbemholm"}
+    replies = [" X was born in Kraimbemholm.", " Nowhere.", " Brimsex.", " Bay."]
+    # n = 4, c = 1: pass@1 = 1/4, pass@4 = 1; pass@16 needs 16 samples and is left out
+    assert facts_pass_at_k(doc, [replies]) == {"pass@1": pytest.approx(0.25), "pass@4": 1.0}
+
+
+def test_pass_at_k_task_samples_every_question_sixteen_times(run, tmp_path):
+    out = tmp_path / "passk"
+    argv = ["eval", "harness", str(run), "--tasks", "lmlab_facts_qa_passk", "--limit", "2", "--log-samples"]
+    assert lmlab_main(argv + ["--metadata", json.dumps(META), "--output-path", str(out)]) == 0
+    rows = [json.loads(line) for line in next(out.glob("*/samples_lmlab_facts_qa_passk_*.jsonl")).open()]
+    assert [len(r["filtered_resps"][0]) for r in rows] == [16, 16]  # one request, its 16 sampled answers
+    (results,) = out.glob("*/results_*.json")
+    metrics = json.loads(results.read_text())["results"]["lmlab_facts_qa_passk"]
+    assert {"pass@1,none", "pass@4,none", "pass@16,none"} <= set(metrics)
+
+
+def test_sampled_generation_is_seeded_and_leaves_the_global_rng_alone(run, manager):
+    """As in-loop evaluation runs it (lm-eval's evaluate, which seeds nothing): the samples come from the model's
+    own generator, so they repeat, and the training's global random state is not touched."""
+    import torch
+    from lm_eval.evaluator import evaluate
+
+    def sampled(lm, tasks):
+        out = evaluate(lm, tasks, limit=2)
+        return [r["filtered_resps"] for r in out["samples"]["lmlab_facts_qa_passk"]]
+
+    # built first: loading a run builds (initialises) a model, which draws from the global generator
+    lms = [LmlabLM(run=str(run), seed=3) for _ in range(2)]
+    tasks = [manager.load(["lmlab_facts_qa_passk"]) for _ in range(2)]
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    first = sampled(lms[0], tasks[0])
+    assert torch.equal(torch.rand(3), expected)
+    assert sampled(lms[1], tasks[1]) == first
+    assert len(set(first[0][0])) > 1  # 16 samples, not 16 copies

@@ -1,3 +1,11 @@
 """The functions the task YAMLs here name with ``!function worlds.<name>`` (lm-eval imports this file by path)."""
 
-from lmlab.eval.world_tasks import facts, facts_qa_score, preferences, preferences_ood, stories, stories_text  # noqa: F401
+from lmlab.eval.world_tasks import (  # noqa: F401
+    facts,
+    facts_pass_at_k,
+    facts_qa_score,
+    preferences,
+    preferences_ood,
+    stories,
+    stories_text,
+)
