@@ -49,9 +49,10 @@ from lmlab.data.synthetic.preference_world import (
     judge,
     render_answer,
 )
+from lmlab.eval.answer_files import PromptItem
 from lmlab.eval.judges import COMPARISON_TEMPLATE, preference_score
 from lmlab.eval.pairwise import bradley_terry, comparison_design
-from lmlab.eval.pairwise_command import PromptItem, judge_design, summarize
+from lmlab.eval.pairwise_command import judge_design, summarize
 from lmlab.recipes.pretrain import run_pretraining
 
 SFT_MIX = (0.8, 0.1, 0.1)  # concise, padded, wrong: answers are mostly concise, so quality = correctness
