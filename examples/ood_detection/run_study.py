@@ -10,14 +10,20 @@ from other text. Per seed, this script
 2. fine-tunes it (continued pretraining, ``init_from``) on ``stories`` only, and separately on ``norra`` only,
    each twice: a *full* fine-tune (100 steps, lr 1e-3), which also makes the model forget the other domains, and
    a *light* one (25 steps, lr 3e-4) that moves it much less;
-3. runs ``lmlab eval ood`` on held-out documents for four pairs (in-domain vs out-of-domain), and reports the
+3. fine-tunes it the same two ways on the ``preferences`` world's SFT documents (a domain the base never saw);
+4. runs ``lmlab eval ood`` on held-out documents for eight pairs (in-domain vs out-of-domain), and reports the
    AUROC of the ratio next to those of the fine-tuned and the base model's own log-likelihood, as mean ± 95%
    CI (Student t) over seeds, per token and summed over the document.
+
+The first four pairs (stories vs facts, stories vs norra, norra vs vesk, norra vs stories) put the ratio at the
+ceiling; the other four are nearer or less familiar shifts: norra vs ``ollin`` (the family's third language,
+left out of the base's data), and the preferences world's SFT documents, or its concise train-style questions,
+vs its ``ood`` split (reworded questions, numbers 10-30) or vs the ``ood`` wording alone (numbers 0-9).
 
 Held-out documents come from the same streams as the training data, at indices far beyond those trained on.
 Runs and reports already in ``--out`` are reused. Results go to ``OUT/results.json`` and ``OUT/results.md``.
 
-    python examples/ood_detection/run_study.py --out runs/ood_detection            # ~4 min on 2 shared cores
+    python examples/ood_detection/run_study.py --out runs/ood_detection            # ~3 min on 2 idle cores
     python examples/ood_detection/run_study.py --out /tmp/ood --quick --seeds 1    # smoke test
 """
 
@@ -29,6 +35,7 @@ import io
 import itertools
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -40,20 +47,35 @@ from lmlab.cli import main as lmlab_main
 from lmlab.config import load_config
 from lmlab.data.cache import world_documents
 from lmlab.data.synthetic import get_world
+from lmlab.data.synthetic.preference_world import COLOURS, OOD_TEMPLATES, format_prompt
 from lmlab.eval.ood import DocumentLogprob, auroc, likelihood_ratio_scores, loglik_scores
 from lmlab.recipes.pretrain import run_pretraining
 
-DOMAINS = {  # name -> (world, subset)
+DOMAINS = {  # name -> (world, subset): a stream of documents that a model is trained on or scored on
     "stories": ("stories", None),
     "facts": ("facts", None),
     "norra": ("languages", "norra"),
     "vesk": ("languages", "vesk"),
+    "ollin": ("languages", "ollin"),  # norra's and vesk's third sister language: never in the base's data
+    "preferences": ("preferences", None),  # the preferences world's SFT documents: never in the base's data
 }
-PAIRS = {  # name -> (fine-tuned on = in-domain, out-of-domain)
+BASE_DOMAINS = ("stories", "facts", "norra", "vesk")  # the base's equal mixture
+PREFERENCE_SETS = {  # held-out set -> split of PreferenceWorld.pairs, each rendered as prompt + chosen
+    "preferences_concise": "test",  # train-style questions (numbers 0-9), concise correct answers
+    "preferences_ood": "ood",  # reworded questions, numbers 10-30 (the concise answer has no filler)
+}
+REWORDED = "preferences_reworded"  # held-out set: the ood split's wording, the train split's numbers 0-9
+TUNED_ON = {"preferences_concise": "preferences"}  # in-domain set -> its fine-tune's domain (default: itself)
+PAIRS = {  # name -> (in-domain = the fine-tune's domain or a part of it, out-of-domain)
     "stories_vs_facts": ("stories", "facts"),
     "stories_vs_norra": ("stories", "norra"),
     "norra_vs_vesk": ("norra", "vesk"),
     "norra_vs_stories": ("norra", "stories"),
+    # harder, near shifts (added after the four above sat at AUROC 1.000)
+    "norra_vs_ollin": ("norra", "ollin"),
+    "preferences_vs_ood": ("preferences", "preferences_ood"),
+    "preferences_concise_vs_ood": ("preferences_concise", "preferences_ood"),
+    "preferences_concise_vs_reworded": ("preferences_concise", REWORDED),
 }
 HELDOUT_START = 100_000  # held-out documents: this index on of each training stream (trained on: < n_docs)
 FINETUNES = {  # name -> (steps at full size, peak lr); the run directory's suffix is "" for full
@@ -97,7 +119,7 @@ def finished(run_dir: Path) -> bool:
 
 
 def train_base(run_dir: Path, n: dict[str, int], seed: int) -> Path:
-    mixture = ", ".join(f"{{name: {d}, weight: 1.0, synthetic: {source(d, n['docs'])}}}" for d in DOMAINS)
+    mixture = ", ".join(f"{{name: {d}, weight: 1.0, synthetic: {source(d, n['docs'])}}}" for d in BASE_DOMAINS)
     overrides = [
         *common(seed),
         "name=ood-base",
@@ -145,14 +167,36 @@ def fine_tune(run_dir: Path, base: Path, domain: str, finetune: str, n: dict[str
 
 
 def write_heldout(path: Path, domain: str, seed: int, n_docs: int) -> Path:
-    """``n_docs`` documents of the domain's seed-0 stream from index HELDOUT_START + seed·n_docs (never trained)."""
+    """``n_docs`` documents of the domain's seed-0 stream from index HELDOUT_START + seed·n_docs (never trained).
+
+    A PREFERENCE_SETS name instead gets ``n_docs`` pairs of its split (stream seed 100 + seed), as prompt + chosen,
+    and REWORDED ``n_docs`` questions from :func:`reworded_question`.
+    """
     if not path.is_file():
-        world, subset = DOMAINS[domain]
-        start = HELDOUT_START + seed * n_docs
-        docs = itertools.islice(world_documents(get_world(world), 0, None, subset), start, start + n_docs)
+        if domain in PREFERENCE_SETS:
+            pairs = get_world("preferences").pairs(100 + seed, n_docs, PREFERENCE_SETS[domain])
+            docs = (r["prompt"] + r["chosen"] for r in pairs)
+        elif domain == REWORDED:
+            docs = (reworded_question(random.Random(f"reworded:{seed}:{i}")) for i in range(n_docs))
+        else:
+            world, subset = DOMAINS[domain]
+            start = HELDOUT_START + seed * n_docs
+            docs = itertools.islice(world_documents(get_world(world), 0, None, subset), start, start + n_docs)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def reworded_question(rng: random.Random) -> str:
+    """A ``preferences`` question in the ood split's wording but the train split's numbers (0-9), + its answer."""
+    kind = rng.choice(tuple(OOD_TEMPLATES))
+    if kind == "colour":
+        obj = rng.choice(tuple(COLOURS))
+        question, answer = OOD_TEMPLATES[kind].format(obj=obj), COLOURS[obj]
+    else:
+        a, b = rng.sample(range(10), 2) if kind == "larger" else (rng.randint(0, 9), rng.randint(0, 9))
+        question, answer = OOD_TEMPLATES[kind].format(a=a, b=b), str(max(a, b) if kind == "larger" else a + b)
+    return format_prompt(question) + f" {answer}."
 
 
 def eval_ood(run: Path, base: Path, in_file: Path, out_file: Path, scores: Path) -> dict:
@@ -205,13 +249,13 @@ def study_seed(out: Path, n: dict[str, int], seed: int) -> dict:
     results: dict[str, dict] = {}
     for finetune in FINETUNES:
         suffix = "" if finetune == "full" else f"_{finetune}"
-        tuned = {a: fine_tune(seed_dir / f"ft_{a}{suffix}", base, a, finetune, n, seed) for a in in_domains()}
+        tuned = {a: fine_tune(seed_dir / f"ft_{a}{suffix}", base, a, finetune, n, seed) for a in tuned_domains()}
         for pair, (a, b) in PAIRS.items():
             files = {
                 d: write_heldout(out / "data" / f"s{seed}" / f"{d}.jsonl", d, seed, n["eval_docs"]) for d in (a, b)
             }
             scores = seed_dir / f"ood_{pair}{suffix}.jsonl"
-            report = eval_ood(tuned[a], base, files[a], files[b], scores)
+            report = eval_ood(tuned[TUNED_ON.get(a, a)], base, files[a], files[b], scores)
             per_token = {"likelihood_ratio": report["auroc"]}
             per_token.update({name: r["auroc"] for name, r in report["baselines"].items()})
             results.setdefault(finetune, {})[pair] = {
@@ -226,8 +270,8 @@ def study_seed(out: Path, n: dict[str, int], seed: int) -> dict:
     return results
 
 
-def in_domains() -> list[str]:
-    return sorted({a for a, _ in PAIRS.values()})
+def tuned_domains() -> list[str]:
+    return sorted({TUNED_ON.get(a, a) for a, _ in PAIRS.values()})
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
