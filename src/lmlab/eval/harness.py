@@ -41,6 +41,8 @@ from lmlab.data.chat import end_of_turn_id, resolve_template
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import UserError
 from lmlab.models.generation import generate
+from lmlab.train.pretrained import load_model
+from lmlab.train.runtime import resolve_device
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # the synthetic worlds' task YAMLs
 
@@ -73,9 +75,6 @@ class LmlabLM(TemplateLM):
         if model is None:
             if run is None:
                 raise UserError("the lmlab lm-eval model needs run=RUN_DIR (a run directory or checkpoint)")
-            from lmlab.train.pretrained import load_model
-            from lmlab.train.runtime import resolve_device
-
             if str(device).startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's CLI asks for cuda:0 unless told otherwise; like its hf model, run where we can
                 print(f"lmlab: device={device} but CUDA is not available; evaluating on cpu", file=sys.stderr)
