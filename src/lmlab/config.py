@@ -210,19 +210,67 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW. Weight decay skips norms, biases and embeddings unless ``decay_embeddings``."""
+class MuonConfig:
+    """Muon / NorMuon for the hidden matrices when ``optim.name: muon`` (docs/science.md §22).
 
+    ``lr`` None: ``optim.lr`` (natural with ``adjust_lr: match_rms_adamw``, which gives Muon's update AdamW's
+    RMS); Jordan's ``original`` convention wants its own, larger LR (0.02 in his runs). ``weight_decay`` None:
+    ``optim.weight_decay``. The schedule scales this LR like AdamW's.
+    """
+
+    lr: float | None = None
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    adjust_lr: Literal["original", "match_rms_adamw"] = "match_rms_adamw"
+    weight_decay: float | None = None
+    normuon: bool = False  # NorMuon's per-row second-moment normalisation (Li et al. 2025)
+    normuon_beta2: float = 0.95
+    ns_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # Newton–Schulz precision; auto: bf16 on GPUs, fp32 on CPUs
+
+    def validate(self) -> None:
+        if self.lr is not None:
+            _positive("optim.muon.lr", self.lr)
+        if self.weight_decay is not None:
+            _positive("optim.muon.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.muon.ns_steps", self.ns_steps)
+        for key in ("momentum", "normuon_beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optim.muon.{key}={value} must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer: AdamW, or Muon for the hidden matrices with AdamW for the rest (``name: muon``).
+
+    AdamW's weight decay skips norms, biases and embeddings unless ``decay_embeddings``.
+    """
+
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     decay_embeddings: bool = False
-    fused: bool | None = None  # None: fused when the device supports it
+    fused: bool | None = None  # None: fused when the device supports it (AdamW only)
+    muon: MuonConfig = field(default_factory=MuonConfig)
 
     def validate(self) -> None:
         _positive("optim.lr", self.lr, allow_zero=True)
+        self.muon.validate()
+        if self.name != "muon" and self.muon != MuonConfig():
+            changed = [
+                f.name
+                for f in dataclasses.fields(MuonConfig)
+                if getattr(self.muon, f.name) != getattr(MuonConfig(), f.name)
+            ]
+            raise ConfigError(
+                f"optim.muon.{changed[0]} is set but optim.name={self.name!r}; set optim.name=muon or remove optim.muon"
+            )
+        if self.name == "muon" and self.fused:
+            raise ConfigError("optim.fused applies to AdamW; Muon has no fused kernel (unset optim.fused)")
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.eps", self.eps)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)

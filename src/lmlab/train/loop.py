@@ -214,7 +214,7 @@ class Trainer:
         t = self.cfg.train
         lr = lr_at(self.step, t.steps, self.cfg.optim.lr, self.cfg.schedule)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at its own peak
         self.model.train()
         sums: torch.Tensor | None = None  # [loss_sum, count, *metric sums] on the device
         names: list[str] = []

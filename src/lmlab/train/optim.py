@@ -1,7 +1,10 @@
-"""AdamW with parameter groups: weight decay on matrices only.
+"""The optimizer of a run: AdamW, or Muon for the hidden matrices with AdamW for the rest.
 
-Norm gains, biases and embeddings are not decayed by default (as in GPT-2/Llama
-recipes); an untied output head is a matrix and is decayed.
+AdamW's parameter groups decay matrices only: norm gains, biases and embeddings are not decayed by
+default (as in GPT-2/Llama recipes); an untied output head is a matrix and is decayed. With
+``optim.name: muon`` the 2-D weights inside the transformer blocks (attention and FFN projections)
+go to Muon (``lmlab.train.muon``); the embedding, the output head and any other head stay on AdamW,
+as Muon's authors prescribe.
 """
 
 from __future__ import annotations
@@ -10,13 +13,26 @@ import torch
 from torch import nn
 
 from lmlab.config import OptimConfig
+from lmlab.train.muon import MuonWithAdamW
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Split parameters into decayed and non-decayed groups."""
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weights inside the model's transformer blocks (every ``layers`` module list), in order."""
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        blocks = getattr(module, "layers", None)
+        if isinstance(blocks, nn.ModuleList):
+            for p in blocks.parameters():
+                if p.ndim == 2 and p.requires_grad:
+                    found.setdefault(id(p), p)
+    return list(found.values())
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset()) -> list[dict]:
+    """Split parameters (other than ``exclude``, by id) into AdamW's decayed and non-decayed groups."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    seen: set[int] = set()
+    seen: set[int] = set(exclude)
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -32,10 +48,50 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA when ``cfg.fused`` is None (auto) or True."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA when ``cfg.fused`` is None or True), or Muon + AdamW for ``cfg.name == "muon"``.
+
+    Every group may carry ``lr_scale``: the trainer sets ``lr = schedule(step) · lr_scale`` (Muon's own
+    peak LR, ``optim.muon.lr``, is a scale on ``optim.lr``).
+    """
+    if cfg.name == "muon":
+        return build_muon(model, cfg, device)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
+
+
+def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonWithAdamW:
+    """Muon (or NorMuon) on ``hidden_matrices(model)``, AdamW with ``param_groups`` on the rest.
+
+    Newton–Schulz runs in bfloat16 on GPUs and in float32 on CPUs (``optim.muon.ns_dtype: auto``), where
+    bfloat16 matrix products are emulated unless the CPU has AMX/AVX512-BF16.
+    """
+    m = cfg.muon
+    ns = m.ns_dtype if m.ns_dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    hidden = hidden_matrices(model)
+    if not hidden:
+        raise ValueError("optim.name=muon found no 2-D weights inside transformer blocks to orthogonalise")
+    muon_lr = cfg.lr if m.lr is None else m.lr
+    muon_group = {
+        "params": hidden,
+        "use_muon": True,
+        "weight_decay": cfg.weight_decay if m.weight_decay is None else m.weight_decay,
+        "lr_scale": muon_lr / cfg.lr if cfg.lr > 0 else 1.0,
+    }
+    groups = [muon_group, *param_groups(model, cfg, exclude={id(p) for p in hidden})]
+    return MuonWithAdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        momentum=m.momentum,
+        nesterov=m.nesterov,
+        ns_steps=m.ns_steps,
+        adjust_lr=m.adjust_lr,
+        normuon=m.normuon,
+        normuon_beta2=m.normuon_beta2,
+        ns_dtype=torch.bfloat16 if ns == "bf16" else torch.float32,
+    )

@@ -172,3 +172,29 @@ def equivalence_worker(rank: int, out_dir: str, single_process_ckpt: str) -> Non
         group.close()
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
+
+
+MUON_RUNS = {
+    "muon_ddp": ("optim.name=muon", "distributed.strategy=ddp"),
+    "muon_fsdp": ("optim.name=muon", "distributed.strategy=fsdp"),
+    "normuon_fsdp": ("optim.name=muon", "optim.muon.normuon=true", "distributed.strategy=fsdp"),
+}
+
+
+def muon_worker(rank: int, out_dir: str) -> None:
+    """The two-rank Muon runs of ``test_dist_muon``: each of ``MUON_RUNS`` for 10 steps."""
+    import json
+
+    from lmlab.train.distributed import setup_distributed
+
+    out = Path(out_dir)
+    results: dict[str, list] = {}
+    group = setup_distributed(config(2, *MUON_RUNS["muon_ddp"]))
+    try:
+        for name, overrides in MUON_RUNS.items():
+            cfg = config(2, *overrides)
+            results[name] = train(cfg, out / name, setup_distributed(cfg))
+    finally:
+        group.close()
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results))
