@@ -1,4 +1,4 @@
-"""Smoke runs of ``benchmarks/throughput.py`` and ``benchmarks/suite.py`` with their smallest settings,
+"""Smoke runs of ``benchmarks/throughput.py``, ``benchmarks/suite.py`` and ``benchmarks/decode.py`` with their smallest settings,
 so the scripts cannot silently rot; plus the fairness premise they rest on: the HF peer is the same
 function as the lmlab model (same logits from the same weights), trained on the same tokens.
 
@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import decode  # noqa: E402
 import suite  # noqa: E402
 import throughput  # noqa: E402
 
@@ -110,6 +111,36 @@ def test_throughput_script_smoke(tmp_path, capsys):
         assert row[impl]["fraction_of_matmul_peak"] == pytest.approx(expected)
     assert row["ratio_lmlab_over_hf"] == pytest.approx(row["lmlab"]["tokens_per_s"] / row["hf"]["tokens_per_s"])
     assert throughput.main(["--sizes", "huge"]) == 2
+
+
+def test_decode_script_smoke(tmp_path, capsys):
+    """Every CPU implementation runs, lmlab and HF agree on the greedy tokens, and so do all the variants."""
+    out = tmp_path / "decode.json"
+    argv = ["--sizes", "tiny", "--batches", "1,2", "--prompt-len", "8", "--new-tokens", "4", "--threads", "1"]
+    argv += ["--reps", "2", "--warmup", "1", "--check-tokens", "4", "--json", str(out)]
+    assert decode.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| size | batch | lmlab dynamic decode tok/s | lmlab static decode tok/s | HF dynamic decode" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["batch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert all(row[key] not in (None, "") for key in ENV_KEYS)
+        assert row["parity_fp32"]["lmlab_vs_hf"] is True and row["parity_fp32"]["static_vs_dynamic"] is True
+        for impl in ("lmlab_dynamic", "lmlab_static", "hf_dynamic", "hf_static"):
+            assert row[impl]["error"] is None and row[impl]["same_tokens_as_lmlab_dynamic"] is True
+            assert len(row[impl]["tokens_per_s_reps"]) == len(row[impl]["prefill_call_tokens_per_s_reps"]) == 2
+            assert row[impl]["tokens_per_s"] > 0 and row[impl]["prefill_seconds"] > 0
+            prefill_rate = row["batch"] / row[impl]["prefill_seconds"]
+            expected = decode.decode_rate(row["batch"], 4, row[impl]["tokens_per_s"], prefill_rate)
+            assert row[impl]["decode_tokens_per_s"] == (None if expected is None else pytest.approx(expected))
+        assert "lmlab_graphs" not in row  # CUDA only
+        best = max(row["lmlab_dynamic"]["tokens_per_s"], row["lmlab_static"]["tokens_per_s"])
+        ratio = best / row["hf_static"]["tokens_per_s"]
+        assert row["best_lmlab_over_hf_static_tokens_per_s"] == pytest.approx(ratio)
+    # 3 decode steps of 1 token: 2 × 3 / (2 × 4 / 8 − 2 / 4) = 12 tokens/s; a negative difference is no rate
+    assert decode.decode_rate(2, 4, 8.0, 4.0) == pytest.approx(12.0)
+    assert decode.decode_rate(2, 4, 16.0, 2.0) is None
+    assert decode.main(["--impls", "lmlab_graphs"]) == 2  # needs --device cuda
 
 
 def test_suite_quick_smoke(tmp_path, capsys):

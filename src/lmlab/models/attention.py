@@ -73,14 +73,17 @@ class LayerKVCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions and return all keys and values so far."""
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Append the new positions; return all keys and values so far and ``mask`` unchanged (a static
+        cache, ``lmlab.models.static_cache``, returns its buffers and its own mask over them instead)."""
         if self.keys is None:
             self.keys, self.values = keys, values
         else:
             self.keys = torch.cat((self.keys, keys), dim=2)  # [B, H_kv, T_past + T, D]
             self.values = torch.cat((self.values, values), dim=2)
-        return self.keys, self.values
+        return self.keys, self.values, mask
 
 
 class KVCache:
@@ -205,7 +208,7 @@ class Attention(nn.Module):
         batch, q_len, _ = x.shape
         q, k, v = self.project(x, rope)
         if cache is not None:
-            k, v = cache.update(k, v)  # [B, H_kv, T_past + T, D]
+            k, v, mask = cache.update(k, v, mask)  # [B, H_kv, T_past + T, D] (static cache: [B, H_kv, L, D])
         out = F.scaled_dot_product_attention(
             q,
             k,

@@ -20,6 +20,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import RotaryEmbedding
+from lmlab.models.static_cache import StaticKVCache
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -103,8 +104,11 @@ class Decoder(nn.Module):
             block.init_weights()
         self._init_own_weights()
 
-    def new_kv_cache(self) -> KVCache:
-        """An empty cache for incremental decoding with ``forward(..., kv_cache=cache)``."""
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache | StaticKVCache:
+        """An empty cache for incremental decoding with ``forward(..., kv_cache=cache)``: one that grows, or
+        with ``max_len`` a ``StaticKVCache`` of that many positions (static shapes, for CUDA graphs)."""
+        if max_len is not None:
+            return StaticKVCache(len(self.layers), max_len)
         return KVCache(len(self.layers))
 
     def forward_hidden(

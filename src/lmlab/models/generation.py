@@ -1,5 +1,8 @@
 """Autoregressive sampling with the KV cache: greedy, temperature, top-k and nucleus (top-p).
 
+The cache is the growing one (``KVCache``) or a static-shape one whose single-token decode step can be
+replayed from a CUDA graph (``generate(..., cache="static", cuda_graphs=True)``; ``lmlab.models.static_cache``).
+
 Top-k keeps the k most likely tokens; top-p keeps the smallest set of most likely tokens
 whose probability mass reaches p (Holtzman et al. 2020, "The Curious Case of Neural Text
 Degeneration", arXiv 1904.09751). Both are standalone functions on logits.
@@ -7,10 +10,14 @@ Degeneration", arXiv 1904.09751). Both are standalone functions on logits.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
+
+from lmlab.models.static_cache import StaticDecodeStep, StaticKVCache
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,6 +67,52 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+CacheKind = Literal["dynamic", "static"]
+
+# The last CUDA-graph decode step of each model, reused by a later call of the same shape on the same weights:
+# model -> (key, cache, step). Weakly keyed, so it goes with the model; ``clear_cuda_graphs`` frees it earlier.
+_GRAPH_STEPS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, StaticKVCache, StaticDecodeStep]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clear_cuda_graphs(model: nn.Module | None = None) -> None:
+    """Drop the captured decode graph (and its static cache) kept for ``model``, or for every model."""
+    if model is None:
+        _GRAPH_STEPS.clear()
+    else:
+        _GRAPH_STEPS.pop(model, None)
+
+
+def _static_decoder(
+    model: nn.Module, batch: int, max_len: int, cuda_graphs: bool
+) -> tuple[StaticKVCache, Callable[[], StaticDecodeStep]]:
+    """A static cache of ``max_len`` slots and a factory for its decode step (built after the prefill).
+
+    With CUDA graphs the previous call's cache and captured step are reused when the batch size, cache
+    length, device and weights (their addresses, which the graph reads) are the same.
+    """
+    if not cuda_graphs:
+        cache = model.new_kv_cache(max_len=max_len)
+        return cache, lambda: StaticDecodeStep(model, cache)
+    params = tuple(p.data_ptr() for p in model.parameters())
+    key = (batch, max_len, str(next(model.parameters()).device), params)
+    kept = _GRAPH_STEPS.get(model)
+    if kept is not None and kept[0] == key:
+        _, cache, step = kept
+        cache.reset()
+        return cache, lambda: step
+    _GRAPH_STEPS.pop(model, None)  # free the old graph's memory before capturing a new one
+    cache = model.new_kv_cache(max_len=max_len)
+
+    def build() -> StaticDecodeStep:
+        step = StaticDecodeStep(model, cache, cuda_graph=True)
+        _GRAPH_STEPS[model] = (key, cache, step)
+        return step
+
+    return cache, build
+
+
 @torch.no_grad()
 def _generate_batch(
     model: nn.Module,
@@ -71,20 +124,32 @@ def _generate_batch(
     eos_id: int | None,
     generator: torch.Generator | None,
     stop: Callable[[list[int]], bool] | None,
+    cache_kind: CacheKind = "dynamic",
+    cuda_graphs: bool = False,
 ) -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; each row stops after its ``eos_id`` or when ``stop`` says so.
 
     Prompts of different lengths are left-padded; the cache's key mask hides the padding and every row's
     positions count from its own first token, so a row's tokens do not depend on the others in its batch.
+    Without ``eos_id`` and ``stop`` no row can end early: the new tokens stay on the device until the end
+    (no host synchronisation per step).
     """
     device = next(model.parameters()).device
+    batch = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max())
-    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # [B, T]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # [B, T]
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-    cache = model.new_kv_cache()
-    padded = bool((lengths != width).any())
+    static = cache_kind == "static"
+    if static:
+        # every fed position: the prompt and all new tokens but the last (which is never fed back); a graph
+        # only when there is a decode step to replay (a one-token call leaves the kept graph alone)
+        graphs = cuda_graphs and max_new_tokens > 1
+        cache, make_step = _static_decoder(model, batch, width + max_new_tokens - 1, graphs)
+    else:
+        cache = model.new_kv_cache()
+    padded = any(len(p) != width for p in prompts)
     if padded:
         real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [B, T]
         cache.key_mask = real
@@ -92,21 +157,36 @@ def _generate_batch(
         logits = model(ids, position_ids=positions, kv_cache=cache)[:, -1]  # [B, V]
     else:
         logits = model(ids, kv_cache=cache)[:, -1]
+    if static:
+        decode = make_step()
+        decode.start(width)
+    check = eos_id is not None or stop is not None
     outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
+    kept: list[torch.Tensor] = []  # new tokens [B] per step, when no row can end early
+    finished = [False] * batch
     for step in range(max_new_tokens):
         tokens = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
-        for row, token in enumerate(tokens.tolist()):
-            if not finished[row]:
-                outputs[row].append(token)
-                finished[row] = (eos_id is not None and token == eos_id) or (stop is not None and stop(outputs[row]))
-        if all(finished) or step == max_new_tokens - 1:
+        if check:
+            for row, token in enumerate(tokens.tolist()):
+                if not finished[row]:
+                    outputs[row].append(token)
+                    ended = eos_id is not None and token == eos_id
+                    finished[row] = ended or (stop is not None and stop(outputs[row]))
+            if all(finished):
+                break
+        else:
+            kept.append(tokens)
+        if step == max_new_tokens - 1:
             break
-        if padded:
-            cache.key_mask = torch.cat((cache.key_mask, cache.key_mask.new_ones(len(prompts), 1)), dim=1)
+        if static:
+            logits = decode(tokens, lengths + step)
+        elif padded:
+            cache.key_mask = torch.cat((cache.key_mask, cache.key_mask.new_ones(batch, 1)), dim=1)
             logits = model(tokens[:, None], position_ids=(lengths + step)[:, None], kv_cache=cache)[:, -1]
         else:
             logits = model(tokens[:, None], kv_cache=cache)[:, -1]
+    if not check:
+        outputs = torch.stack(kept, dim=1).tolist()  # [B, N]
     return outputs
 
 
@@ -120,6 +200,9 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     stop: Callable[[list[int]], bool] | None = None,
+    *,
+    cache: CacheKind = "dynamic",
+    cuda_graphs: bool = False,
 ) -> list[int] | list[list[int]]:
     """Sample up to ``max_new_tokens`` new tokens after a prompt, using the model's KV cache.
 
@@ -129,11 +212,26 @@ def generate(
     (which is included in the output) or once ``stop(new_ids_so_far)`` is true. ``temperature=0``
     is greedy decoding. ``model`` needs ``forward(ids, position_ids=..., kv_cache=...)`` and
     ``new_kv_cache()`` (``lmlab.models.decoder.Decoder``).
+
+    ``cache``: ``"dynamic"`` grows the cache by concatenation; ``"static"`` preallocates it for the prompt
+    and all new tokens (``lmlab.models.static_cache``; an lmlab ``Decoder`` only), so every decode step has
+    the same shapes. Same tokens either way (up to floating-point summation order). ``cuda_graphs=True``
+    (with ``cache="static"``, on a CUDA device) replays each decode step from a captured CUDA graph; the
+    last graph is kept and reused by a later call with the same batch size and length
+    (``clear_cuda_graphs`` frees it).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if cuda_graphs:
+        if cache != "static":
+            raise ValueError("cuda_graphs=True needs cache='static' (a graph replays fixed shapes)")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device.type}")
     if isinstance(prompt_ids, torch.Tensor):
         single = prompt_ids.dim() == 1
         prompts = [prompt_ids.tolist()] if single else prompt_ids.tolist()
@@ -148,7 +246,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        outputs = _generate_batch(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, stop)
+        outputs = _generate_batch(
+            model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, stop, cache, cuda_graphs
+        )
     finally:
         model.train(was_training)
     return outputs[0] if single else outputs
