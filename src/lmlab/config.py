@@ -327,7 +327,14 @@ class EvalTaskConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: steps, batch geometry, precision, evaluation and checkpoint cadence."""
+    """The loop: steps, batch geometry, precision, evaluation and checkpoint cadence.
+
+    ``compile``: ``false``; ``true`` or ``blocks``: ``torch.compile`` each block in place; ``full``: the whole
+    training forward (embedding, blocks, head and the token loss of ``objective.loss_impl``) as one graph with
+    ``fullgraph=True``, so a graph break is an error, not a silent slowdown, and static shapes (each new batch
+    shape compiles once: keep them fixed, e.g. packed rows). ``full`` is for one process
+    (``distributed.strategy=none``); evaluation forwards stay eager. Parameter names never change.
+    """
 
     steps: int = 1000
     micro_batch_size: int = 16
@@ -335,7 +342,7 @@ class TrainConfig:
     global_batch_size: int = 0  # rows per optimizer step; 0: micro_batch_size × grad_accum × world size
     seq_len: int = 256
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
+    compile: bool | Literal["blocks", "full"] = False  # true == blocks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     seed: int = 0
@@ -357,8 +364,17 @@ class TrainConfig:
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.global_batch_size", self.global_batch_size, allow_zero=True)
         _positive("train.threads", self.threads, allow_zero=True)
+        if self.compile not in (False, True, "blocks", "full"):
+            raise ConfigError(f"train.compile={self.compile!r} must be false, true (= blocks), blocks or full")
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+
+    @property
+    def compile_mode(self) -> str:
+        """``none``, ``blocks`` or ``full`` (``compile: true`` is ``blocks``)."""
+        if self.compile is True:
+            return "blocks"
+        return self.compile or "none"
 
 
 @dataclass
@@ -422,6 +438,12 @@ class ObjectiveConfig:
 
     ``coverage_n > 1`` swaps the token cross-entropy for the per-sequence Direct Coverage Optimization loss
     −log(1 − (1 − p)^N) with N = ``coverage_n`` (docs/science.md §20; ``lmlab.objectives.coverage``).
+
+    ``loss_impl`` is how the output projection and the token loss are computed (same loss, different memory):
+    ``standard`` forms the [B, T, V] logits; ``chunked`` evaluates ``loss_chunk_tokens`` tokens at a time and
+    recomputes their logits in backward; ``fused`` computes each chunk's gradient in the forward and never
+    holds more than one chunk's logits (docs/science.md Appendix B). Distillation and ``coverage_n > 1`` need
+    the full logits, so they take ``standard``.
     """
 
     label_smoothing: float = 0.0
@@ -430,6 +452,8 @@ class ObjectiveConfig:
     goldfish: GoldfishConfig = field(default_factory=GoldfishConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     coverage_n: int = 1  # 1: cross-entropy; N > 1: DCO for pass@N with this N
+    loss_impl: Literal["standard", "chunked", "fused"] = "standard"
+    loss_chunk_tokens: int = 4096  # tokens per chunk for loss_impl chunked / fused
 
     def validate(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -451,6 +475,20 @@ class ObjectiveConfig:
             raise ConfigError(
                 f"objective.coverage_n={self.coverage_n} is a loss on whole sequences and does not combine with the "
                 f"token-level {', '.join(clash)}; turn those off or set objective.coverage_n=1"
+            )
+        _positive("objective.loss_chunk_tokens", self.loss_chunk_tokens)
+        needs_logits = [
+            key
+            for key, on in (
+                (f"objective.distill.teacher={self.distill.teacher!r}", self.distill.teacher is not None),
+                (f"objective.coverage_n={self.coverage_n}", self.coverage_n > 1),
+            )
+            if on
+        ]
+        if self.loss_impl != "standard" and needs_logits:
+            raise ConfigError(
+                f"objective.loss_impl={self.loss_impl} never forms the full logits, which "
+                f"{' and '.join(needs_logits)} needs; set objective.loss_impl=standard"
             )
 
 
@@ -565,6 +603,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if s.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={t.steps}]")
+    if t.compile_mode == "full" and cfg.distributed.strategy != "none":
+        raise ConfigError(
+            f"train.compile=full compiles the whole forward in one process, but distributed.strategy="
+            f"{cfg.distributed.strategy}; use train.compile=blocks with DDP / FSDP"
+        )
     return cfg
 
 

@@ -11,6 +11,9 @@ docs/CONTRACTS.md (Model) and map one-to-one onto Hugging Face Llama names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,6 +151,10 @@ class Decoder(nn.Module):
             return F.linear(hidden, self.tok_embeddings.weight)
         return self.lm_head(hidden)
 
+    def head_weight(self) -> torch.Tensor:
+        """The output projection's weight [V, d]: the lm_head's, or the embedding matrix when tied."""
+        return self.tok_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -155,9 +162,17 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """``input_ids`` [B, T] -> logits [B, T, V]; arguments as in ``forward_hidden``."""
+        head_fn: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """``input_ids`` [B, T] -> logits [B, T, V]; arguments as in ``forward_hidden``.
+
+        ``head_fn(hidden [B, T, d], weight [V, d])`` replaces the output projection and ``forward`` returns
+        its result: a loss that never forms the logits (``lmlab.objectives.fused_linear_ce``) then runs inside
+        the module's forward, where DDP / FSDP2 hooks and ``torch.compile`` of the model cover it.
+        """
         hidden = self.forward_hidden(input_ids, position_ids=position_ids, doc_ids=doc_ids, kv_cache=kv_cache)
+        if head_fn is not None:
+            return head_fn(hidden, self.head_weight())
         return self.output(hidden)
 
     def num_params(self, non_embedding: bool = False) -> int:

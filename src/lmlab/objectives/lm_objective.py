@@ -11,22 +11,34 @@ they are passed to the model (and the teacher) unchanged. ``coverage_n > 1`` rep
 Direct Coverage Optimization over whole sequences (§20, ``lmlab.objectives.coverage``; a sequence is a row
 or, in packed rows, one ``doc_ids`` document), which ``ObjectiveConfig`` keeps apart from the token-level
 switches.
+
+``objective.loss_impl`` chooses how the output projection and the token loss run on an lmlab ``Decoder``:
+``standard`` (the [B, T, V] logits, then ``causal_lm_loss``), ``chunked`` (``chunked_causal_lm_loss``: chunks
+of ``loss_chunk_tokens`` tokens, logits recomputed in backward) or ``fused``
+(``lmlab.objectives.fused_linear_ce``: the gradient computed chunk by chunk in the forward, no [B, T, V]
+logits at all). Each is passed to the model as its ``head_fn``, so it runs inside the module's forward
+(DDP / FSDP2 hooks, and ``train.compile=full`` compiles the whole forward with the loss). Distillation and
+DCO need the full logits and keep ``model(...) -> logits``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ObjectiveConfig
 from lmlab.errors import ConfigError
+from lmlab.models.decoder import Decoder
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.coverage import coverage_loss, sequence_logps
 from lmlab.objectives.distill import distillation_loss, topk_distillation_loss
+from lmlab.objectives.fused_linear_ce import fused_linear_cross_entropy
 from lmlab.objectives.goldfish import goldfish_mask
-from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss
+from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from lmlab.objectives.neftune import attach_neftune
 
 MODEL_KWARGS = ("doc_ids", "position_ids")
@@ -58,6 +70,7 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
             "distillation runs under lmlab sft (or unset objective.distill.teacher)"
         )
     kd_options = {"divergence": kd_cfg.kind, "beta": kd_cfg.beta, "temperature": kd_cfg.temperature, "alpha": 1.0}
+    head_settings = (obj.loss_impl, obj.loss_chunk_tokens, obj.label_smoothing, obj.z_loss)
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         labels = batch["labels"]
@@ -66,8 +79,18 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
         keep = None
         if gf.enabled:
             keep = goldfish_mask(labels, k=gf.k, strategy=gf.strategy, context_width=gf.context_width, start=gf.start)
-        logits = model(batch["input_ids"], **model_inputs(batch))
-        out = causal_lm_loss(logits, labels, label_smoothing=obj.label_smoothing, z_loss=obj.z_loss, loss_mask=keep)
+        if not distilling and takes_head_fn(model):  # the head and the loss inside the model's forward
+            head_fn = partial(token_loss_head, *head_settings, labels, keep)
+            loss_sum, count, metrics = model(batch["input_ids"], **model_inputs(batch), head_fn=head_fn)
+            out = LossOutput(loss_sum, count, metrics)
+        else:
+            if obj.loss_impl != "standard":
+                raise ConfigError(
+                    f"objective.loss_impl={obj.loss_impl} needs an lmlab Decoder, but this run trains a "
+                    f"{type(model).__name__}; use objective.loss_impl=standard"
+                )
+            logits = model(batch["input_ids"], **model_inputs(batch))
+            out = causal_lm_loss(logits, labels, label_smoothing=obj.label_smoothing, z_loss=obj.z_loss, loss_mask=keep)
         if keep is not None:
             supervised = labels != IGNORE_INDEX
             out.metrics["goldfish_dropped"] = (supervised & ~keep).sum().to(out.loss_sum.dtype) * 1.0
@@ -88,6 +111,42 @@ def build_lm_loss(obj: ObjectiveConfig, teacher: TeacherFn | None = None, *, top
         return LossOutput(alpha * kd.loss_sum + (1.0 - alpha) * out.loss_sum, out.count, metrics)
 
     return loss_fn
+
+
+def takes_head_fn(model: nn.Module) -> bool:
+    """True for an lmlab ``Decoder``, also inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    while not isinstance(model, Decoder):
+        inner = model._modules.get("module") or model._modules.get("_orig_mod")
+        if inner is None:
+            return False
+        model = inner
+    return True
+
+
+def token_loss_head(
+    impl: str,
+    chunk_tokens: int,
+    label_smoothing: float,
+    z_loss: float,
+    labels: torch.Tensor,
+    keep: torch.Tensor | None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The token loss from the final hidden states [B, T, d] and the head weight [V, d] (a ``Decoder`` ``head_fn``).
+
+    ``impl``: ``standard`` forms the logits ``F.linear(hidden, weight)`` (the model's own output projection);
+    ``chunked`` and ``fused`` never hold all of them (``chunk_tokens`` tokens at a time). Returns the
+    ``LossOutput`` fields as a tuple, which DDP, FSDP2 and ``torch.compile`` all trace through.
+    """
+    options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "loss_mask": keep}
+    if impl == "fused":
+        out = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_tokens, **options)
+    elif impl == "chunked":
+        out = chunked_causal_lm_loss(hidden, lambda h: F.linear(h, weight), labels, chunk_size=chunk_tokens, **options)
+    else:
+        out = causal_lm_loss(F.linear(hidden, weight), labels, **options)
+    return out.loss_sum, out.count, out.metrics
 
 
 def coverage_objective(logits: torch.Tensor, batch: dict[str, torch.Tensor], n: int) -> LossOutput:

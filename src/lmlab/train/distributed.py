@@ -7,8 +7,11 @@ wrapped from the outside, here, never inside ``lmlab.models``:
 
 - activation checkpointing of every block (``torch.utils.checkpoint``, non-reentrant): the
   block's activations are recomputed in the backward pass instead of being stored;
-- ``torch.compile`` of every block in place (``nn.Module.compile``), so parameter names and
-  checkpoints do not change with the switch;
+- ``torch.compile`` of every block in place (``nn.Module.compile``; ``train.compile=true`` or
+  ``blocks``), so parameter names and checkpoints do not change with the switch; or
+  (``train.compile=full``, one process) of the whole forward with ``fullgraph=True``: the returned
+  forward module is ``torch.compile(model)``, which the LM objective calls with its loss as the
+  ``Decoder``'s ``head_fn``, so embedding, blocks, head and loss are one graph;
 - ``DistributedDataParallel`` (every rank holds the whole model, gradients are all-reduced) or
   FSDP2 (``fully_shard`` on every block, then on the root; parameters, gradients and optimizer
   state sharded across ranks), with a bf16 ``MixedPrecisionPolicy`` when
@@ -282,7 +285,9 @@ def prepare_model(
     """Apply the configured switches to ``model`` (in place) and return the module to call forward on.
 
     Order as in torchtitan: activation checkpointing, then compile, then DDP / FSDP. The returned
-    module is a DDP wrapper for DDP on several ranks, else ``model`` itself. Applying twice is a no-op.
+    module is a DDP wrapper for DDP on several ranks, ``torch.compile(model, fullgraph=True)`` for
+    ``train.compile=full`` (``model`` itself keeps its names and runs eagerly when called directly),
+    else ``model`` itself. Applying twice is a no-op.
     """
     if getattr(model, PREPARED_ATTR, False) or isinstance(model, nn.parallel.DistributedDataParallel):
         return model
@@ -290,7 +295,13 @@ def prepare_model(
     has_blocks = isinstance(getattr(model, "layers", None), nn.ModuleList)
     if cfg.distributed.activation_checkpointing == "full" and has_blocks:
         apply_activation_checkpointing(model.layers)
-    if cfg.train.compile:
+    mode = cfg.train.compile_mode
+    if mode == "full" and ctx.has_group:
+        raise ConfigError(
+            f"train.compile=full compiles the whole forward in one process, but distributed.strategy={ctx.strategy}; "
+            "use train.compile=blocks with DDP / FSDP"
+        )
+    if mode == "blocks":
         if has_blocks:
             compile_blocks(model.layers, compile_backend)
         else:
@@ -301,12 +312,17 @@ def prepare_model(
     elif ctx.has_group and ctx.strategy == "ddp" and ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         forward_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if mode == "full":  # fullgraph: a graph break raises instead of silently splitting the step
+        # Static shapes: a new batch shape compiles its own graph (fixed shapes, e.g. packed rows, compile once).
+        forward_model = torch.compile(model, backend=compile_backend, fullgraph=True, dynamic=False)
     setattr(model, PREPARED_ATTR, True)
     return forward_model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module that owns the parameters (DDP's ``.module``; FSDP2 shards in place)."""
+    """The module that owns the parameters (``torch.compile``'s ``._orig_mod``, DDP's ``.module``; FSDP2
+    shards in place)."""
+    model = model._modules.get("_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
