@@ -260,8 +260,13 @@ class SyntheticBatches:
 LR = 1e-4  # small and constant on both sides: throughput must not depend on a diverging loss
 
 
-def run_config(cfg: ModelConfig, seq_len: int, batch: int, dtype: str, compile_model: bool, steps: int) -> RunConfig:
-    """The lmlab run configuration the benchmark trains with (constant LR, clipping at 1, wd 0.1)."""
+def run_config(
+    cfg: ModelConfig, seq_len: int, batch: int, dtype: str, compile_model: bool | str, steps: int, float8: bool = False
+) -> RunConfig:
+    """The lmlab run configuration the benchmark trains with (constant LR, clipping at 1, wd 0.1).
+
+    ``compile_model``: False, True (= per block) or ``"full"`` (the whole forward with the loss, one graph).
+    """
     return RunConfig(
         model=cfg,
         optim=OptimConfig(lr=LR, weight_decay=0.1, grad_clip=1.0),
@@ -272,7 +277,8 @@ def run_config(cfg: ModelConfig, seq_len: int, batch: int, dtype: str, compile_m
             grad_accum=1,
             seq_len=seq_len,
             precision=dtype,  # type: ignore[arg-type]
-            compile=compile_model,
+            compile=compile_model,  # type: ignore[arg-type]
+            float8=float8,
             progress=False,
         ),
     )
@@ -285,9 +291,11 @@ def build_lmlab(
     dtype: str,
     device: torch.device,
     *,
-    compile_model: bool = False,
+    compile_model: bool | str = False,
     dist: DistContext | None = None,
     seed: int = 0,
+    loss_impl: str = "standard",
+    float8: bool = False,
 ) -> tuple[Trainer, SyntheticBatches]:
     """A real lmlab ``Trainer`` (LM objective, default switches) on a synthetic in-memory source.
 
@@ -297,11 +305,11 @@ def build_lmlab(
     torch.manual_seed(0)
     model = Decoder(cfg).to(device)
     batches = SyntheticBatches(cfg.vocab_size, seq_len, batch, seed=seed)
-    run_cfg = run_config(cfg, seq_len, batch, dtype, compile_model, steps=10**6)
+    run_cfg = run_config(cfg, seq_len, batch, dtype, compile_model, steps=10**6, float8=float8)
     if dist is not None:
         run_cfg.distributed = DistributedConfig(strategy=dist.strategy, backend=dist.backend or "auto")  # type: ignore[arg-type]
     run_dir = Path(tempfile.gettempdir()) / "lmlab-benchmark-unused"  # never written: the benchmark saves nothing
-    loss_fn = build_lm_loss(ObjectiveConfig())
+    loss_fn = build_lm_loss(ObjectiveConfig(loss_impl=loss_impl))  # type: ignore[arg-type]
     trainer = Trainer(run_cfg, run_dir, model, batches, loss_fn, device=device, dist=dist)
     return trainer, batches
 

@@ -73,6 +73,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hf-compile", action="store_true", help="TrainingArguments(torch_compile=True) on GPU")
     parser.add_argument("--no-compile", action="store_true", help="run lmlab eagerly on GPU (no torch.compile)")
     parser.add_argument(
+        "--gpu-compile",
+        choices=("blocks", "full"),
+        default="blocks",
+        help="lmlab on GPU: compile each block, or the whole forward with head and loss (one process)",
+    )
+    parser.add_argument(
+        "--gpu-loss-impl",
+        choices=("standard", "chunked", "fused"),
+        default="standard",
+        help="lmlab on GPU: objective.loss_impl (fused: no [B,T,V] logits)",
+    )
+    parser.add_argument("--gpu-float8", action="store_true", help="lmlab on GPU: train.float8 (torchao, sm89+)")
+    parser.add_argument(
         "--gpu-impls", default=",".join(GPU_IMPLS), help=f"comma list of {', '.join(GPU_IMPLS)} (lmlab_fsdp: FSDP2)"
     )
     parser.add_argument("--peak-seconds", type=float, default=2.0, help="duration of each matmul-peak loop")
@@ -203,10 +216,11 @@ def gpu_impl(impl: str, size: str, args: argparse.Namespace, out_dir: str, devic
         if impl in ("lmlab", "lmlab_fsdp"):
             if impl == "lmlab_fsdp":  # FSDP2 (fully_shard per block, then the root) on a one-process group
                 ctx = common.lmlab_dist_context("fsdp", "nccl" if cuda else "gloo", device, 0, 1)
-            compile_model = not args.no_compile
+            compile_model = False if args.no_compile else (True if args.gpu_compile == "blocks" else "full")
             trainer, _ = common.build_lmlab(
-                cfg, seq_len, args.gpu_batch, "bf16", device, compile_model=compile_model, dist=ctx
-            )
+                cfg, seq_len, args.gpu_batch, "bf16", device, compile_model=compile_model, dist=ctx,
+                loss_impl=args.gpu_loss_impl, float8=args.gpu_float8,
+            )  # fmt: skip
             runner = common.lmlab_runner(trainer, args.gpu_batch, seq_len)
             runner.name = impl
         else:
@@ -248,7 +262,9 @@ def gpu_part(args: argparse.Namespace, device: torch.device | None = None) -> li
                 "nominal_bf16_peak_flops": nominal,
                 "matmul_peak_flops": measured,
                 "matmul_peak_size": peak_size,
-                "lmlab_compile": not args.no_compile,
+                "lmlab_compile": False if args.no_compile else args.gpu_compile,
+                "lmlab_loss_impl": args.gpu_loss_impl,
+                "lmlab_float8": args.gpu_float8,
                 "hf_compile": args.hf_compile,
                 **common.environment(device, "bf16", torch.get_num_threads()),
             }

@@ -343,6 +343,7 @@ class TrainConfig:
     seq_len: int = 256
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool | Literal["blocks", "full"] = False  # true == blocks
+    float8: bool = False  # float8 matmuls in the block linears (torchao; GPUs of compute capability >= 8.9)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     seed: int = 0
@@ -368,6 +369,15 @@ class TrainConfig:
             raise ConfigError(f"train.compile={self.compile!r} must be false, true (= blocks), blocks or full")
         if self.precision == "fp16" and self.device == "cpu":
             raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if self.float8 and self.device == "cpu":
+            raise ConfigError(
+                "train.float8 needs an NVIDIA GPU of compute capability >= 8.9 (H100/H200, L4, RTX 40xx); "
+                "this run is on the CPU (set train.float8=false)"
+            )
+        if self.float8 and self.precision != "bf16":
+            raise ConfigError(
+                f"train.float8 trains with bf16 autocast around the float8 matmuls; set train.precision=bf16 (not {self.precision})"
+            )
 
     @property
     def compile_mode(self) -> str:

@@ -293,6 +293,10 @@ def prepare_model(
         return model
     ctx = ctx or DistContext()
     has_blocks = isinstance(getattr(model, "layers", None), nn.ModuleList)
+    if cfg.train.float8:  # torchao's order: float8 first, then checkpointing, compile and FSDP2
+        from lmlab.train.float8 import apply_float8
+
+        apply_float8(model, ctx.device)
     if cfg.distributed.activation_checkpointing == "full" and has_blocks:
         apply_activation_checkpointing(model.layers)
     mode = cfg.train.compile_mode
