@@ -1,0 +1,60 @@
+"""Smoke run of ``benchmarks/time_to_loss.py`` (issue 16 item 2) at its smallest settings, and the arithmetic it
+reports: the crossing of a target loss interpolated between evaluations, and the Student-t interval. The
+baseline and lmlab's AdamW train the same model on the same windows, so their curves nearly coincide (lmlab
+leaves the tied embedding undecayed, nanoGPT decays it): the comparison is like for like."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import time_to_loss  # noqa: E402
+
+TINY = ["--steps", "8", "--docs", "600", "--vocab", "320", "--d-model", "32", "--layers", "1", "--heads", "2",
+        "--seq-len", "32", "--batch", "4", "--eval-every", "4", "--eval-tokens", "256", "--warmup", "2",
+        "--threads", "1"]  # fmt: skip
+
+
+def test_reach_interpolates_between_evaluations():
+    curve = time_to_loss.Curve()
+    curve.add(0, 0, 0.0, 5.0)
+    curve.add(10, 1000, 2.0, 4.0)
+    curve.add(20, 2000, 4.0, 3.0)
+    assert curve.reach(3.5) == pytest.approx({"tokens": 1500, "seconds": 3.0})
+    assert curve.reach(4.0) == pytest.approx({"tokens": 1000, "seconds": 2.0})
+    assert curve.reach(2.9) is None
+
+
+def test_mean_ci():
+    mean, half = time_to_loss.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-6)  # t(0.975, 2) · s / √n
+    assert time_to_loss.mean_ci([0.5]) == (0.5, 0.0)
+
+
+def test_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ttl.json"
+    assert time_to_loss.main([*TINY, "--seeds", "0,1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == set(time_to_loss.VARIANTS)
+    base = result["curves"]["baseline"]["0"]
+    assert [p["step"] for p in base] == [0, 4, 8]
+    assert result["target"] == pytest.approx(max(result["curves"]["baseline"][s][-1]["val_loss"] for s in ("0", "1")))
+    assert result["summary"]["baseline"]["token_ratio"][0] == pytest.approx(1.0)
+    adamw = result["curves"]["lmlab_adamw"]["0"]
+    assert [p["val_loss"] for p in adamw] == pytest.approx([p["val_loss"] for p in base], abs=2e-3)
+    assert [p["step"] for p in result["curves"]["best"]["0"]][-1] == round(0.6 * 8)  # its own shorter horizon
+    assert "tokens vs baseline" in capsys.readouterr().out
+
+
+def test_refuses_bad_arguments():
+    with pytest.raises(time_to_loss.UserError, match="unknown variant"):
+        time_to_loss.parse_args(["--variants", "sgd"])
+    with pytest.raises(time_to_loss.UserError, match="best-horizon"):
+        time_to_loss.parse_args(["--best-horizon", "0"])
