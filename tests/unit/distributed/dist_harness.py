@@ -97,6 +97,17 @@ def train(
     return [(r["step"], r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
 
 
+def assert_same(got, want, steps, tol: float = 1e-5) -> None:
+    """``got`` has exactly ``steps`` and, at each, the loss and gradient norm of ``want`` within ``tol``."""
+    import pytest
+
+    assert [s for s, _, _ in got] == list(steps)
+    want = {s: (loss, norm) for s, loss, norm in want}
+    for step, loss, norm in got:
+        assert loss == pytest.approx(want[step][0], abs=tol), f"loss at step {step}"
+        assert norm == pytest.approx(want[step][1], abs=tol), f"grad norm at step {step}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

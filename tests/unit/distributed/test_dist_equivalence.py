@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from unit.distributed.dist_harness import STEPS, config, equivalence_worker, spawn, train
+from unit.distributed.dist_harness import STEPS, assert_same, config, equivalence_worker, spawn, train
 
 from lmlab.config import save_config
 from lmlab.train import checkpoint as ck
@@ -27,14 +27,6 @@ def runs(tmp_path_factory):
     spawn(equivalence_worker, 2, str(root), str(root / "ref" / "checkpoints" / "step_0000005"))
     results = json.loads((root / "results.json").read_text())
     return root, reference, results
-
-
-def assert_same(got, want, steps):
-    assert [s for s, _, _ in got] == list(steps)
-    want = {s: (loss, norm) for s, loss, norm in want}
-    for step, loss, norm in got:
-        assert loss == pytest.approx(want[step][0], abs=TOL), f"loss at step {step}"
-        assert norm == pytest.approx(want[step][1], abs=TOL), f"grad norm at step {step}"
 
 
 def test_reference_trains(runs):

@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from unit.distributed.dist_harness import MUON_RUNS, STEPS, config, muon_worker, spawn, train
+from unit.distributed.dist_harness import MUON_RUNS, STEPS, assert_same, config, muon_worker, spawn, train
 
 from lmlab.train import checkpoint as ck
-
-TOL = 1e-5
 
 
 def _single(name: str) -> tuple[str, ...]:
@@ -29,21 +27,13 @@ def runs(tmp_path_factory):
     return root, reference, json.loads((root / "results.json").read_text())
 
 
-def _assert_same(got, want, steps):
-    assert [s for s, _, _ in got] == list(steps)
-    want = {s: (loss, norm) for s, loss, norm in want}
-    for step, loss, norm in got:
-        assert loss == pytest.approx(want[step][0], abs=TOL), f"loss at step {step}"
-        assert norm == pytest.approx(want[step][1], abs=TOL), f"grad norm at step {step}"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUON_RUNS))
 def test_two_ranks_match_one_process(runs, name):
     _, reference, results = runs
     losses = [loss for _, loss, _ in reference[name]]
     assert losses[-1] < losses[0] - 0.1  # Muon trains the tiny model: the comparison can tell
-    _assert_same(results[name], reference[name], range(1, STEPS + 1))
+    assert_same(results[name], reference[name], range(1, STEPS + 1))
 
 
 @pytest.mark.slow
@@ -53,4 +43,4 @@ def test_sharded_muon_checkpoint_resumes_in_one_process(runs, name, tmp_path):
     ckpt = root / name / "checkpoints" / "step_0000005"
     assert ck.is_sharded(ckpt) and ck.read_meta(ckpt)["world_size"] == 2
     resumed = train(config(1, *_single(name)), tmp_path / "r", resume_from=ckpt)
-    _assert_same(resumed, reference[name], range(6, STEPS + 1))
+    assert_same(resumed, reference[name], range(6, STEPS + 1))
