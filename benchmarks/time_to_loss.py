@@ -23,12 +23,14 @@ evaluations. Each variant's ratio to the baseline of the same seed is reported a
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--target", type=float, default=None, help="default: the worst final baseline loss")
     p.add_argument("--lr-scan", default=None, help="comma list of LRs: final loss of baseline and lmlab_muon per LR")
+    p.add_argument("--speed-reps", type=int, default=7, help="interleaved repetitions timing the step (0: skip)")
+    p.add_argument("--speed-steps", type=int, default=4, help="timed steps per repetition")
+    p.add_argument("--speed-warmup", type=int, default=3, help="discarded steps before timing")
+    p.add_argument("--from-json", default=None, help="reuse the curves of an earlier --json; only time the steps")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -120,7 +126,14 @@ class Curve:
         return None
 
 
-def baseline_run(args, cfg: RunConfig, data_dir: Path, seed: int) -> Curve:
+class Variant:
+    """A freshly initialised model, its number of steps and ``step(i)``, one optimizer update."""
+
+    def __init__(self, model: torch.nn.Module, steps: int, step: Callable[[int], Any], close=lambda: None):
+        self.model, self.steps, self.step, self.close = model, steps, step, close
+
+
+def baseline_variant(args, cfg: RunConfig, data_dir: Path, seed: int) -> Variant:
     """A nanoGPT-style loop: cross-entropy, AdamW (wd on matrices), warmup + cosine, clip 1."""
     torch.manual_seed(seed)
     model = Decoder(cfg.model)
@@ -143,24 +156,44 @@ def baseline_run(args, cfg: RunConfig, data_dir: Path, seed: int) -> Curve:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return _train(args, model, data_dir, args.steps, step)
+    return Variant(model, args.steps, step)
 
 
-def lmlab_run(args, cfg: RunConfig, data_dir: Path, seed: int) -> Curve:
+def lmlab_variant(args, cfg: RunConfig, data_dir: Path, seed: int) -> Variant:
     """The product's ``Trainer.train_step`` with the LM objective of ``cfg``."""
     torch.manual_seed(seed)
     model = Decoder(cfg.model)
     sampler = WindowSampler(TokenShards.open(data_dir, "train"), args.seq_len, cfg.data.seed + seed)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(
-            cfg, Path(run_dir), model, LMBatches(sampler), build_lm_loss(cfg.objective), device=torch.device("cpu")
-        )
-        return _train(args, model, data_dir, cfg.train.steps, lambda i: trainer.train_step())
+    run_dir = tempfile.TemporaryDirectory()  # never written: nothing is checkpointed
+    trainer = Trainer(
+        cfg, Path(run_dir.name), model, LMBatches(sampler), build_lm_loss(cfg.objective), device=torch.device("cpu")
+    )
+    return Variant(model, cfg.train.steps, lambda i: trainer.train_step(), run_dir.cleanup)
 
 
-def _train(args, model: torch.nn.Module, data_dir: Path, steps: int, step_fn) -> Curve:
+def build_variant(name: str, args, seed: int, data_dir: Path, lr: float | None = None) -> Variant:
+    if name == "baseline":
+        if lr is not None:
+            args = argparse.Namespace(**{**vars(args), "adamw_lr": lr})
+        return baseline_variant(args, run_config(args, seed), data_dir, seed)
+    if name == "lmlab_adamw":
+        return lmlab_variant(args, run_config(args, seed), data_dir, seed)
+    muon = ["optim.name=muon", f"optim.lr={lr if lr is not None else args.muon_lr}"]
+    if name == "lmlab_muon":
+        return lmlab_variant(args, run_config(args, seed, *muon), data_dir, seed)
+    steps = max(args.warmup + 1, round(args.best_horizon * args.steps))
+    best = [
+        *muon, "model.attention.qk_norm=true", "objective.z_loss=1e-4", f"train.steps={steps}",
+        "schedule.name=wsd", "schedule.decay_fraction=0.4", "schedule.decay_shape=sqrt", "schedule.min_lr_ratio=0.0",
+    ]  # fmt: skip
+    return lmlab_variant(args, run_config(args, seed, *best), data_dir, seed)
+
+
+def run_variant(name: str, args, seed: int, data_dir: Path, lr: float | None = None) -> Curve:
+    """Train one variant for its steps, evaluating every ``--eval-every`` steps (outside the timed region)."""
+    variant = build_variant(name, args, seed, data_dir, lr)
     val = list(eval_batches(TokenShards.open(data_dir, "val"), args.seq_len, args.batch, args.eval_tokens))
-    curve, seconds = Curve(), 0.0
+    curve, seconds, model = Curve(), 0.0, variant.model
 
     def evaluate(i: int) -> None:
         model.eval()
@@ -169,32 +202,43 @@ def _train(args, model: torch.nn.Module, data_dir: Path, steps: int, step_fn) ->
         model.train()
         curve.add(i, i * args.batch * args.seq_len, seconds, loss)
 
-    evaluate(0)
-    for i in range(steps):
-        start = time.perf_counter()
-        step_fn(i)
-        seconds += time.perf_counter() - start
-        if (i + 1) % args.eval_every == 0 or i + 1 == steps:
-            evaluate(i + 1)
+    try:
+        evaluate(0)
+        for i in range(variant.steps):
+            start = time.perf_counter()
+            variant.step(i)
+            seconds += time.perf_counter() - start
+            if (i + 1) % args.eval_every == 0 or i + 1 == variant.steps:
+                evaluate(i + 1)
+    finally:
+        variant.close()
     return curve
 
 
-def run_variant(name: str, args, seed: int, data_dir: Path, lr: float | None = None) -> Curve:
-    if name == "baseline":
-        if lr is not None:
-            args = argparse.Namespace(**{**vars(args), "adamw_lr": lr})
-        return baseline_run(args, run_config(args, seed), data_dir, seed)
-    if name == "lmlab_adamw":
-        return lmlab_run(args, run_config(args, seed), data_dir, seed)
-    muon = ["optim.name=muon", f"optim.lr={lr if lr is not None else args.muon_lr}"]
-    if name == "lmlab_muon":
-        return lmlab_run(args, run_config(args, seed, *muon), data_dir, seed)
-    steps = max(args.warmup + 1, round(args.best_horizon * args.steps))
-    best = [
-        *muon, "model.attention.qk_norm=true", "objective.z_loss=1e-4", f"train.steps={steps}",
-        "schedule.name=wsd", "schedule.decay_fraction=0.4", "schedule.decay_shape=sqrt", "schedule.min_lr_ratio=0.0",
-    ]  # fmt: skip
-    return lmlab_run(args, run_config(args, seed, *best), data_dir, seed)
+def step_seconds(names: list[str], args, data_dir: Path) -> dict[str, list[float]]:
+    """Seconds per optimizer step of each variant, timed in interleaved repetitions (A B C D A B C D …).
+
+    Each repetition times ``--speed-steps`` steps of every variant in turn, after ``--speed-warmup`` discarded
+    ones, so a machine shared with other work slows all of them alike; the median is what the time-to-target
+    figures use.
+    """
+    variants = {name: build_variant(name, args, 0, data_dir) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for variant in variants.values():
+            for i in range(args.speed_warmup):
+                variant.step(i)
+        for rep in range(args.speed_reps):
+            for name, variant in variants.items():
+                first = args.speed_warmup + rep * args.speed_steps
+                start = time.perf_counter()
+                for i in range(first, first + args.speed_steps):
+                    variant.step(i)
+                times[name].append((time.perf_counter() - start) / args.speed_steps)
+    finally:
+        for variant in variants.values():
+            variant.close()
+    return times
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -220,6 +264,52 @@ def lr_scan(args, data_dir: Path) -> dict[str, Any]:
     return {"lr_scan": out}
 
 
+def load_curves(path: str) -> dict[str, dict[int, Curve]]:
+    """The curves of an earlier run's ``--json`` (to time the steps again without retraining)."""
+    curves: dict[str, dict[int, Curve]] = {}
+    for name, by_seed in json.loads(Path(path).read_text())["curves"].items():
+        for seed, points in by_seed.items():
+            curve = curves.setdefault(name, {})[int(seed)] = Curve()
+            curve.points = points
+    return curves
+
+
+def summarise(curves: dict[str, dict[int, Curve]], target: float, step_time: dict[str, float], tokens_per_step: int):
+    """Per variant: final loss, tokens to target, and time to target = steps to target × median step time
+    (``time_ratio``), next to the raw cumulative step time of the run itself (``raw_time_ratio``)."""
+    rows, summary = [], {}
+    for name, by_seed in curves.items():
+        reached = {s: c.reach(target) for s, c in by_seed.items()}
+        finals = [c.points[-1]["val_loss"] for c in by_seed.values()]
+        entry: dict[str, Any] = {"final_val_loss": mean_ci(finals), "reached": reached}
+        ok = [s for s, r in reached.items() if r is not None]
+        seconds = {s: reached[s]["tokens"] / tokens_per_step * step_time[name] for s in ok} if name in step_time else {}
+        entry["seconds_to_target"] = seconds
+        if "baseline" in curves and ok:
+            base = {s: curves["baseline"][s].reach(target) for s in ok}
+            both = [s for s in ok if base[s] is not None]
+            entry["token_ratio"] = mean_ci([reached[s]["tokens"] / base[s]["tokens"] for s in both])
+            entry["raw_time_ratio"] = mean_ci([reached[s]["seconds"] / base[s]["seconds"] for s in both])
+            if seconds and "baseline" in step_time:
+                speed = step_time[name] / step_time["baseline"]
+                entry["time_ratio"] = mean_ci([reached[s]["tokens"] / base[s]["tokens"] * speed for s in both])
+        summary[name] = entry
+        tokens = [r["tokens"] for r in reached.values() if r]
+        ratio = "{:.2f}× ± {:.2f}".format
+        rows.append([
+            name, f"{len(ok)}/{len(by_seed)}", "{:.4f} ± {:.4f}".format(*entry["final_val_loss"]),
+            f"{statistics.fmean(tokens):,.0f}" if tokens else "-",
+            f"{1000 * step_time[name]:.0f}" if name in step_time else "-",
+            f"{statistics.fmean(seconds.values()):.1f}" if seconds else "-",
+            ratio(*entry["token_ratio"]) if "token_ratio" in entry else "-",
+            ratio(*entry["time_ratio"]) if "time_ratio" in entry else "-",
+            ratio(*entry["raw_time_ratio"]) if "raw_time_ratio" in entry else "-",
+        ])  # fmt: skip
+    headers = ["variant", "reached", "final val loss", "tokens to target", "ms / step (interleaved median)",
+               "seconds to target", "tokens vs baseline", "time vs baseline", "raw run time vs baseline"]  # fmt: skip
+    return summary, common.markdown_table(headers, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -230,45 +320,30 @@ def main(argv: list[str] | None = None) -> int:
         result.update(lr_scan(args, data_dir))
         common.write_json(args.json, result)
         return 0
-    curves: dict[str, dict[int, Curve]] = {name: {} for name in args.variants}
-    for seed in args.seeds:
-        for name in args.variants:  # interleaved: one run of each variant per seed
-            curves[name][seed] = run_variant(name, args, seed, data_dir)
-            last = curves[name][seed].points[-1]
-            print(f"seed {seed} {name}: val {last['val_loss']:.4f} after {last['seconds']:.1f} s", file=sys.stderr)
+    if args.from_json:
+        curves = load_curves(args.from_json)
+    else:
+        curves = {name: {} for name in args.variants}
+        for seed in args.seeds:
+            for name in args.variants:  # interleaved: one run of each variant per seed
+                curves[name][seed] = run_variant(name, args, seed, data_dir)
+                last = curves[name][seed].points[-1]
+                print(f"seed {seed} {name}: val {last['val_loss']:.4f} after {last['seconds']:.1f} s", file=sys.stderr)
     if args.target is not None:
         target = args.target
     elif "baseline" in curves:
         target = max(c.points[-1]["val_loss"] for c in curves["baseline"].values())
     else:
         raise UserError("give --target when the baseline is not among --variants")
-    result["target"] = target
+    times = step_seconds(list(curves), args, data_dir) if args.speed_reps > 0 else {}
+    step_time = {name: statistics.median(t) for name, t in times.items()}
+    summary, table = summarise(curves, target, step_time, args.batch * args.seq_len)
+    result.update(target=target, step_seconds=times, summary=summary)
     result["curves"] = {n: {s: c.points for s, c in by_seed.items()} for n, by_seed in curves.items()}
-    rows, summary = [], {}
-    for name, by_seed in curves.items():
-        reached = {s: c.reach(target) for s, c in by_seed.items()}
-        finals = [c.points[-1]["val_loss"] for c in by_seed.values()]
-        entry: dict[str, Any] = {"final_val_loss": mean_ci(finals), "reached": reached}
-        ok = [s for s, r in reached.items() if r is not None]
-        if "baseline" in curves and ok:
-            base = {s: curves["baseline"][s].reach(target) for s in ok}
-            both = [s for s in ok if base[s] is not None]
-            entry["token_ratio"] = mean_ci([reached[s]["tokens"] / base[s]["tokens"] for s in both])
-            entry["time_ratio"] = mean_ci([reached[s]["seconds"] / base[s]["seconds"] for s in both])
-        summary[name] = entry
-        tokens = [r["tokens"] for r in reached.values() if r]
-        secs = [r["seconds"] for r in reached.values() if r]
-        rows.append([
-            name, f"{len(ok)}/{len(by_seed)}", "{:.4f} ± {:.4f}".format(*entry["final_val_loss"]),
-            f"{statistics.fmean(tokens):,.0f}" if tokens else "-", f"{statistics.fmean(secs):.1f}" if secs else "-",
-            "{:.2f}× ± {:.2f}".format(*entry["token_ratio"]) if "token_ratio" in entry else "-",
-            "{:.2f}× ± {:.2f}".format(*entry["time_ratio"]) if "time_ratio" in entry else "-",
-        ])  # fmt: skip
-    result["summary"] = summary
-    print(f"target validation loss {target:.4f} ({len(args.seeds)} seeds; ± is the 95% CI of the mean)")
-    headers = ["variant", "reached", "final val loss", "tokens to target", "seconds to target",
-               "tokens vs baseline", "time vs baseline"]  # fmt: skip
-    print(common.markdown_table(headers, rows))
+    print(
+        f"target validation loss {target:.4f} ({len(next(iter(curves.values())))} seeds; ± is the 95% CI of the mean)"
+    )
+    print(table)
     common.write_json(args.json, result)
     return 0
 

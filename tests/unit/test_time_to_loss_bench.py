@@ -40,8 +40,13 @@ def test_mean_ci():
 def test_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ttl.json"
-    assert time_to_loss.main([*TINY, "--seeds", "0,1", "--json", str(out)]) == 0
+    assert (
+        time_to_loss.main([*TINY, "--seeds", "0,1", "--speed-reps", "2", "--speed-steps", "1", "--json", str(out)]) == 0
+    )
     result = json.loads(out.read_text())
+    assert {k: len(v) for k, v in result["step_seconds"].items()} == dict.fromkeys(time_to_loss.VARIANTS, 2)
+    base_ratio = result["summary"]["baseline"]
+    assert base_ratio["time_ratio"][0] == pytest.approx(1.0) and base_ratio["raw_time_ratio"][0] == pytest.approx(1.0)
     assert set(result["summary"]) == set(time_to_loss.VARIANTS)
     base = result["curves"]["baseline"]["0"]
     assert [p["step"] for p in base] == [0, 4, 8]
@@ -51,6 +56,11 @@ def test_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert [p["val_loss"] for p in adamw] == pytest.approx([p["val_loss"] for p in base], abs=2e-3)
     assert [p["step"] for p in result["curves"]["best"]["0"]][-1] == round(0.6 * 8)  # its own shorter horizon
     assert "tokens vs baseline" in capsys.readouterr().out
+    again = tmp_path / "again.json"  # only the step timing, on the recorded curves
+    assert time_to_loss.main([*TINY, "--from-json", str(out), "--speed-reps", "1", "--speed-steps", "1",
+                              "--json", str(again)]) == 0  # fmt: skip
+    redone = json.loads(again.read_text())
+    assert redone["curves"] == result["curves"] and redone["target"] == result["target"]
 
 
 def test_refuses_bad_arguments():
