@@ -21,7 +21,7 @@ from torch import nn
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
-from lmlab.models.norms import RMSNorm
+from lmlab.models.norms import RMSNorm, autocast_dtype
 from lmlab.models.rope import RotaryEmbedding
 from lmlab.models.static_cache import StaticKVCache
 
@@ -65,8 +65,11 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        # Under autocast the norms hand their output over already in the autocast dtype, so the projections
+        # reading it (q/k/v, gate/up) do not each cast it (and each save their own cast copy for backward).
+        cast = autocast_dtype(x)
+        x = x + self.attn(self.attn_norm(x, cast), rope, mask, cache)
+        return x + self.mlp(self.mlp_norm(x, cast))
 
 
 class Decoder(nn.Module):

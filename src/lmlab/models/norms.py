@@ -3,12 +3,59 @@
 ``y = x / sqrt(mean(x²) + eps) · weight``, computed in fp32 and cast back to the input
 dtype before the gain is applied (the order Hugging Face Llama uses, so imported weights
 give the same numbers in bf16 too).
+
+For a float32 input under autograd (the residual stream, also under autocast) the backward pass is
+written out (``_RMSNormFunction``): it saves ``x`` and the [..., 1] inverse RMS instead of autograd's
+``x`` and normalised copy, and runs about half the element-wise kernels; the forward is the same
+arithmetic, bit for bit. ``out_dtype`` writes the output in a lower precision directly: a block under
+autocast passes the autocast dtype, so the projections that read the norm's output find it already cast
+(once, instead of once per projection, each of which would also save its own copy for backward).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for ``x``'s device, or None outside autocast."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm of a float32 ``x`` [..., d] with a float32 gain [d]; output in ``out_dtype`` (None: float32).
+
+    Backward, with n = x·r, r = 1/sqrt(mean(x²) + eps), g = ∂y·w:
+    ∂w = Σ_rows ∂y·n and ∂x = r·(g − n·mean(g·n)), where mean(g·n) = (∂y·n)·w / d (one matrix-vector product).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None):  # noqa: ANN205
+        rstd = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)  # [..., 1]
+        ctx.save_for_backward(x, rstd, weight)
+        normed = x * rstd
+        if out_dtype is None or out_dtype == normed.dtype:
+            return weight * normed
+        out = torch.empty(normed.shape, dtype=out_dtype, device=normed.device)
+        return torch.mul(weight, normed, out=out)  # computed in float32, rounded once on writing
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
+        x, rstd, weight = ctx.saved_tensors
+        d = x.shape[-1]
+        with torch.autocast(x.device.type, enabled=False):
+            normed = x * rstd  # recomputed: one kernel instead of holding the normalised copy until backward
+            scaled = grad_out * normed  # float32 [..., d]
+            grad_weight = scaled.reshape(-1, d).sum(0) if ctx.needs_input_grad[1] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                neg_mean = (scaled.reshape(-1, d) @ weight).reshape(rstd.shape).div_(-d)  # −mean(g·n) [..., 1]
+                grad_x = torch.addcmul(grad_out * weight, normed, neg_mean).mul_(rstd)
+        return grad_x, grad_weight, None, None
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +66,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` [..., d] -> normalised [..., d], in ``out_dtype`` when given (else the usual promotion)."""
+        if (
+            x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+        ):
+            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        out = self.weight * normed.to(x.dtype)
+        return out if out_dtype is None else out.to(out_dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lmlab.models.attention import KVCache, attention_mask
-from lmlab.models.decoder import document_positions
+from lmlab.models.attention import KVCache, attention_mask, explicit_causal_attention, use_explicit_attention
+from lmlab.models.decoder import Decoder, document_positions
 from lmlab.models.mlp import ffn_hidden_size
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import RotaryEmbedding, apply_rotary, rotate_half
@@ -32,6 +33,79 @@ def test_rmsnorm_eps_and_dtype():
     torch.testing.assert_close(out, torch.full((1, 4), 1 / math.sqrt(2.0)))
     half = norm.to(torch.bfloat16)(torch.randn(3, 4, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16
+
+
+def _plain_rmsnorm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """The textbook formula, differentiated by autograd (what RMSNorm computed before its own backward)."""
+    x_fp32 = x.float()
+    normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(dim=-1, keepdim=True) + norm.eps)
+    return norm.weight * normed.to(x.dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 5, 32), (2, 3, 4, 16)])
+def test_rmsnorm_backward_matches_autograd(shape):
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1])
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(*shape, requires_grad=True)
+    grad = torch.randn(*shape)
+    out, expected = norm(x), _plain_rmsnorm(norm, x)
+    assert torch.equal(out, expected)  # the same forward arithmetic, bit for bit
+    ours = torch.autograd.grad(out, (x, norm.weight), grad)
+    theirs = torch.autograd.grad(expected, (x, norm.weight), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the output written in bf16 (what a block under autocast asks for) is the float32 output rounded once
+    low = norm(x, torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, expected.to(torch.bfloat16))
+    ours = torch.autograd.grad(low, (x, norm.weight), grad.to(torch.bfloat16))
+    theirs = torch.autograd.grad(_plain_rmsnorm(norm, x), (x, norm.weight), grad.to(torch.bfloat16).float())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_norms_hand_over_the_autocast_dtype():
+    """Under autocast a block's projections get the norm's output already in bf16; the logits are the same
+    bits as when every projection casts the float32 output itself."""
+    torch.manual_seed(0)
+    model = Decoder(model_cfg(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)).train()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    originals = {}
+    for block in model.layers:  # the plain norms: float32 out, cast by each projection
+        for norm in (block.attn_norm, block.mlp_norm):
+            originals[norm] = norm.forward
+            norm.forward = lambda h, out_dtype=None, n=norm: _plain_rmsnorm(n, h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+    assert torch.equal(logits, expected)
+
+
+def test_explicit_attention_matches_sdpa():
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, k, v = (torch.randn(2, 16, 4, 8, dtype=dtype).transpose(1, 2).requires_grad_() for _ in range(3))
+        out = explicit_causal_attention(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+        grad = torch.randn_like(out)
+        ours = torch.autograd.grad(out, (q, k, v), grad)
+        theirs = torch.autograd.grad(expected, (q, k, v), grad)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=4 * tol, rtol=4 * tol)
+
+
+def test_explicit_attention_only_for_short_bf16_cpu_causal():
+    q = torch.zeros(1, 4, 16, 8, dtype=torch.bfloat16)
+    assert use_explicit_attention(q, q, None)
+    assert not use_explicit_attention(q.float(), q.float(), None)  # float32: the flash kernel
+    assert not use_explicit_attention(q, q, torch.ones(16, 16, dtype=torch.bool))  # packed / cached masks
+    assert not use_explicit_attention(q, q[:, :2], None)  # grouped-query heads
+    assert not use_explicit_attention(q[:, :, :1], q, None)  # decoding
+    long = torch.zeros(1, 1, 1024, 8, dtype=torch.bfloat16)
+    assert not use_explicit_attention(long, long, None)
 
 
 def test_rotate_half_layout():
