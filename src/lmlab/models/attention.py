@@ -223,8 +223,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, q_len, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(batch, q_len, self.n_kv_heads, self.head_dim)  # [B, T, H_kv, D]
         v = self.v_proj(x).view(batch, q_len, self.n_kv_heads, self.head_dim)
-        q = self.q_norm(q).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_norm(k).transpose(1, 2)  # [B, H_kv, T, D]
+        if isinstance(self.q_norm, RMSNorm):  # keep the projections' dtype: the fp32 gains would promote bf16 to fp32
+            q, k = self.q_norm(q, out_dtype=q.dtype), self.k_norm(k, out_dtype=k.dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D], [B, H_kv, T, D]
         cos, sin = rope
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.transpose(1, 2)
 

@@ -65,6 +65,42 @@ def test_rmsnorm_backward_matches_autograd(shape):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_rmsnorm_backward_of_a_bf16_input():
+    """qk-norm under autocast normalises the projections' bf16 output: computed in float32, rounded once, the
+    gradient returned in bf16; within one bf16 rounding of autograd on the textbook formula."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, 4, 16, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 5, 4, 16, dtype=torch.bfloat16)
+    out = norm(x, torch.bfloat16)
+    expected = _plain_rmsnorm(norm, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.to(torch.bfloat16))
+    ours = torch.autograd.grad(out, (x, norm.weight), grad)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    exact = w64 * x64 * torch.rsqrt(x64.pow(2).mean(dim=-1, keepdim=True) + norm.eps)  # float64 reference
+    theirs = torch.autograd.grad(exact, (x64, w64), grad.double())
+    torch.testing.assert_close(ours[0].double(), theirs[0], atol=1e-2, rtol=1e-2)  # one bf16 rounding
+    torch.testing.assert_close(ours[1].double(), theirs[1], atol=1e-4, rtol=1e-4)  # float32 throughout
+
+
+def test_qk_norm_keeps_the_autocast_dtype():
+    """The float32 qk-norm gains must not promote bf16 queries and keys to float32 (attention would then run
+    in float32 on the CPU, 1.3x slower for the step)."""
+    cfg = model_cfg(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16)
+    cfg.attention.qk_norm = True
+    attn = Decoder(cfg).layers[0].attn
+    rope = RotaryEmbedding(8, 16)(torch.arange(16)[None])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = attn.project(torch.randn(1, 16, 32, requires_grad=True), rope)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert use_explicit_attention(q, k, None)
+
+
 def test_block_norms_hand_over_the_autocast_dtype():
     """Under autocast a block's projections get the norm's output already in bf16; the logits are the same
     bits as when every projection casts the float32 output itself."""
