@@ -12,6 +12,7 @@ import torch
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.models.build import build_model
+from lmlab.train import muon as muon_module
 from lmlab.train.muon import MuonWithAdamW, adjusted_lr, newton_schulz, normuon_normalise
 from lmlab.train.optim import build_optimizer, hidden_matrices
 
@@ -55,9 +56,22 @@ def test_newton_schulz_against_svd(shape):
     assert (bf16 - got).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("shape", [(16, 16), (12, 40), (40, 12)])
+def test_newton_schulz_of_a_stack_is_each_matrix_on_its_own(shape):
+    """The optimizer orthogonalises equal-shaped matrices as one stack: each must come out as if alone (its own
+    norm, its own orientation), not mixed with its neighbours."""
+    g = torch.Generator().manual_seed(1)
+    stack = torch.randn(3, *shape, generator=g) * torch.tensor([1.0, 30.0, 0.01])[:, None, None]
+    got = newton_schulz(stack, dtype=torch.float32)
+    assert got.shape == stack.shape
+    for matrix, ortho in zip(stack, got):
+        torch.testing.assert_close(ortho, newton_schulz(matrix, dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
 def test_newton_schulz_refuses_non_matrices():
-    with pytest.raises(ValueError, match="2-D"):
-        newton_schulz(torch.ones(2, 3, 4))
+    for bad in (torch.ones(4), torch.ones(2, 2, 3, 4)):
+        with pytest.raises(ValueError, match=r"matrix \[A, B\] or a stack"):
+            newton_schulz(bad)
 
 
 @pytest.mark.parametrize(
@@ -109,6 +123,34 @@ def test_matches_torch_muon(nesterov, convention, shape):
     torch.testing.assert_close(
         opt_ours.state[ours]["momentum_buffer"], opt_theirs.state[theirs]["momentum_buffer"], atol=1e-7, rtol=0
     )
+
+
+@pytest.mark.parametrize("normuon", [False, True])
+def test_stacked_orthogonalisation_equals_one_matrix_at_a_time(monkeypatch, normuon):
+    """Equal-shaped matrices share a Newton–Schulz stack, split when it would exceed ``NS_STACK_ELEMENTS``;
+    every stack size (one matrix each, two, all) gives the same updates."""
+    shapes = [(8, 24), (8, 24), (24, 8), (8, 24), (16, 16)]
+    torch.manual_seed(0)
+    start = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+    finals = []
+    for budget in (1, 2 * 8 * 24, 1 << 24):
+        monkeypatch.setattr(muon_module, "NS_STACK_ELEMENTS", budget)
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = MuonWithAdamW(
+            [{"params": params, "use_muon": True, "weight_decay": 0.1}],
+            lr=0.02,
+            normuon=normuon,
+            ns_dtype=torch.float32,
+        )
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        finals.append([p.detach() for p in params])
+    for other in finals[1:]:
+        for a, b in zip(finals[0], other):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_auxiliary_adamw_matches_torch_adamw():

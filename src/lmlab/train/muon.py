@@ -20,7 +20,8 @@ Data parallelism: under DDP every rank holds the whole averaged gradient, so the
 as on one process. Under FSDP2 a parameter and its momentum are sharded by rows (DTensors); the
 orthogonalisation needs the whole matrix, so each rank gathers the momentum-updated matrix, runs
 Newton–Schulz on it, and keeps its own rows of the result ("gather per matrix"): every rank repeats
-the same small computation, and the result is the one-process update exactly.
+the same small computation, and the result is the one-process update exactly. Matrices of equal shape
+(a block's q/k/v/o, every gate and up projection) are orthogonalised together as one batched stack.
 """
 
 from __future__ import annotations
@@ -36,30 +37,37 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 # [0.7, 1.2] in five steps (Jordan et al. 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 AdjustLR = Literal["original", "match_rms_adamw"]
+# Newton–Schulz stacks equal-shaped matrices up to this many numbers (64 MiB in float32, before the iteration's
+# temporaries): few enough to bound what FSDP2 gathers at once, enough to batch every block matrix of a small model.
+NS_STACK_ELEMENTS = 1 << 24
 
 
 def newton_schulz(
     update: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D ``update`` [A, B]: ``U·V^T`` of its SVD, singular values ≈ 0.7–1.2.
+    """Approximately orthogonalise a matrix ``update`` [A, B], or a stack of them [K, A, B] each on its own:
+    ``U·V^T`` of its SVD, singular values ≈ 0.7–1.2.
 
     Runs in ``dtype`` (bfloat16 as Muon's authors do on GPUs; float32 where bfloat16 matrix products are
     emulated, as on most CPUs), on the wide orientation (the Gram matrix X·X^T is min(A, B) square), after
-    scaling to unit Frobenius norm so every singular value starts in (0, 1].
+    scaling every matrix to unit Frobenius norm so each singular value starts in (0, 1]. A stack runs as
+    batched products: one kernel per product for all K matrices (``MuonWithAdamW`` stacks the block matrices
+    of equal shape; for small matrices one batched product costs less than K separate ones).
     """
-    if update.ndim != 2:
-        raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(update.shape)}")
+    if update.ndim not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix [A, B] or a stack [K, A, B], got shape {tuple(update.shape)}")
     a, b, c = NS_COEFFICIENTS
     x = update.to(dtype)
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm, addmm = (torch.mm, torch.addmm) if x.ndim == 2 else (torch.bmm, torch.baddbmm)
     for _ in range(steps):
-        gram = x @ x.T  # [m, m], m = min(A, B)
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·S + c·S²
-        x = torch.addmm(x, poly, x, beta=a)  # a·X + (b·S + c·S²)·X
-    return x.T if tall else x
+        gram = mm(x, x.mT)  # [..., m, m], m = min(A, B)
+        poly = addmm(gram, gram, gram, beta=b, alpha=c)  # b·S + c·S²
+        x = addmm(x, poly, x, beta=a)  # a·X + (b·S + c·S²)·X
+    return x.mT if tall else x
 
 
 def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], convention: AdjustLR) -> float:
@@ -129,7 +137,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
         return loss
 
     def _muon_group(self, group: dict[str, Any]) -> None:
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        """Momentum for every matrix, then Newton–Schulz on stacks of equal-shaped matrices (one batched product
+        per iteration instead of one per matrix; a stack holds at most ``NS_STACK_ELEMENTS`` numbers, so under
+        FSDP2 only that much is gathered at once), then the (Nor)Muon update."""
+        mu = group["momentum"]
+        by_shape: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -141,16 +153,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1.0 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            whole = update.full_tensor() if isinstance(update, DTensor) else update  # FSDP2: gather the matrix
-            ortho = newton_schulz(whole, group["ns_steps"], dtype=group["ns_dtype"])
-            if group["normuon"]:
-                ortho = normuon_normalise(ortho, state["row_mean_square"], group["normuon_beta2"])
-            ortho = ortho.to(p.dtype)
-            if isinstance(p, DTensor):  # keep this rank's rows; every rank computed the same matrix
-                ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(ortho, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
+            by_shape.setdefault((tuple(p.shape), p.dtype), []).append((p, update))
+        for same_shape in by_shape.values():
+            per_stack = max(1, NS_STACK_ELEMENTS // same_shape[0][0].numel())
+            for start in range(0, len(same_shape), per_stack):
+                stack = same_shape[start : start + per_stack]
+                # FSDP2: gather each whole matrix (every rank then computes the same orthogonalisation)
+                wholes = [u.full_tensor() if isinstance(u, DTensor) else u for _, u in stack]
+                orthos = newton_schulz(torch.stack(wholes), group["ns_steps"], dtype=group["ns_dtype"])
+                for (p, _), ortho in zip(stack, orthos.unbind(0)):
+                    self._apply_muon(p, ortho, group)
+
+    def _apply_muon(self, p: torch.Tensor, ortho: torch.Tensor, group: dict[str, Any]) -> None:
+        """Weight decay, then ``p -= η_adj · O`` (NorMuon-normalised first when enabled)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if group["normuon"]:
+            ortho = normuon_normalise(ortho, self.state[p]["row_mean_square"], group["normuon_beta2"])
+        ortho = ortho.to(p.dtype)
+        if isinstance(p, DTensor):  # keep this rank's rows; every rank computed the same matrix
+            ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        p.add_(ortho, alpha=-adjusted_lr(lr, p.shape, group["adjust_lr"]))
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         """AdamW (Loshchilov & Hutter 2019) with bias correction, as ``torch.optim.AdamW``."""
