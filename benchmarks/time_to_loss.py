@@ -9,7 +9,9 @@ windows in the same order for every variant of a seed) and the same token budget
 - **lmlab_adamw**: the product's ``Trainer.train_step`` with AdamW at the baseline's settings;
 - **lmlab_muon**: the same with ``optim.name: muon`` (Muon on the block matrices, AdamW on the rest);
 - **best**: lmlab's best recipe: Muon + qk-norm + a WSD schedule with a 1−sqrt cooldown + z-loss 1e-4,
-  with its own (shorter) step horizon ``--best-horizon`` × the budget, as speedruns tune theirs.
+  with its own (shorter) step horizon ``--best-horizon`` × the budget, as speedruns tune theirs; bf16
+  autocast (``--best-precision``; the baseline keeps float32, as nanoGPT does on a CPU) and the fused
+  head + loss (``objective.loss_impl=fused``).
 
 Validation loss is measured every ``--eval-every`` steps on a fixed set, outside the timed region; wall
 time counts only optimizer steps. The target defaults to the worst final baseline loss over the seeds,
@@ -71,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="baseline and lmlab_adamw peak LR")
     p.add_argument("--muon-lr", type=float, default=3e-3, help="lmlab_muon and best: optim.lr (match_rms_adamw)")
     p.add_argument("--best-horizon", type=float, default=0.6, help="best recipe's steps as a fraction of --steps")
+    p.add_argument(
+        "--best-precision", choices=("bf16", "fp32"), default="bf16", help="best recipe's train.precision (autocast)"
+    )
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--target", type=float, default=None, help="default: the worst final baseline loss")
@@ -185,6 +190,7 @@ def build_variant(name: str, args, seed: int, data_dir: Path, lr: float | None =
     best = [
         *muon, "model.attention.qk_norm=true", "objective.z_loss=1e-4", f"train.steps={steps}",
         "schedule.name=wsd", "schedule.decay_fraction=0.4", "schedule.decay_shape=sqrt", "schedule.min_lr_ratio=0.0",
+        f"train.precision={args.best_precision}", "objective.loss_impl=fused",
     ]  # fmt: skip
     return lmlab_variant(args, run_config(args, seed, *best), data_dir, seed)
 
