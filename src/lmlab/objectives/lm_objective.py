@@ -38,6 +38,7 @@ from lmlab.objectives.coverage import coverage_loss, sequence_logps
 from lmlab.objectives.distill import distillation_loss, topk_distillation_loss
 from lmlab.objectives.fused_linear_ce import fused_linear_cross_entropy
 from lmlab.objectives.goldfish import goldfish_mask
+from lmlab.objectives.inplace_ce import inplace_causal_lm_loss
 from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from lmlab.objectives.neftune import attach_neftune
 
@@ -135,7 +136,8 @@ def token_loss_head(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The token loss from the final hidden states [B, T, d] and the head weight [V, d] (a ``Decoder`` ``head_fn``).
 
-    ``impl``: ``standard`` forms the logits ``F.linear(hidden, weight)`` (the model's own output projection);
+    ``impl``: ``standard`` forms the logits ``F.linear(hidden, weight)`` (the model's own output projection) and,
+    in eager mode, writes the loss's gradient over them (``inplace_ce``: one [N, V] buffer instead of three);
     ``chunked`` and ``fused`` never hold all of them (``chunk_tokens`` tokens at a time). Returns the
     ``LossOutput`` fields as a tuple, which DDP, FSDP2 and ``torch.compile`` all trace through.
     """
@@ -144,8 +146,10 @@ def token_loss_head(
         out = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_tokens, **options)
     elif impl == "chunked":
         out = chunked_causal_lm_loss(hidden, lambda h: F.linear(h, weight), labels, chunk_size=chunk_tokens, **options)
-    else:
+    elif torch.compiler.is_compiling():  # traced: the compiler plans the buffers itself
         out = causal_lm_loss(F.linear(hidden, weight), labels, **options)
+    else:  # the logits are this function's own temporary: their buffer can take the gradient
+        out = inplace_causal_lm_loss(F.linear(hidden, weight), labels, **options)
     return out.loss_sum, out.count, out.metrics
 
 
