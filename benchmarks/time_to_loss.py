@@ -186,13 +186,17 @@ def build_variant(name: str, args, seed: int, data_dir: Path, lr: float | None =
     muon = ["optim.name=muon", f"optim.lr={lr if lr is not None else args.muon_lr}"]
     if name == "lmlab_muon":
         return lmlab_variant(args, run_config(args, seed, *muon), data_dir, seed)
+    return lmlab_variant(args, run_config(args, seed, *best_overrides(args)), data_dir, seed)
+
+
+def best_overrides(args: argparse.Namespace) -> list[str]:
+    """lmlab's best recipe, as config overrides on top of ``run_config``."""
     steps = max(args.warmup + 1, round(args.best_horizon * args.steps))
-    best = [
-        *muon, "model.attention.qk_norm=true", "objective.z_loss=1e-4", f"train.steps={steps}",
-        "schedule.name=wsd", "schedule.decay_fraction=0.4", "schedule.decay_shape=sqrt", "schedule.min_lr_ratio=0.0",
-        f"train.precision={args.best_precision}", "objective.loss_impl=fused",
+    return [
+        "optim.name=muon", f"optim.lr={args.muon_lr}", "model.attention.qk_norm=true", "objective.z_loss=1e-4",
+        f"train.steps={steps}", "schedule.name=wsd", "schedule.decay_fraction=0.4", "schedule.decay_shape=sqrt",
+        "schedule.min_lr_ratio=0.0", f"train.precision={args.best_precision}", "objective.loss_impl=fused",
     ]  # fmt: skip
-    return lmlab_variant(args, run_config(args, seed, *best), data_dir, seed)
 
 
 def run_variant(name: str, args, seed: int, data_dir: Path, lr: float | None = None) -> Curve:

@@ -450,7 +450,8 @@ class ObjectiveConfig:
     −log(1 − (1 − p)^N) with N = ``coverage_n`` (docs/science.md §20; ``lmlab.objectives.coverage``).
 
     ``loss_impl`` is how the output projection and the token loss are computed (same loss, different memory):
-    ``standard`` forms the [B, T, V] logits; ``chunked`` evaluates ``loss_chunk_tokens`` tokens at a time and
+    ``standard`` forms the [B, T, V] logits (and, in eager mode, writes the loss's gradient over them:
+    ``lmlab.objectives.inplace_ce``); ``chunked`` evaluates ``loss_chunk_tokens`` tokens at a time and
     recomputes their logits in backward; ``fused`` computes each chunk's gradient in the forward and never
     holds more than one chunk's logits (docs/science.md Appendix B). Distillation and ``coverage_n > 1`` need
     the full logits, so they take ``standard``.

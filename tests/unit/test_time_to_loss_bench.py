@@ -63,6 +63,22 @@ def test_smoke_run_writes_every_figure(tmp_path, monkeypatch, capsys):
     assert redone["curves"] == result["curves"] and redone["target"] == result["target"]
 
 
+def test_best_recipe_settings(tmp_path):
+    """The best recipe's config: Muon, qk-norm, z-loss, WSD over its own horizon, bf16 autocast (or float32 with
+    ``--best-precision fp32``) and the fused head + loss; the baseline settings stay float32 and standard."""
+    args = time_to_loss.parse_args([*TINY, "--best-horizon", "0.5"])
+    args.model_vocab = 0
+    best = time_to_loss.run_config(args, 0, *time_to_loss.best_overrides(args))
+    assert (best.optim.name, best.model.attention.qk_norm, best.objective.z_loss) == ("muon", True, 1e-4)
+    assert (best.schedule.name, best.train.steps) == ("wsd", 4)
+    assert (best.train.precision, best.objective.loss_impl) == ("bf16", "fused")
+    args = time_to_loss.parse_args([*TINY, "--best-precision", "fp32"])
+    args.model_vocab = 0
+    assert time_to_loss.run_config(args, 0, *time_to_loss.best_overrides(args)).train.precision == "fp32"
+    plain = time_to_loss.run_config(args, 0)
+    assert (plain.train.precision, plain.objective.loss_impl, plain.optim.name) == ("fp32", "standard", "adamw")
+
+
 def test_refuses_bad_arguments():
     with pytest.raises(time_to_loss.UserError, match="unknown variant"):
         time_to_loss.parse_args(["--variants", "sgd"])

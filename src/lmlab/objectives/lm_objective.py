@@ -13,7 +13,8 @@ or, in packed rows, one ``doc_ids`` document), which ``ObjectiveConfig`` keeps a
 switches.
 
 ``objective.loss_impl`` chooses how the output projection and the token loss run on an lmlab ``Decoder``:
-``standard`` (the [B, T, V] logits, then ``causal_lm_loss``), ``chunked`` (``chunked_causal_lm_loss``: chunks
+``standard`` (the [B, T, V] logits, then ``inplace_causal_lm_loss``, which writes the gradient over them;
+``causal_lm_loss`` when compiled), ``chunked`` (``chunked_causal_lm_loss``: chunks
 of ``loss_chunk_tokens`` tokens, logits recomputed in backward) or ``fused``
 (``lmlab.objectives.fused_linear_ce``: the gradient computed chunk by chunk in the forward, no [B, T, V]
 logits at all). Each is passed to the model as its ``head_fn``, so it runs inside the module's forward
