@@ -11,6 +11,7 @@ and gradients, in the Trainer and a pretraining run on one process and on 2 gloo
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -64,13 +65,13 @@ OPTION_CASES = {
 }
 
 
-@pytest.mark.parametrize("chunk_size", [1, 5, 8, 24, 100])  # 8 divides N = 24; 5 does not; 100 > N
-@pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_matches_autograd_of_the_plain_loss(case, chunk_size):
+def check_matches_plain(loss, case: str) -> None:
+    """``loss(hidden, weight, labels, **options) -> LossOutput`` gives the value, metrics and gradients of
+    autograd on ``causal_lm_loss(F.linear(hidden, weight), ...)`` for the options of ``OPTION_CASES[case]``."""
     hidden, weight, labels, keep = inputs()
     options = {k: (keep if v == "keep" else v) for k, v in OPTION_CASES[case].items()}
     want = causal_lm_loss(F.linear(hidden, weight), labels, **options)
-    got = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size, **options)
+    got = loss(hidden, weight, labels, **options)
     assert int(got.count) == int(want.count)
     assert sorted(got.metrics) == sorted(want.metrics)
     assert_close(got.loss_sum.detach(), want.loss_sum.detach())
@@ -79,6 +80,12 @@ def test_matches_autograd_of_the_plain_loss(case, chunk_size):
     assert not any(m.requires_grad for m in got.metrics.values())
     for g, w in zip(grads(got, hidden, weight, 1.7), grads(want, hidden, weight, 1.7)):
         assert_close(g, w)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 8, 24, 100])  # 8 divides N = 24; 5 does not; 100 > N
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_matches_autograd_of_the_plain_loss(case, chunk_size):
+    check_matches_plain(partial(fused_linear_cross_entropy, chunk_size=chunk_size), case)
 
 
 def test_gradient_formula_by_hand():

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from unit.test_fused_linear_ce import OPTION_CASES, assert_close, grads, inputs
+from unit.test_fused_linear_ce import OPTION_CASES, assert_close, check_matches_plain, grads, inputs
 
 from lmlab.objectives import inplace_ce
 from lmlab.objectives.inplace_ce import inplace_causal_lm_loss
@@ -21,18 +21,8 @@ from lmlab.objectives.lm import causal_lm_loss
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_matches_autograd_of_the_plain_loss(monkeypatch, case, block_numbers):
     monkeypatch.setattr(inplace_ce, "BLOCK_NUMBERS", block_numbers)
-    hidden, weight, labels, keep = inputs()
-    options = {k: (keep if v == "keep" else v) for k, v in OPTION_CASES[case].items()}
-    want = causal_lm_loss(F.linear(hidden, weight), labels, **options)
-    got = inplace_causal_lm_loss(F.linear(hidden, weight), labels, **options)
-    assert int(got.count) == int(want.count)
-    assert sorted(got.metrics) == sorted(want.metrics)
-    assert_close(got.loss_sum.detach(), want.loss_sum.detach())
-    for name in want.metrics:
-        assert_close(got.metrics[name], want.metrics[name])
-    assert not any(m.requires_grad for m in got.metrics.values())
-    for g, w in zip(grads(got, hidden, weight, 1.7), grads(want, hidden, weight, 1.7)):
-        assert_close(g, w)
+    check_matches_plain(lambda hidden, weight, labels, **options: inplace_causal_lm_loss(
+        F.linear(hidden, weight), labels, **options), case)  # fmt: skip
 
 
 def test_the_gradient_lands_in_the_logits_buffer():

@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 
 from lmlab.objectives.base import LossOutput
-from lmlab.objectives.lm import IGNORE_INDEX
+from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens
 
 
-def _chunk_sums_and_grad(
+def chunk_sums_and_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,
     valid: torch.Tensor,
@@ -107,7 +107,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 end = min(start + chunk_size, n_tokens)
                 h = hidden[start:end].to(compute_dtype)  # [n, d]
                 logits = (h @ w.t()).float()  # [n, V] float32: the chunk's only copy
-                part, grad = _chunk_sums_and_grad(
+                part, grad = chunk_sums_and_grad(
                     logits, labels[start:end], valid[start:end], label_smoothing, z_loss, with_grad
                 )
                 sums = sums + part
@@ -162,10 +162,7 @@ def fused_linear_cross_entropy(
     sums ``ce``, ``smoothed`` (ε > 0), ``z_loss`` (c > 0). Only ``loss_sum`` carries a gradient, and only a
     first-order one. Without autograd (``no_grad``, or inputs that need no gradient) no gradient is computed.
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(label_smoothing, z_loss)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if hidden.shape[:-1] != labels.shape:
@@ -174,11 +171,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"weight {tuple(weight.shape)} must be [V, d] with d = {hidden.size(-1)} (hidden's last dim)")
     flat_hidden = hidden.reshape(-1, hidden.size(-1))  # [N, d]
     flat_labels = labels.reshape(-1)  # [N]
-    valid = flat_labels != ignore_index  # [N]
-    if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of labels {tuple(labels.shape)}")
-        valid = valid & loss_mask.reshape(-1).to(torch.bool)
+    valid = counted_tokens(labels, ignore_index, loss_mask)  # [N]
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):

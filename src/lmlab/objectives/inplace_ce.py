@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from lmlab.objectives.base import LossOutput
-from lmlab.objectives.fused_linear_ce import _chunk_sums_and_grad
-from lmlab.objectives.lm import IGNORE_INDEX
+from lmlab.objectives.fused_linear_ce import chunk_sums_and_grad
+from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens
 
 # Rows per block: at most 2**22 float32 numbers (16 MB), under glibc's mmap threshold, for the block's
 # float32 copy (bf16 logits) and logsumexp's temporaries.
@@ -47,7 +47,7 @@ class _InPlaceCrossEntropy(torch.autograd.Function):
             for start in range(0, logits.size(0), rows):
                 block = logits[start : start + rows]
                 block_fp32 = block.float()  # a view of the logits when they are float32
-                part, grad = _chunk_sums_and_grad(
+                part, grad = chunk_sums_and_grad(
                     block_fp32, targets[start : start + rows], valid[start : start + rows], label_smoothing, z_loss,
                     with_grad,
                 )  # fmt: skip
@@ -81,19 +81,12 @@ def inplace_causal_lm_loss(
 ) -> LossOutput:
     """``causal_lm_loss`` for ``logits`` [B, T, V] that nothing else reads: under autograd their buffer becomes the
     gradient (see the module doc). Returns the same ``LossOutput`` (sums ``ce``, ``smoothed``, ``z_loss``)."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(label_smoothing, z_loss)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
     flat_logits = logits.reshape(-1, logits.size(-1))  # [N, V]: a view of contiguous logits
     flat_labels = labels.reshape(-1)
-    valid = flat_labels != ignore_index
-    if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of labels {tuple(labels.shape)}")
-        valid = valid & loss_mask.reshape(-1).to(torch.bool)
+    valid = counted_tokens(labels, ignore_index, loss_mask)
     loss_sum, sums = _InPlaceCrossEntropy.apply(flat_logits, flat_labels, valid, float(label_smoothing), float(z_loss))
     ce, smoothed, z_term = sums.unbind(0)
     metrics = {"ce": ce}

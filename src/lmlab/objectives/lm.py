@@ -20,6 +20,25 @@ from lmlab.objectives.base import LossOutput
 IGNORE_INDEX = -100
 
 
+def check_loss_options(label_smoothing: float, z_loss: float) -> None:
+    """The token-loss switches every implementation shares: 0 <= ε < 1, c_z >= 0."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def counted_tokens(labels: torch.Tensor, ignore_index: int, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Flat bool [N]: the tokens of ``labels`` (any shape) that count, i.e. not ``ignore_index`` and, when given,
+    kept by ``loss_mask`` (bool, labels' shape)."""
+    valid = labels.reshape(-1) != ignore_index
+    if loss_mask is None:
+        return valid
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of labels {tuple(labels.shape)}")
+    return valid & loss_mask.reshape(-1).to(torch.bool)
+
+
 def _token_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -85,10 +104,7 @@ def causal_lm_loss(
     loss up to floating-point summation order. To avoid materialising the [B, T, V] logits at
     all, use ``chunked_causal_lm_loss`` on the final hidden states.
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(label_smoothing, z_loss)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if logits.shape[:-1] != labels.shape:
@@ -97,11 +113,7 @@ def causal_lm_loss(
     vocab = logits.size(-1)
     flat_logits = logits.reshape(-1, vocab)  # [B*T, V]
     flat_labels = labels.reshape(-1)  # [B*T]
-    valid = flat_labels != ignore_index  # [B*T]
-    if loss_mask is not None:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the shape of labels {tuple(labels.shape)}")
-        valid = valid & loss_mask.reshape(-1).to(torch.bool)
+    valid = counted_tokens(labels, ignore_index, loss_mask)  # [B*T]
 
     n_tokens = flat_labels.numel()
     if chunk_size is None or chunk_size >= n_tokens:
