@@ -23,9 +23,10 @@ from lmlab.objectives.base import LossOutput
 from lmlab.objectives.fused_linear_ce import chunk_sums_and_grad
 from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens
 
-# Rows per block: at most 2**22 float32 numbers (16 MB), under glibc's mmap threshold, for the block's
-# float32 copy (bf16 logits) and logsumexp's temporaries.
+# Rows per block: on a CPU at most 2**22 float32 numbers (16 MB, under glibc's mmap threshold) for the block's
+# float32 copy (bf16 logits) and logsumexp's temporaries; on a GPU 2**26 (256 MB), so a step launches few kernels.
 BLOCK_NUMBERS = 1 << 22
+GPU_BLOCK_NUMBERS = 1 << 26
 
 
 class _InPlaceCrossEntropy(torch.autograd.Function):
@@ -41,7 +42,8 @@ class _InPlaceCrossEntropy(torch.autograd.Function):
         z_loss: float,
     ):
         with_grad = ctx.needs_input_grad[0]
-        rows = max(1, BLOCK_NUMBERS // logits.size(1))
+        budget = BLOCK_NUMBERS if logits.device.type == "cpu" else GPU_BLOCK_NUMBERS
+        rows = max(1, budget // logits.size(1))
         sums = torch.zeros(3, dtype=torch.float32, device=logits.device)
         with torch.autocast(logits.device.type, enabled=False):
             for start in range(0, logits.size(0), rows):

@@ -80,3 +80,28 @@ def test_neftune_and_distillation_on_cuda():
     cpu = distillation_loss(student, teacher, labels, divergence="jsd", temperature=2.0)
     gpu = distillation_loss(student.cuda(), teacher.cuda(), labels.cuda(), divergence="jsd", temperature=2.0)
     assert gpu.loss_sum.item() == pytest.approx(cpu.loss_sum.item(), rel=1e-5)
+
+
+def test_inplace_loss_on_cuda_matches_plain_autograd_and_allocates_less():
+    """The standard head's in-place cross-entropy on a GPU (its own row-block size): the plain loss's value and
+    gradients, and a lower peak than autograd's three [N, V] float32 buffers."""
+    from lmlab.objectives.inplace_ce import inplace_causal_lm_loss
+
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 512, 256, generator=generator).cuda().requires_grad_()
+    weight = (0.05 * torch.randn(32_000, 256, generator=generator)).cuda().requires_grad_()
+    labels = torch.randint(0, 32_000, (4, 512), generator=generator).cuda()
+    options = {"z_loss": 1e-4, "label_smoothing": 0.1}
+    peaks, results = {}, {}
+    for name, loss in (("plain", causal_lm_loss), ("inplace", inplace_causal_lm_loss)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = loss(torch.nn.functional.linear(hidden, weight), labels, **options)
+        grads = torch.autograd.grad(out.loss_sum, (hidden, weight))
+        peaks[name] = torch.cuda.max_memory_allocated() - start
+        results[name] = (out.loss_sum.detach(), *grads)
+    for got, want in zip(results["inplace"], results["plain"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    logits_bytes = 4 * 512 * 32_000 * 4
+    assert peaks["inplace"] < peaks["plain"] - logits_bytes
