@@ -93,3 +93,13 @@ def test_no_second_logits_sized_buffer(monkeypatch):
         ref = causal_lm_loss(F.linear(hidden.detach(), weight.detach()).requires_grad_(), labels, z_loss=1e-3)
         ref.loss_sum.backward()
     assert sum(size >= n_v for size in plain.sizes) >= 3  # what the plain loss allocates
+
+
+def test_float16_logits_keep_the_plain_loss():
+    """An fp16 gradient made before the loss scaler would underflow: fp16 logits are left intact (plain loss)."""
+    hidden, weight, labels, _ = inputs()
+    logits = F.linear(hidden, weight).half()
+    before = logits.detach().clone()
+    out = inplace_causal_lm_loss(logits, labels, z_loss=1e-3)
+    assert torch.equal(logits.detach(), before)
+    assert_close(out.loss_sum.detach(), causal_lm_loss(before.float(), labels, z_loss=1e-3).loss_sum, rtol=1e-3)

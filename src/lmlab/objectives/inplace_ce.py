@@ -21,7 +21,7 @@ import torch
 
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.fused_linear_ce import chunk_sums_and_grad
-from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens
+from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss, check_loss_options, counted_tokens
 
 # Rows per block: on a CPU at most 2**22 float32 numbers (16 MB, under glibc's mmap threshold) for the block's
 # float32 copy (bf16 logits) and logsumexp's temporaries; on a GPU 2**26 (256 MB), so a step launches few kernels.
@@ -82,8 +82,14 @@ def inplace_causal_lm_loss(
     loss_mask: torch.Tensor | None = None,
 ) -> LossOutput:
     """``causal_lm_loss`` for ``logits`` [B, T, V] that nothing else reads: under autograd their buffer becomes the
-    gradient (see the module doc). Returns the same ``LossOutput`` (sums ``ce``, ``smoothed``, ``z_loss``)."""
+    gradient (see the module doc). Returns the same ``LossOutput`` (sums ``ce``, ``smoothed``, ``z_loss``).
+
+    float16 logits take ``causal_lm_loss``: an fp16 gradient computed before the loss scaler multiplies it would
+    flush the small softmax entries to zero."""
     check_loss_options(label_smoothing, z_loss)
+    if logits.dtype == torch.float16:
+        options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "loss_mask": loss_mask}
+        return causal_lm_loss(logits, labels, ignore_index=ignore_index, **options)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
     flat_logits = logits.reshape(-1, logits.size(-1))  # [N, V]: a view of contiguous logits
