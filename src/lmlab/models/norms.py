@@ -9,10 +9,11 @@ saves ``x`` and the [..., 1] inverse RMS instead of autograd's ``x`` and normali
 the element-wise kernels. For a float32 input (the residual stream, also under autocast) the forward is the
 same arithmetic, bit for bit; a bf16/fp16 input (qk-norm under autocast reads the projections' output) is
 normalised in float32 and the gain applied before the one rounding, instead of Hugging Face's rounding of
-the normalised value and then of the product (at most one unit in the last place apart). ``out_dtype`` writes the output in a lower precision directly: a block under
-autocast passes the autocast dtype, so the projections that read the norm's output find it already cast
-(once, instead of once per projection, each of which would also save its own copy for backward).
-"""
+the normalised value and then of the product (at most one unit in the last place apart).
+
+``out_dtype`` writes the output in a lower precision directly: a block under autocast passes the autocast
+dtype, so the projections that read the norm's output find it already cast (once, instead of once per
+projection, each of which would also save its own copy for backward)."""
 
 from __future__ import annotations
 

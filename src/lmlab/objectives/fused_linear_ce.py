@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from lmlab.objectives.base import LossOutput
-from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens
+from lmlab.objectives.lm import IGNORE_INDEX, check_loss_options, counted_tokens, token_loss_output
 
 
 def chunk_sums_and_grad(
@@ -191,9 +191,4 @@ def fused_linear_cross_entropy(
         grad_on and flat_hidden.requires_grad,
         grad_on and weight.requires_grad,
     )
-    metrics = {"ce": sums[0]}
-    if label_smoothing > 0.0:
-        metrics["smoothed"] = sums[1]
-    if z_loss > 0.0:
-        metrics["z_loss"] = sums[2]
-    return LossOutput(loss_sum=loss_sum, count=valid.sum(), metrics=metrics)
+    return token_loss_output(loss_sum, sums, valid, label_smoothing, z_loss)

@@ -21,7 +21,7 @@ import torch
 
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.fused_linear_ce import chunk_sums_and_grad
-from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss, check_loss_options, counted_tokens
+from lmlab.objectives.lm import IGNORE_INDEX, causal_lm_loss, check_loss_options, counted_tokens, token_loss_output
 
 # Rows per block: on a CPU at most 2**22 float32 numbers (16 MB, under glibc's mmap threshold) for the block's
 # float32 copy (bf16 logits) and logsumexp's temporaries; on a GPU 2**26 (256 MB), so a step launches few kernels.
@@ -96,10 +96,4 @@ def inplace_causal_lm_loss(
     flat_labels = labels.reshape(-1)
     valid = counted_tokens(labels, ignore_index, loss_mask)
     loss_sum, sums = _InPlaceCrossEntropy.apply(flat_logits, flat_labels, valid, float(label_smoothing), float(z_loss))
-    ce, smoothed, z_term = sums.unbind(0)
-    metrics = {"ce": ce}
-    if label_smoothing > 0.0:
-        metrics["smoothed"] = smoothed
-    if z_loss > 0.0:
-        metrics["z_loss"] = z_term
-    return LossOutput(loss_sum=loss_sum, count=valid.sum(), metrics=metrics)
+    return token_loss_output(loss_sum, sums, valid, label_smoothing, z_loss)

@@ -39,6 +39,20 @@ def counted_tokens(labels: torch.Tensor, ignore_index: int, loss_mask: torch.Ten
     return valid & loss_mask.reshape(-1).to(torch.bool)
 
 
+def token_loss_output(
+    loss_sum: torch.Tensor, sums: torch.Tensor, valid: torch.Tensor, label_smoothing: float, z_loss: float
+) -> LossOutput:
+    """The ``LossOutput`` of a token loss from its [ce, smoothed, z] ``sums`` (metrics detached: ``ce`` always,
+    ``smoothed`` when ε > 0, ``z_loss`` when c_z > 0) and the counted-token mask ``valid``."""
+    ce, smoothed, z_term = sums.detach().unbind(0)
+    metrics = {"ce": ce}
+    if label_smoothing > 0.0:
+        metrics["smoothed"] = smoothed
+    if z_loss > 0.0:
+        metrics["z_loss"] = z_term
+    return LossOutput(loss_sum=loss_sum, count=valid.sum(), metrics=metrics)
+
+
 def _token_loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -129,14 +143,7 @@ def causal_lm_loss(
             else:
                 sums = sums + _token_loss_sums(*args)
 
-    ce, smoothed, z_term = sums.unbind(0)
-    loss_sum = smoothed + z_term
-    metrics = {"ce": ce.detach()}
-    if label_smoothing > 0.0:
-        metrics["smoothed"] = smoothed.detach()
-    if z_loss > 0.0:
-        metrics["z_loss"] = z_term.detach()
-    return LossOutput(loss_sum=loss_sum, count=valid.sum(), metrics=metrics)
+    return token_loss_output(sums[1] + sums[2], sums, valid, label_smoothing, z_loss)  # smoothed + z
 
 
 def chunked_causal_lm_loss(

@@ -160,7 +160,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 stack = same_shape[start : start + per_stack]
                 # FSDP2: gather each whole matrix (every rank then computes the same orthogonalisation)
                 wholes = [u.full_tensor() if isinstance(u, DTensor) else u for _, u in stack]
-                orthos = newton_schulz(torch.stack(wholes), group["ns_steps"], dtype=group["ns_dtype"])
+                batch = torch.stack(wholes) if len(wholes) > 1 else wholes[0][None]  # a lone matrix: a view, no copy
+                orthos = newton_schulz(batch, group["ns_steps"], dtype=group["ns_dtype"])
                 for (p, _), ortho in zip(stack, orthos.unbind(0)):
                     self._apply_muon(p, ortho, group)
 
