@@ -27,17 +27,19 @@ import yaml
 
 from lmlab.errors import ConfigError
 from lmlab.models.attention import GQAConfig
+from lmlab.models.component import NOT_IN_WEIGHTS
 from lmlab.models.mlp import SwiGLUConfig
+from lmlab.models.moe import MoEConfig
 from lmlab.models.sizes import SIZES
 from lmlab.safe_io import write_text_atomic
 
 # --------------------------------------------------------------------------- component slots
 
 ATTENTION_KINDS: dict[str, type] = {"gqa": GQAConfig}
-FFN_KINDS: dict[str, type] = {"swiglu": SwiGLUConfig}
+FFN_KINDS: dict[str, type] = {"swiglu": SwiGLUConfig, "moe": MoEConfig}
 
 AttentionConfig = GQAConfig  # the union of ATTENTION_KINDS' types (one member today)
-FFNConfig = SwiGLUConfig  # the union of FFN_KINDS' types
+FFNConfig = SwiGLUConfig | MoEConfig  # the union of FFN_KINDS' types
 
 
 def slot(kinds: dict[str, type], default: str) -> Any:
@@ -45,10 +47,8 @@ def slot(kinds: dict[str, type], default: str) -> Any:
     return field(default_factory=kinds[default], metadata={"slot": kinds})
 
 
-# Which settings a field belongs to when a checkpoint's model is compared with a run's: fields marked
-# ``weights: False`` do not change what the weights mean (a label, the init scale, the context length
-# the RoPE tables are built for), so continuing from a checkpoint may change them.
-NOT_IN_WEIGHTS = {"weights": False}
+# Fields marked ``NOT_IN_WEIGHTS`` (lmlab.models.component) do not change what the weights mean (a label, the
+# init scale, the context length the RoPE tables are built for), so continuing from a checkpoint may change them.
 
 
 # --------------------------------------------------------------------------- sections
@@ -129,6 +129,7 @@ class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     train_docs: int = 20000  # documents used to train the tokenizer
+    split_digits: bool = False  # a trained BPE gives every digit its own token (a loaded one keeps its own)
 
     def validate(self) -> None:
         _positive("tokenizer.vocab_size", self.vocab_size)

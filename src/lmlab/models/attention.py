@@ -55,7 +55,7 @@ class GQAConfig:
             out_std=residual_std(model),
         )
 
-    def count(self, model: ModelConfig, seq_len: int) -> ComponentCount:
+    def count(self, model: ModelConfig, seq_len: int, layer: int = 0) -> ComponentCount:
         """q, k, v, o weights (+ q/k/v biases, qk-norm gains); Kaplan et al.'s 2·T·d_attn score FLOPs per
         token (scores and weighted sum, causal mask not halving it)."""
         d, hd = model.d_model, model.head_dim

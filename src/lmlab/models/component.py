@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from lmlab.config import ModelConfig
 
 
+# Field metadata of settings that do not change what the weights mean (a loss weight, an init scale): a run
+# continuing from a checkpoint may change them (``lmlab.config.model_config_diff`` skips them).
+NOT_IN_WEIGHTS = {"weights": False}
+
+
 @dataclass(frozen=True)
 class ComponentCount:
     """One layer's share of a component: its parameters and its forward FLOPs per token.
@@ -33,10 +38,15 @@ class ComponentCount:
     params: int
     matmul_params: int
     context_flops: int = 0
+    active_params: int | None = None  # parameters a token uses (None: all of them; a mixture of experts: fewer)
 
     @property
     def forward_flops(self) -> int:
         return 2 * self.matmul_params + self.context_flops
+
+    @property
+    def active(self) -> int:
+        return self.params if self.active_params is None else self.active_params
 
 
 @runtime_checkable
@@ -53,8 +63,8 @@ class ComponentConfig(Protocol):
         """The module of layer ``layer`` (0-based), with freshly initialised weights."""
         ...
 
-    def count(self, model: ModelConfig, seq_len: int) -> ComponentCount:
-        """Parameters and forward FLOPs per token of one layer's module at context ``seq_len``."""
+    def count(self, model: ModelConfig, seq_len: int, layer: int = 0) -> ComponentCount:
+        """Parameters and forward FLOPs per token of layer ``layer``'s module at context ``seq_len``."""
         ...
 
 

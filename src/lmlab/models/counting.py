@@ -31,16 +31,28 @@ from lmlab.models.sizes import SIZES
 def layer_counts(cfg: ModelConfig, seq_len: int) -> list[ComponentCount]:
     """Each layer's attention and FFN share, and its two norm gains."""
     out = []
-    for _ in range(cfg.n_layers):
-        out += [cfg.attention.count(cfg, seq_len), cfg.ffn.count(cfg, seq_len), ComponentCount(2 * cfg.d_model, 0)]
+    for layer in range(cfg.n_layers):
+        out += [
+            cfg.attention.count(cfg, seq_len, layer),
+            cfg.ffn.count(cfg, seq_len, layer),
+            ComponentCount(2 * cfg.d_model, 0),
+        ]
     return out
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """``{"total", "non_embedding", "embedding"}`` parameter counts (tied weights once)."""
+    """``{"total", "non_embedding", "embedding", "active"}`` parameter counts (tied weights once); ``active``
+    is what one token uses (all of them, except the unchosen experts of a mixture of experts)."""
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    non_embedding = sum(c.params for c in layer_counts(cfg, 0)) + cfg.d_model  # + final norm
-    return {"total": embedding + non_embedding, "non_embedding": non_embedding, "embedding": embedding}
+    layers = layer_counts(cfg, 0)
+    non_embedding = sum(c.params for c in layers) + cfg.d_model  # + final norm
+    active = embedding + sum(c.active for c in layers) + cfg.d_model
+    return {
+        "total": embedding + non_embedding,
+        "non_embedding": non_embedding,
+        "embedding": embedding,
+        "active": active,
+    }
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:

@@ -50,7 +50,7 @@ class SwiGLUConfig:
             model.d_model, self.hidden_size(model.d_model), init_std=model.init_std, out_std=residual_std(model)
         )
 
-    def count(self, model: ModelConfig, seq_len: int) -> ComponentCount:
+    def count(self, model: ModelConfig, seq_len: int, layer: int = 0) -> ComponentCount:
         matmul = 3 * model.d_model * self.hidden_size(model.d_model)  # gate, up, down
         return ComponentCount(matmul, matmul)
 

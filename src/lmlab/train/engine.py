@@ -162,6 +162,8 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
     summary = job.summary
     summary.params = params["total"] + plan.extra_params
     summary.non_embedding_params = params["non_embedding"] + plan.extra_params
+    if params["active"] != params["total"]:  # a mixture of experts: what one token uses
+        summary.extra["active_params"] = params["active"] + plan.extra_params
     summary.extra.update(plan.summary)
     callbacks = list(plan.callbacks)
     if cfg.train.evals:  # downstream tasks during any kind of run; lm-eval is an optional dependency

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lmlab.config import RunConfig
+from lmlab.models.moe import auxiliary_losses, balance_experts
 from lmlab.objectives.base import LossOutput
 from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.callbacks import Callback
@@ -226,7 +227,7 @@ class Trainer:
             step_tokens += int(batch["input_ids"].numel())
             with gradient_sync(self.forward_model, enabled=i == t.grad_accum - 1):
                 with autocast_context(self.device, t.precision):
-                    out = self.loss_fn(self.forward_model, batch)
+                    out = with_auxiliary_losses(self.loss_fn(self.forward_model, batch), self.model)
                 # Backward on the *sum*; gradients are divided by the total count below, so k
                 # micro-batches give exactly the gradient of one batch of all their tokens.
                 if self.scaler is not None:
@@ -268,6 +269,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        balance_experts(self.model, self._reduce_sums if self.world_size() > 1 else None)
         self.step += 1
         self.tokens += step_tokens * self.world_size()
         metrics: dict[str, Any] = {"loss": summed[0] / total, "lr": lr, "grad_norm": grad_norm.detach()}
@@ -409,6 +411,19 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.1 if interactive else 10.0,
         )
+
+
+def with_auxiliary_losses(out: LossOutput, model: nn.Module) -> LossOutput:
+    """``out`` plus the model's auxiliary losses of this forward (mixture-of-experts balancing,
+    ``lmlab.models.moe``), weighted by ``out.count`` so that dividing by the count leaves them as means;
+    their value (``moe_aux``) and routing statistics are logged as metrics."""
+    aux = auxiliary_losses(model)
+    if aux is None:
+        return out
+    loss, stats = aux
+    count = out.count.to(loss.dtype)
+    metrics = {**out.metrics, "moe_aux": loss.detach() * count, **{k: v * count for k, v in stats.items()}}
+    return LossOutput(out.loss_sum + loss * count, out.count, metrics)
 
 
 def to_host(metrics: dict[str, Any]) -> dict[str, float]:

@@ -53,7 +53,7 @@ class GeluMLPConfig:
     def build(self, model, layer: int) -> nn.Module:
         return GeluMLP(model.d_model, self.expansion * model.d_model, model.init_std, residual_std(model))
 
-    def count(self, model, seq_len: int) -> ComponentCount:
+    def count(self, model, seq_len: int, layer: int = 0) -> ComponentCount:
         d, h = model.d_model, self.expansion * model.d_model
         return ComponentCount(2 * d * h + h, 2 * d * h)
 
@@ -81,8 +81,8 @@ def test_a_new_ffn_variant_is_one_registry_row(gelu_registered, tmp_path):
 
 
 def test_unknown_kind_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"model.ffn.kind='moe' is not a valid choice; valid choices: swiglu"):
-        load_config(None, ["model.ffn.kind=moe"])
+    with pytest.raises(ConfigError, match=r"model.ffn.kind='mamba' is not a valid choice; valid choices: swiglu, moe"):
+        load_config(None, ["model.ffn.kind=mamba"])
     with pytest.raises(ConfigError, match=r"unknown config key 'model.attention.window'"):
         load_config(None, ["model.attention.window=64"])
 

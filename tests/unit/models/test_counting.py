@@ -48,6 +48,7 @@ def test_count_params_hand_formula():
         "total": 3 * per_layer + 48 + 2 * 101 * 48,
         "non_embedding": 3 * per_layer + 48,
         "embedding": 2 * 101 * 48,
+        "active": 3 * per_layer + 48 + 2 * 101 * 48,
     }
 
 
