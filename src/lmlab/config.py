@@ -31,14 +31,15 @@ from lmlab.models.component import NOT_IN_WEIGHTS
 from lmlab.models.mlp import SwiGLUConfig
 from lmlab.models.moe import MoEConfig
 from lmlab.models.sizes import SIZES
+from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig
 from lmlab.safe_io import write_text_atomic
 
 # --------------------------------------------------------------------------- component slots
 
-ATTENTION_KINDS: dict[str, type] = {"gqa": GQAConfig}
+ATTENTION_KINDS: dict[str, type] = {"gqa": GQAConfig, "sliding": SlidingWindowConfig, "s2": S2Config}
 FFN_KINDS: dict[str, type] = {"swiglu": SwiGLUConfig, "moe": MoEConfig}
 
-AttentionConfig = GQAConfig  # the union of ATTENTION_KINDS' types (one member today)
+AttentionConfig = GQAConfig | SlidingWindowConfig | S2Config  # the union of ATTENTION_KINDS' types
 FFNConfig = SwiGLUConfig | MoEConfig  # the union of FFN_KINDS' types
 
 

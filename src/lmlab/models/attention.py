@@ -15,6 +15,8 @@ contract is ``lmlab.models.component``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.component import ComponentCount, residual_std
+from lmlab.models.masks import MaskFn, and_masks, causal, materialize, same_document
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import apply_rotary
 
@@ -124,16 +127,15 @@ def attention_mask(
         if doc_ids is not None:
             raise ValueError("doc_ids cannot be combined with a key mask")
         keys = past_len + q_len
-        causal = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril(diagonal=past_len)  # [T_q, T_k]
-        itself = torch.zeros_like(causal)
+        seen = torch.ones(q_len, keys, dtype=torch.bool, device=device).tril(diagonal=past_len)  # [T_q, T_k]
+        itself = torch.zeros_like(seen)
         itself[torch.arange(q_len), torch.arange(past_len, keys)] = True
-        return ((causal[None] & key_mask[:, None, :]) | itself[None])[:, None]  # [B, 1, T_q, T_k]
+        return ((seen[None] & key_mask[:, None, :]) | itself[None])[:, None]  # [B, 1, T_q, T_k]
     if doc_ids is not None:
         if past_len:
             raise ValueError("doc_ids cannot be combined with a KV cache")
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()  # [T, T]
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, T, T]
-        return (same_doc & causal)[:, None]  # [B, 1, T, T]
+        positions = torch.arange(q_len, device=device)
+        return materialize(and_masks(causal, same_document(doc_ids)), doc_ids.shape[0], 1, positions, q_len)
     if past_len == 0 or q_len == 1:
         return None
     # query i (absolute position past_len + i) sees keys 0 .. past_len + i
@@ -186,8 +188,11 @@ class Attention(nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_std: float = 0.02,
+        pattern: MaskFn | None = None,
     ) -> None:
         super().__init__()
+        self.pattern = pattern  # which keys a query may see besides the causal / document / padding rules
+        self.topk: int | None = None  # set by ``topk_attention``: each query keeps only its k best keys
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
@@ -242,7 +247,12 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v, mask = cache.update(k, v, mask)  # [B, H_kv, T_past + T, D] (static cache: [B, H_kv, L, D])
-        if use_explicit_attention(q, k, mask):
+        topk = self.topk is not None and self.topk < k.shape[-2]  # k >= the keys: dense attention, exactly
+        if self.pattern is not None or topk:
+            mask = self.full_mask(mask, cache, q_len, k.shape[-2], q.device)
+        if topk:
+            out = topk_attention(q, k, v, mask, self.topk)
+        elif use_explicit_attention(q, k, mask):
             out = explicit_causal_attention(q, k, v)  # [B, H, T, D]
         else:
             out = F.scaled_dot_product_attention(
@@ -256,6 +266,23 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim)  # [B, T, H·D]
         return self.o_proj(out)
 
+    def full_mask(
+        self, mask: torch.Tensor | None, cache: LayerKVCache | None, q_len: int, kv_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """The layer's boolean mask [B|1, H|1, T_q, T_k]: ``mask`` (None: causal) and the layer's ``pattern``.
+
+        Queries sit at the last ``q_len`` of the ``kv_len`` key positions, or at the static cache's slots."""
+        q_idx = getattr(cache, "query_slots", None)
+        if q_idx is None:
+            q_idx = torch.arange(kv_len - q_len, kv_len, device=device)
+        if mask is None:
+            mask = materialize(causal, 1, 1, q_idx, kv_len)
+        elif mask.dim() == 2:
+            mask = mask[None, None]
+        if self.pattern is not None:
+            mask = mask & materialize(self.pattern, 1, self.n_heads, q_idx, kv_len)
+        return mask
+
     def attention_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Causal attention probabilities [B, H, T, T], computed explicitly in fp32 (a diagnostic,
         e.g. for the qk-norm invariance check of docs/science.md §12 §10)."""
@@ -265,3 +292,37 @@ class Attention(nn.Module):
         scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, T]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, top: int) -> torch.Tensor:
+    """Attention in which each query keeps only its ``top`` highest-scoring allowed keys (docs/science.md §9.1).
+
+    The exact form of Synk et al. 2025 (arXiv 2502.06766) with a flat index: scores q·kᵀ/sqrt(D) of the keys
+    ``mask`` [B|1, H|1, T_q, T_k] allows, every score below the query's ``top``-th largest set to −inf, then
+    the softmax over what is left (float32) and the weighted sum of values. q [B, H, T_q, D]; k, v
+    [B, H_kv, T_k, D] (grouped-query heads share their key/value head)."""
+    groups = q.shape[1] // k.shape[1]
+    keys = k.repeat_interleave(groups, dim=1).float()  # [B, H, T_k, D]
+    values = v.repeat_interleave(groups, dim=1).float()
+    scores = (q.float() @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T_q, T_k]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    kth = scores.topk(top, dim=-1).values[..., -1:]  # [B, H, T_q, 1]
+    scores = scores.masked_fill(scores < kth, float("-inf"))
+    return (scores.softmax(dim=-1) @ values).to(q.dtype)
+
+
+@contextmanager
+def topk_attention_of(model: nn.Module, top: int | None) -> Iterator[None]:
+    """Within the block, every ``Attention`` of ``model`` keeps only each query's ``top`` best keys
+    (``topk_attention``; None: unchanged). For inference: ``generate(..., attention_topk=k)`` and evaluation."""
+    if top is not None and top < 1:
+        raise ValueError(f"top-k attention needs k >= 1, got {top}")
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    before = [m.topk for m in layers]
+    for m in layers:
+        m.topk = top
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, before):
+            m.topk = old

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmlab.models.attention import topk_attention_of
 from lmlab.models.static_cache import StaticDecodeStep, StaticKVCache
 
 
@@ -126,6 +127,7 @@ def _generate_batch(
     stop: Callable[[list[int]], bool] | None,
     cache_kind: CacheKind = "dynamic",
     cuda_graphs: bool = False,
+    attention_topk: int | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of prompts of any lengths; each row stops after its ``eos_id`` or when ``stop`` says so.
 
@@ -160,8 +162,17 @@ def _generate_batch(
     if static:
         decode = make_step()
         decode.start(width)
+    with topk_attention_of(model, attention_topk):  # the prompt was read densely; each new token attends top-k
+        return _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_id,
+                       generator, stop, decode if static else None, padded)  # fmt: skip
+
+
+def _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
+            stop, decode, padded) -> list[list[int]]:  # fmt: skip
+    """The decoding loop of ``_generate_batch``, after the prompt's forward gave ``logits``."""
+    static = decode is not None
     check = eos_id is not None or stop is not None
-    outputs: list[list[int]] = [[] for _ in prompts]
+    outputs: list[list[int]] = [[] for _ in range(batch)]
     kept: list[torch.Tensor] = []  # new tokens [B] per step, when no row can end early
     finished = [False] * batch
     for step in range(max_new_tokens):
@@ -203,6 +214,7 @@ def generate(
     *,
     cache: CacheKind = "dynamic",
     cuda_graphs: bool = False,
+    attention_topk: int | None = None,
 ) -> list[int] | list[list[int]]:
     """Sample up to ``max_new_tokens`` new tokens after a prompt, using the model's KV cache.
 
@@ -219,6 +231,9 @@ def generate(
     (with ``cache="static"``, on a CUDA device) replays each decode step from a captured CUDA graph; the
     last graph is kept and reused by a later call with the same batch size and length
     (``clear_cuda_graphs`` frees it).
+
+    ``attention_topk=k``: after the prompt is read with dense attention, each new token attends only to its k
+    highest-scoring cached keys (top-k attention, Synk et al. 2025; ``lmlab.models.attention.topk_attention``).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -226,6 +241,8 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if attention_topk is not None and cuda_graphs:
+        raise ValueError("attention_topk cannot be combined with cuda_graphs (a kept graph would replay it later)")
     if cuda_graphs:
         if cache != "static":
             raise ValueError("cuda_graphs=True needs cache='static' (a graph replays fixed shapes)")
@@ -247,7 +264,18 @@ def generate(
     model.eval()
     try:
         outputs = _generate_batch(
-            model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, generator, stop, cache, cuda_graphs
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_id,
+            generator,
+            stop,
+            cache,
+            cuda_graphs,
+            attention_topk,
         )
     finally:
         model.train(was_training)

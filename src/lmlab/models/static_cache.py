@@ -62,6 +62,11 @@ class StaticLayerKVCache:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
+    @property
+    def query_slots(self) -> torch.Tensor | None:
+        """The slots [T] of the current call's queries (their positions among the buffers' keys)."""
+        return self.parent._slots
+
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
