@@ -62,7 +62,10 @@ def _tokenizer_settings(cfg: RunConfig) -> tuple[dict, TextTokenizer | None]:
     if t.path:
         tok = TextTokenizer.load(t.path)
         return {"tokenizer_hash": tok.hash}, tok
-    return {"vocab_size": t.vocab_size, "min_frequency": t.min_frequency, "train_docs": t.train_docs}, None
+    settings = {"vocab_size": t.vocab_size, "min_frequency": t.min_frequency, "train_docs": t.train_docs}
+    if t.split_digits:  # only when set, so the keys of existing cache entries stay valid
+        settings["split_digits"] = True
+    return settings, None
 
 
 def _cached(entry: Path, given: TextTokenizer | None) -> tuple[Path, TextTokenizer] | None:
@@ -106,7 +109,10 @@ def prepare_synthetic(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
     if tok is None:
         n_train = min(cfg.tokenizer.train_docs, s.n_docs)
         tok = TextTokenizer.train_bpe(
-            world_documents(world, s.seed, n_train, s.subset), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
+            world_documents(world, s.seed, n_train, s.subset),
+            cfg.tokenizer.vocab_size,
+            cfg.tokenizer.min_frequency,
+            split_digits=cfg.tokenizer.split_digits,
         )
     source = f"synthetic:{label}"
     docs = (Document(text, source, i) for i, text in enumerate(world_documents(world, s.seed, s.n_docs, s.subset)))
@@ -146,7 +152,9 @@ def prepare_files(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
         return hit
     if tok is None:
         texts = (doc.text for doc in itertools.islice(read_documents(files, d.text_field), cfg.tokenizer.train_docs))
-        tok = TextTokenizer.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        tok = TextTokenizer.train_bpe(
+            texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, split_digits=cfg.tokenizer.split_digits
+        )
     prepare_shards(
         read_documents(files, d.text_field),
         tok,

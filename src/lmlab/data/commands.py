@@ -30,6 +30,7 @@ def tokenizer_main(argv: list[str]) -> int:
     train.add_argument("--text-field", default="text", help="JSONL field / parquet column (default text)")
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--split-digits", action="store_true", help="give every digit its own token")
     train.add_argument("--out", required=True, help="output directory (gets tokenizer.json)")
     args = parser.parse_args(argv)
 
@@ -43,7 +44,7 @@ def tokenizer_main(argv: list[str]) -> int:
         texts = get_world(args.world).documents(args.seed, args.n_docs)
     else:
         texts = (d.text for d in itertools.islice(read_documents(args.files, args.text_field), args.n_docs))
-    tok = TextTokenizer.train_bpe(texts, args.vocab_size, args.min_frequency)
+    tok = TextTokenizer.train_bpe(texts, args.vocab_size, args.min_frequency, split_digits=args.split_digits)
     path = tok.save(out / "tokenizer.json")
     print(f"wrote {path} (vocab {tok.vocab_size}, hash {tok.hash[:8]})")
     return 0

@@ -76,6 +76,7 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
             "vocab_size": t.vocab_size,
             "min_frequency": t.min_frequency,
             "train_docs": t.train_docs,
+            **({"split_digits": True} if t.split_digits else {}),  # only when set: existing keys stay valid
         }
     )
     entry = cache_root() / "tokenizers" / f"mixture-{key[:16]}"
@@ -84,7 +85,7 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[TextTokenizer, Path]:
         return TextTokenizer.load(path), path
     per_source = max(1, t.train_docs // len(cfg.data.mixture))
     texts = itertools.chain.from_iterable(_source_documents(cfg, i, per_source) for i in range(len(cfg.data.mixture)))
-    tok = TextTokenizer.train_bpe(texts, t.vocab_size, t.min_frequency)
+    tok = TextTokenizer.train_bpe(texts, t.vocab_size, t.min_frequency, split_digits=t.split_digits)
     entry.parent.mkdir(parents=True, exist_ok=True)
     tempdirs.remove_stale(entry.parent)
     tmp = tempdirs.work_dir(entry)

@@ -1,7 +1,10 @@
 """``TextTokenizer``: a thin wrapper over a Hugging Face ``tokenizers.Tokenizer``.
 
 We train byte-level BPE (byte-level pre-tokenizer and decoder, so every string round-trips:
-``decode(encode(x)) == x``) or load any local ``tokenizer.json`` (e.g. a Llama or GPT-2 one).
+``decode(encode(x)) == x``) or load any local ``tokenizer.json`` (e.g. a Llama or GPT-2 one). With
+``split_digits`` a ``Digits`` pre-tokenizer first makes every digit a pre-token of its own, so numbers
+are always one token per digit, as in PaLM and Llama and as digit-position embeddings need (Abacus:
+McLeish et al. 2024, arXiv 2405.17399; ``digit_token_ids`` gives their ids).
 Encoding never adds BOS/EOS, pads or truncates (a file's padding and truncation settings are turned
 off): the data pipeline places markers and cuts sequences explicitly, so what a model sees is
 decided in one place. ``hash`` identifies a tokenizer by the SHA-256 of its canonical JSON and is
@@ -10,7 +13,8 @@ stored in every shard manifest, so shards can never be read with the wrong vocab
 Texts longer than ``LONG_TEXT_CHARS`` are encoded in pieces cut at whitespace (``split_long_text``)
 when the tokenizer is *whitespace-separable*: no normalizer, the GPT-2 byte-level pre-tokenizer
 without ``add_prefix_space`` (its regex never puts a non-space and a following space in one
-pre-token, and BPE never merges across pre-tokens), no truncation or padding, and no added token
+pre-token, and BPE never merges across pre-tokens), optionally after ``Digits`` splits (a digit is
+never whitespace, so they cannot span a cut either), no truncation or padding, and no added token
 that holds or strips whitespace. The ids are then exactly those of the whole text, while the Rust
 tokenizer's time and memory, which grow faster than linearly on one giant string, stay linear.
 Other tokenizers encode the whole text.
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmlab.errors import DataError
+from lmlab.errors import ConfigError, DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -38,6 +42,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *CHAT_TOKENS, *REFUSAL_TOKENS,
 BOS_NAMES = (BOS, "<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>", "<|im_start|>", "<|endoftext|>")
 EOS_NAMES = (EOS, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>", "<|im_end|>")
 PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+DIGITS = "0123456789"
 
 LONG_TEXT_CHARS = 64 * 1024
 _PIECES_PER_CALL = 64
@@ -65,6 +70,9 @@ def whitespace_separable(tokenizer: Tokenizer) -> bool:
     """True when encoding the pieces of ``split_long_text`` gives the ids of the whole text (module docstring)."""
     spec = json.loads(tokenizer.to_str())
     pre = spec.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if steps and all(step.get("type") == "Digits" for step in steps[:-1]):
+        pre = steps[-1]  # the split_digits layout: Digits, then the byte-level pre-tokenizer
     plain_added = all(
         not any(ch.isspace() for ch in t["content"]) and not t.get("lstrip") and not t.get("rstrip")
         for t in spec.get("added_tokens") or []
@@ -127,17 +135,23 @@ class TextTokenizer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> TextTokenizer:
+    def train_bpe(
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, *, split_digits: bool = False
+    ) -> TextTokenizer:
         """Train a byte-level BPE with ``SPECIAL_TOKENS`` (ids 0..len-1) on ``texts``.
 
         The 256 byte symbols are always in the vocabulary, so any text encodes; ``vocab_size`` must
-        leave room for them and the special tokens.
+        leave room for them and the special tokens. ``split_digits``: every digit is its own token.
         """
         floor = 256 + len(SPECIAL_TOKENS)
         if vocab_size < floor:
             raise DataError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {floor}")
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if split_digits:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
@@ -245,3 +259,24 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size}, hash={self.hash[:8]}, source={self.source})"
+
+
+def digit_token_ids(tokenizer: TextTokenizer) -> dict[int, int]:
+    """The id of each single-digit token ``"0"``..``"9"`` mapped to its digit value, for digit-position
+    embeddings (Abacus). Every digit must be one token and a run of digits one token per digit (a tokenizer
+    trained with ``tokenizer.split_digits: true``); otherwise ``ConfigError``."""
+    ids: dict[int, int] = {}
+    for value, digit in enumerate(DIGITS):
+        encoded = tokenizer.encode(digit)
+        if len(encoded) != 1 or tokenizer.decode(encoded) != digit:  # an unknown-token fallback is no digit token
+            raise ConfigError(
+                f"tokenizer {tokenizer.source} has no single token for the digit {digit!r} (it encodes to "
+                f"{encoded}); digit embeddings need one: train one with tokenizer.split_digits: true"
+            )
+        ids[encoded[0]] = value
+    if len(ids) != len(DIGITS) or tokenizer.encode(DIGITS) != list(ids):
+        raise ConfigError(
+            f"tokenizer {tokenizer.source} does not encode {DIGITS!r} one token per digit; digit embeddings "
+            "need that: train one with tokenizer.split_digits: true"
+        )
+    return ids

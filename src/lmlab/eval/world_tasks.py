@@ -15,6 +15,10 @@ streams as the training data; ``--metadata '{"seed": S}'`` picks the world seed 
 - ``lmlab_stories_ppl``: held-out stories scored whole (word/byte perplexity, bits per byte).
 - ``lmlab_preferences_judge`` / ``..._ood``: does the model give the chosen answer a higher likelihood
   than the rejected one, on the preference world's ``test`` (in-distribution) and ``ood`` pairs.
+- ``lmlab_arithmetic``: held-out arithmetic problems (``"123+4056="``) answered by greedy generation and
+  scored by exact match of the whole answer (McLeish et al. 2024, arXiv 2405.17399); the metadata sets the
+  operand lengths (``min_digits``/``max_digits``, beyond the training range for length generalisation),
+  ``op`` and ``reverse``, and ``seed`` the eval stream (``HELDOUT_ARITHMETIC_SEED`` by default).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from lmlab.data.synthetic.arithmetic import HELDOUT_ARITHMETIC_SEED, Problem, eval_items
+from lmlab.data.synthetic.arithmetic import answer_is_correct as arithmetic_answer_is_correct
 from lmlab.data.synthetic.facts import ATTRIBUTES, FactsWorld, answer_is_correct
 from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.data.synthetic.stories import StoriesWorld
@@ -126,3 +132,47 @@ def preferences(seed: int = 0, n: int = 256, **_) -> Any:
 def preferences_ood(seed: int = 0, n: int = 256, **_) -> Any:
     """``custom_dataset`` of ``lmlab_preferences_judge_ood`` (reworded questions, larger numbers)."""
     return _dataset(preference_items(int(seed), int(n), "ood"))
+
+
+def arithmetic_items(
+    seed: int = HELDOUT_ARITHMETIC_SEED,
+    n: int = 500,
+    min_digits: int = 1,
+    max_digits: int = 20,
+    op: str = "+",
+    reverse: bool = False,
+) -> list[dict[str, Any]]:
+    """Held-out arithmetic problems (``eval_items``) as rows; operands are strings (they outgrow int64)."""
+    problems = eval_items(seed, n, min_digits, max_digits, op, reverse)
+    return [
+        {
+            "prompt": p.text,
+            "answer": p.answer,
+            "a": str(p.a),
+            "b": str(p.b),
+            "op": p.op,
+            "reverse": p.reverse,
+            "digits": p.digits,
+        }
+        for p in problems
+    ]
+
+
+def arithmetic(
+    seed: int = HELDOUT_ARITHMETIC_SEED,
+    n: int = 500,
+    min_digits: int = 1,
+    max_digits: int = 20,
+    op: str = "+",
+    reverse: Any = False,
+    **_,
+) -> Any:
+    """``custom_dataset`` of ``lmlab_arithmetic`` (metadata values may arrive as strings)."""
+    flag = str(reverse).strip().lower() in ("1", "true", "yes", "on")
+    return _dataset(arithmetic_items(int(seed), int(n), int(min_digits), int(max_digits), str(op), flag))
+
+
+def arithmetic_score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """``process_results`` of ``lmlab_arithmetic``: the world's exact-answer check of the generated answer."""
+    problem = Problem(int(doc["a"]), int(doc["b"]), doc["op"], bool(doc["reverse"]))
+    return {"exact_answer": float(arithmetic_answer_is_correct(results[0], problem))}

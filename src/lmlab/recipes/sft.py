@@ -76,9 +76,8 @@ def load_tokenizer(cfg: RunConfig, records: list[SFTRecord]) -> TextTokenizer:
     if cfg.tokenizer.path:
         return TextTokenizer.load(cfg.tokenizer.path)
     texts = [r.text if r.text is not None else "\n".join(m["content"] for m in r.messages) for r in records]
-    return TextTokenizer.train_bpe(
-        texts[: cfg.tokenizer.train_docs], cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency
-    )
+    t = cfg.tokenizer
+    return TextTokenizer.train_bpe(texts[: t.train_docs], t.vocab_size, t.min_frequency, split_digits=t.split_digits)
 
 
 def encode_records(records: list[SFTRecord], tokenizer: TextTokenizer, cfg: RunConfig):
