@@ -26,10 +26,12 @@ from typing import Any, Literal
 import yaml
 
 from lmlab.errors import ConfigError
+from lmlab.models.abacus import AbacusConfig
 from lmlab.models.attention import GQAConfig
 from lmlab.models.component import NOT_IN_WEIGHTS
 from lmlab.models.mlp import SwiGLUConfig
 from lmlab.models.moe import MoEConfig
+from lmlab.models.recurrent import RecurrenceConfig
 from lmlab.models.sizes import SIZES
 from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig
 from lmlab.safe_io import write_text_atomic
@@ -73,6 +75,8 @@ class ModelConfig:
     init_std: float = field(default=0.02, metadata=NOT_IN_WEIGHTS)
     attention: AttentionConfig = slot(ATTENTION_KINDS, "gqa")
     ffn: FFNConfig = slot(FFN_KINDS, "swiglu")
+    abacus: AbacusConfig = field(default_factory=AbacusConfig)  # digit-place embeddings (lmlab.models.abacus)
+    recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)  # recurrent depth (models.recurrent)
 
     # Flat keys of earlier versions (config.yaml of older runs, checkpoints' meta.json, command lines),
     # read as their place in the component sections.
@@ -120,6 +124,8 @@ class ModelConfig:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
         self.attention.validate(self, "model.attention")
         self.ffn.validate(self, "model.ffn")
+        self.abacus.validate(self, "model.abacus")
+        self.recurrence.validate(self, "model.recurrence")
 
 
 @dataclass

@@ -106,6 +106,12 @@ class KVCache:
         keys = self.layers[0].keys
         return 0 if keys is None else keys.shape[2]
 
+    def layer(self, slot: int) -> LayerKVCache:
+        """The cache of ``slot``, added if new (a recurrent-depth model has one per core block and iteration)."""
+        while len(self.layers) <= slot:
+            self.layers.append(LayerKVCache())
+        return self.layers[slot]
+
 
 def attention_mask(
     q_len: int,

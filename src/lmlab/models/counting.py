@@ -40,11 +40,21 @@ def layer_counts(cfg: ModelConfig, seq_len: int) -> list[ComponentCount]:
     return out
 
 
+def adapter_count(cfg: ModelConfig) -> ComponentCount:
+    """The recurrent-depth input adapter (2d -> d), or nothing."""
+    if not cfg.recurrence.enabled:
+        return ComponentCount(0, 0)
+    return ComponentCount(2 * cfg.d_model**2, 2 * cfg.d_model**2)
+
+
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """``{"total", "non_embedding", "embedding", "active"}`` parameter counts (tied weights once); ``active``
-    is what one token uses (all of them, except the unchosen experts of a mixture of experts)."""
+    is what one token uses (all of them, except the unchosen experts of a mixture of experts). Digit-place
+    embeddings (Abacus) count as embedding parameters."""
     embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    layers = layer_counts(cfg, 0)
+    if cfg.abacus.enabled:
+        embedding += cfg.abacus.table_size * cfg.d_model
+    layers = [*layer_counts(cfg, 0), adapter_count(cfg)]
     non_embedding = sum(c.params for c in layers) + cfg.d_model  # + final norm
     active = embedding + sum(c.active for c in layers) + cfg.d_model
     return {
@@ -56,8 +66,19 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
-    """``{"forward", "training"}`` FLOPs per token at context ``seq_len`` (conventions above)."""
-    forward = sum(c.forward_flops for c in layer_counts(cfg, seq_len)) + 2 * cfg.d_model * cfg.vocab_size
+    """``{"forward", "training"}`` FLOPs per token at context ``seq_len`` (conventions above). A recurrent-depth
+    model counts its core blocks and adapter ``mean_iterations`` times (the expected cost of a training step
+    is higher by one iteration's: r = Poisson + 1)."""
+    per_layer = layer_counts(cfg, seq_len)
+    if cfg.recurrence.enabled:
+        rc = cfg.recurrence
+        core = range(3 * rc.prelude_layers, 3 * (cfg.n_layers - rc.coda_layers))  # three counts per layer
+        scale = [rc.mean_iterations if i in core else 1.0 for i in range(len(per_layer))]
+        blocks = sum(s * c.forward_flops for s, c in zip(scale, per_layer))
+        blocks += rc.mean_iterations * adapter_count(cfg).forward_flops
+    else:
+        blocks = sum(c.forward_flops for c in per_layer)
+    forward = int(blocks) + 2 * cfg.d_model * cfg.vocab_size
     return {"forward": forward, "training": 3 * forward}
 
 

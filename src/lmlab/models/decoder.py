@@ -20,8 +20,10 @@ from torch import nn
 
 from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
+from lmlab.models.abacus import AbacusEmbedding
 from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
 from lmlab.models.norms import RMSNorm, autocast_dtype
+from lmlab.models.recurrent import Recurrence
 from lmlab.models.rope import RotaryEmbedding
 from lmlab.models.static_cache import StaticKVCache
 
@@ -87,6 +89,9 @@ class Decoder(nn.Module):
             )
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # digit-place embeddings (lmlab.models.abacus) and recurrent depth (lmlab.models.recurrent), when enabled
+        self.abacus = AbacusEmbedding(cfg.abacus, cfg.d_model, cfg.init_std) if cfg.abacus.enabled else None
+        self.recurrence = Recurrence(cfg.recurrence, cfg.d_model, cfg.init_std) if cfg.recurrence.enabled else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # blocks initialise themselves
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -96,11 +101,15 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def _init_own_weights(self) -> None:
-        """normal(0, init_std) for the embedding and an untied lm_head; a unit final-norm gain."""
+        """normal(0, init_std) for the embedding and an untied lm_head; a unit final-norm gain; the digit-place
+        embeddings and the recurrence adapter initialise themselves."""
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=self.cfg.init_std)
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.cfg.init_std)
         self.norm.reset_parameters()
+        for module in (self.abacus, self.recurrence):
+            if module is not None:
+                module.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -144,9 +153,44 @@ class Decoder(nn.Module):
         key_mask = kv_cache.key_mask if kv_cache is not None else None
         mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)
         hidden = self.tok_embeddings(input_ids)  # [B, T, d]
+        if self.abacus is not None:  # a number may continue across cached calls: its run length is carried
+            places, carry = self.abacus(input_ids, getattr(kv_cache, "digit_carry", None))
+            hidden = hidden + places
+            if kv_cache is not None:
+                kv_cache.digit_carry = carry
+        if self.recurrence is not None:
+            return self.norm(self._recurrent_blocks(hidden, rope, mask, kv_cache))
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, rope, mask, None if kv_cache is None else kv_cache.layers[i])
         return self.norm(hidden)
+
+    def _recurrent_blocks(
+        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, kv_cache
+    ) -> torch.Tensor:
+        """Prelude, the core iterated with input injection, coda (``lmlab.models.recurrent``). Cache slots:
+        prelude blocks, then coda blocks, then each iteration's core blocks (so the coda's do not move with r)."""
+        rc = self.recurrence.cfg
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise ValueError("a recurrent-depth model decodes with the growing KV cache (new_kv_cache())")
+        n_pre, n_coda = rc.prelude_layers, rc.coda_layers
+        core = self.layers[n_pre : len(self.layers) - n_coda]
+        coda = self.layers[len(self.layers) - n_coda :]
+
+        def cache(slot: int) -> LayerKVCache | None:
+            return None if kv_cache is None else kv_cache.layer(slot)
+
+        for i in range(n_pre):
+            hidden = self.layers[i](hidden, rope, mask, cache(i))
+        iterations, with_grad = self.recurrence.schedule()
+        state = self.recurrence.initial_state(hidden)
+        for step in range(iterations):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and step >= iterations - with_grad):
+                state = self.recurrence.adapter(torch.cat((state, hidden), dim=-1))
+                for j, block in enumerate(core):
+                    state = block(state, rope, mask, cache(n_pre + n_coda + step * len(core) + j))
+        for c, block in enumerate(coda):
+            state = block(state, rope, mask, cache(n_pre + c))
+        return state
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden [..., d] -> logits [..., V]."""
@@ -184,6 +228,8 @@ class Decoder(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
             total -= self.tok_embeddings.weight.numel()
+            if self.abacus is not None:
+                total -= self.abacus.embedding.weight.numel()
             if self.lm_head is not None:
                 total -= self.lm_head.weight.numel()
         return total

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmlab.config import RunConfig, load_config
-from lmlab.data.tokenizer import TextTokenizer
+from lmlab.data.tokenizer import TextTokenizer, digit_token_ids
 from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.models.build import Head, build_model
 from lmlab.train import checkpoint as ckpt_io
@@ -164,6 +164,7 @@ def fit_vocabulary(cfg: RunConfig, tokenizer: TextTokenizer) -> RunConfig:
     """``cfg`` with ``model.vocab_size`` taken from the tokenizer when it is 0; a model whose embedding table is
     smaller than the tokenizer's vocabulary is refused (a ``ConfigError`` for the user's own setting, a
     ``ModelMismatchError`` for the architecture of ``init_from``)."""
+    cfg = with_digit_ids(cfg, tokenizer)
     vocab = cfg.model.vocab_size
     if vocab == 0 and not cfg.init_from:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -177,6 +178,18 @@ def fit_vocabulary(cfg: RunConfig, tokenizer: TextTokenizer) -> RunConfig:
     raise ModelMismatchError(
         f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model of init_from={cfg.init_from} "
         f"(vocab_size) is {vocab}; the model and the tokenizer must come from the same run"
+    )
+
+
+def with_digit_ids(cfg: RunConfig, tokenizer: TextTokenizer) -> RunConfig:
+    """``cfg`` with ``model.abacus.digit_ids`` from the tokenizer when digit-place embeddings are on and the ids
+    are not set (a ``ConfigError`` when the tokenizer has no single token per digit)."""
+    abacus = cfg.model.abacus
+    if not abacus.enabled or abacus.digit_ids is not None:
+        return cfg
+    ids = list(digit_token_ids(tokenizer))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, abacus=dataclasses.replace(abacus, digit_ids=ids))
     )
 
 
