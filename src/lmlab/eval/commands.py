@@ -17,6 +17,7 @@ import torch
 
 from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.errors import UserError
+from lmlab.eval.inference_options import add_inference_options, inference_options
 from lmlab.eval.memorization import memorization_eval, read_documents, write_jsonl
 from lmlab.eval.perplexity import perplexity
 from lmlab.models.generation import generate
@@ -35,6 +36,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    add_inference_options(p)
     args = p.parse_args(argv)
     require(
         math.isfinite(args.temperature) and args.temperature >= 0, "--temperature", args.temperature, "finite and >= 0"
@@ -51,16 +53,18 @@ def generate_main(argv: list[str]) -> int:
     prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     ids = prefix + tokenizer.encode(args.prompt)
     for i in range(args.num_samples):
-        new = generate(
-            model,
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            eos_id=tokenizer.eos_id,
-            generator=gen,
-        )
+        with inference_options(args, model, topk=False):
+            new = generate(
+                model,
+                ids,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                eos_id=tokenizer.eos_id,
+                generator=gen,
+                attention_topk=args.attention_topk,
+            )
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
@@ -72,6 +76,10 @@ EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "passk": ("lmlab.eval.pass_at_k_command:passk_main", "pass@k of sampled answers checked by a program"),
     "compare": ("lmlab.eval.pairwise_command:compare_main", "pairwise judging of runs: win rates, Bradley-Terry"),
     "ood": ("lmlab.eval.ood_command:ood_main", "likelihood-ratio OOD detection (fine-tuned vs base): AUROC"),
+    "arithmetic": (
+        "lmlab.eval.arithmetic:arithmetic_main",
+        "exact-answer accuracy per operand length (arithmetic world)",
+    ),
 }
 
 
@@ -89,6 +97,7 @@ def eval_main(argv: list[str]) -> int:
     ppl.add_argument("--split", default="val", choices=["train", "val"])
     ppl.add_argument("--tokens", type=int, default=None, help="token budget (default: train.eval_tokens)")
     ppl.add_argument("--device", default="cpu")
+    add_inference_options(ppl)
     mem = sub.add_parser("memorization", help="greedy extraction of training documents (exact match, RougeL)")
     mem.add_argument("run_dir")
     mem.add_argument(
@@ -115,15 +124,16 @@ def eval_main(argv: list[str]) -> int:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     data_dir = Path(args.data) if args.data else _run_data_dir(Path(args.run_dir))
     check_tokenizer(load_manifest(data_dir), tokenizer, data_dir)  # the error names the directory
-    out = perplexity(
-        model,
-        tokenizer,
-        data_dir,
-        seq_len=cfg.train.seq_len,
-        batch_size=cfg.train.micro_batch_size,
-        budget_tokens=args.tokens or cfg.train.eval_tokens,
-        split=args.split,
-    )
+    with inference_options(args, model):
+        out = perplexity(
+            model,
+            tokenizer,
+            data_dir,
+            seq_len=cfg.train.seq_len,
+            batch_size=cfg.train.micro_batch_size,
+            budget_tokens=args.tokens or cfg.train.eval_tokens,
+            split=args.split,
+        )
     print(json.dumps(out))
     return 0
 
