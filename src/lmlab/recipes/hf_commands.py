@@ -106,7 +106,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
 def import_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmlab import-hf",
-        description="Import a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3; safetensors) as a run.",
+        description=(
+            "Import a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE; "
+            "safetensors) as a run."
+        ),
     )
     parser.add_argument("hf_dir", help="directory with config.json, model.safetensors[.index.json], tokenizer.json")
     parser.add_argument("--out", required=True, help="run directory to create")
@@ -209,7 +212,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        weights = {k: v.to(_DTYPES[dtype]) for k, v in hf.lmlab_state_dict_to_hf(model_state_dict(model)).items()}
+        state = hf.lmlab_state_dict_to_hf(model_state_dict(model), cfg.model)  # MoE: the family's names
+        weights = {k: v.to(_DTYPES[dtype]) for k, v in state.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg, tokenizer), indent=2))

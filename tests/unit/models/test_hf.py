@@ -41,6 +41,8 @@ FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, rope_theta=500.0, tie_word_embeddings=False),
     "smollm_tied": lambda: transformers.LlamaConfig(**{**COMMON, "num_key_value_heads": 1}, tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**COMMON, head_dim=16, sliding_window=64, tie_word_embeddings=False),
+    # a window shorter than the test sequences (24 tokens): lmlab's sliding-window attention against Mistral's
+    "mistral_window": lambda: transformers.MistralConfig(**COMMON, head_dim=16, sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, rope_theta=1e6, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False),
 }
@@ -95,8 +97,9 @@ def test_import_export_round_trip(family, tmp_path, tokenizer_file):
     # export: transformers loads it and gives the same logits; weights are bit-identical
     assert export_main([str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    exported_as = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(family, "LlamaForCausalLM")
-    assert type(reloaded).__name__ == exported_as  # Mistral within its window is Llama
+    exported_as = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+                   "mistral_window": "MistralForCausalLM"}  # fmt: skip
+    assert type(reloaded).__name__ == exported_as.get(family, "LlamaForCausalLM")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-4, rtol=0)
     original = hf.load_hf_state_dict(hf_path)
@@ -183,7 +186,7 @@ def test_export_bf16_and_qk_norm_with_bias_refused(tmp_path, tokenizer_file):
 
 def test_config_mapping_details():
     mistral = hf.hf_config_to_model_config(FAMILIES["mistral"]().to_dict() | {"architectures": ["MistralForCausalLM"]})
-    assert mistral.max_seq_len == 64  # capped at the sliding window
+    assert mistral.attention.kind == "sliding" and mistral.attention.window == 64  # lmlab's own sliding window
     assert (mistral.n_kv_heads, mistral.ffn.hidden, mistral.norm_eps) == (2, 176, 1e-6)
     qwen2 = hf.hf_config_to_model_config(FAMILIES["qwen2"]().to_dict())  # found by model_type
     assert qwen2.attention.qkv_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and not qwen2.attention.qk_norm
@@ -244,3 +247,18 @@ def test_import_refuses_existing_run_and_loads_config(tmp_path, tokenizer_file):
     assert cfg.name == "smol" and cfg.model.tie_embeddings and cfg.model.n_kv_heads == 1
     with pytest.raises(UserError, match="already holds a run"):
         import_main([str(hf_path), "--out", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"abacus": {"enabled": True, "digit_ids": list(range(10))}}, "digit-place"),
+        ({"n_layers": 3, "recurrence": {"enabled": True}}, "recurrent depth"),
+        ({"attention": {"kind": "s2", "vert_stride": 2}}, "model.attention.kind=s2"),
+        ({"attention": {"kind": "sliding", "window": 8, "global_every": 2}}, "same window in every layer"),
+    ],
+)
+def test_what_no_hugging_face_family_has_does_not_export(settings, message):
+    cfg = model_cfg(**{"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, **settings})
+    with pytest.raises(UserError, match=message):
+        hf.export_architecture(cfg)
