@@ -30,6 +30,10 @@ def test_items_cover_every_depth_and_come_from_a_held_out_stream():
     assert items[0].prompt.split(" ;")[0] not in set(d.split(" ;")[0] for d in RecallWorld().documents(0, 50))
     with pytest.raises(ConfigError, match="queries <= pairs"):
         RecallWorld(pairs=2, queries=3)
+    short = next(RecallWorld().documents_for("pairs16", 0, 1))
+    assert len(short.split(" ;")[0].split()) == 16 and len(short.split(" ;")[1].split()) == 8
+    with pytest.raises(ConfigError, match="unknown recall subset 'x'; choose one of pairs8"):
+        RecallWorld().documents_for("x", 0)
 
 
 def test_accuracy_by_depth_with_a_scripted_model(monkeypatch):

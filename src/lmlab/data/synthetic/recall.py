@@ -22,6 +22,13 @@ from lmlab.data.synthetic import register_world
 from lmlab.errors import ConfigError
 
 HELDOUT_RECALL_SEED = 900_003  # no config or example trains on this stream
+# Named sizes for ``data.synthetic.subset`` (the default is 40 pairs, 8 queries).
+SUBSETS: dict[str, dict[str, int]] = {
+    "pairs8": {"pairs": 8, "queries": 4},
+    "pairs16": {"pairs": 16, "queries": 8},
+    "pairs24": {"pairs": 24, "queries": 8},
+    "pairs64": {"pairs": 64, "queries": 16},
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,13 @@ class RecallWorld:
             listing = " ".join(f"{k}={v}" for k, v in pairs)
             yield listing + " ;" + "".join(f" {pairs[q][0]}={pairs[q][1]}" for q in queried)
             index += 1
+
+
+    def documents_for(self, subset: str, seed: int, n_docs: int | None = None) -> Iterator[str]:
+        """The documents of a named size (``SUBSETS``), e.g. ``pairs16``."""
+        if subset not in SUBSETS:
+            raise ConfigError(f"unknown recall subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+        return RecallWorld(**SUBSETS[subset]).documents(seed, n_docs)
 
 
 def recall_items(n: int, pairs: int = 40, seed: int = HELDOUT_RECALL_SEED) -> list[RecallItem]:
