@@ -627,6 +627,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.compile=full compiles the whole forward in one process, but distributed.strategy="
             f"{cfg.distributed.strategy}; use train.compile=blocks with DDP / FSDP"
         )
+    if t.compile_mode == "full" and isinstance(m.ffn, MoEConfig):
+        raise ConfigError(
+            "train.compile=full cannot trace model.ffn.kind=moe in one graph: how many tokens each expert gets "
+            "depends on the routing; use train.compile=blocks"
+        )
     return cfg
 
 

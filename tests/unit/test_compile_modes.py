@@ -153,3 +153,31 @@ def test_full_compile_new_batch_shape():
         batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
         got = loss_fn(forward, batch).loss_sum
         torch.testing.assert_close(got, loss_fn(model, batch).loss_sum, rtol=1e-5, atol=1e-5)
+
+
+MOE = ("model.ffn.kind=moe", "model.ffn.experts=4", "model.ffn.hidden=32", "model.ffn.bias_update_rate=0.01")
+
+
+def test_moe_blocks_compile_same_losses(tmp_path):
+    """Each MoE block compiled (the expert dispatch, whose sizes depend on the routing, is a graph break)."""
+    eager = train(config(1, *MOE, "train.steps=3"), tmp_path / "eager")
+    compiled = train(config(1, *MOE, "train.steps=3", "train.compile=blocks"), tmp_path / "blocks", backend="aot_eager")
+    assert compiled == pytest.approx(eager, abs=1e-5)
+
+
+def test_moe_full_compile_is_refused():
+    with pytest.raises(ConfigError, match="train.compile=full cannot trace model.ffn.kind=moe"):
+        validate(load_config(None, [*MOE, "train.compile=full"]))
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [("model.attention.kind=sliding", "model.attention.window=5"),
+     ("model.attention.kind=s2", "model.attention.block_size=2", "model.attention.vert_stride=2",
+      "model.attention.local_blocks=1")],
+    ids=["sliding", "s2"],
+)  # fmt: skip
+def test_patterned_attention_full_compile_same_losses(attention, tmp_path):
+    eager = train(config(1, *attention, "train.steps=3"), tmp_path / "eager")
+    full = train(config(1, *attention, "train.steps=3", "train.compile=full"), tmp_path / "full", backend="aot_eager")
+    assert full == pytest.approx(eager, abs=1e-5)

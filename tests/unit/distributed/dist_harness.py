@@ -192,6 +192,36 @@ MUON_RUNS = {
 }
 
 
+# Mixture-of-experts runs: the routing decisions and DeepSeek-V3's bias (its loads all-reduced) are exact across
+# ranks; the balancing losses are per micro-batch and rank (as in Megatron and OLMo-core), so they are off here.
+MOE = ("model.ffn.kind=moe", "model.ffn.experts=4", "model.ffn.top_k=2", "model.ffn.hidden=32",
+       "model.ffn.load_balance_coef=0", "model.ffn.z_loss_coef=0", "model.ffn.bias_update_rate=0.01")  # fmt: skip
+MOE_RUNS = {
+    "moe_ddp": (*MOE, "distributed.strategy=ddp"),
+    "moe_fsdp": (*MOE, "distributed.strategy=fsdp"),
+    "moe_fsdp_ac": (*MOE, "distributed.strategy=fsdp", "distributed.activation_checkpointing=full"),
+}
+
+
+def moe_worker(rank: int, out_dir: str) -> None:
+    """The two-rank MoE runs of ``test_dist_moe``: each of ``MOE_RUNS`` for 10 steps, and the final expert biases."""
+    import json
+
+    from lmlab.train.distributed import setup_distributed
+
+    out = Path(out_dir)
+    results: dict[str, list] = {}
+    group = setup_distributed(config(2, *MOE_RUNS["moe_ddp"]))
+    try:
+        for name, overrides in MOE_RUNS.items():
+            cfg = config(2, *overrides)
+            results[name] = train(cfg, out / name, setup_distributed(cfg))
+    finally:
+        group.close()
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results))
+
+
 def muon_worker(rank: int, out_dir: str) -> None:
     """The two-rank Muon runs of ``test_dist_muon``: each of ``MUON_RUNS`` for 10 steps."""
     import json
