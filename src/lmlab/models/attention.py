@@ -199,6 +199,7 @@ class Attention(nn.Module):
         super().__init__()
         self.pattern = pattern  # which keys a query may see besides the causal / document / padding rules
         self.topk: int | None = None  # set by ``topk_attention``: each query keeps only its k best keys
+        self._mask_cache: dict[tuple, torch.Tensor] = {}  # full_mask's last causal + pattern mask
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
         self.head_dim = d_model // n_heads
@@ -279,6 +280,11 @@ class Attention(nn.Module):
 
         Queries sit at the last ``q_len`` of the ``kv_len`` key positions, or at the static cache's slots."""
         q_idx = getattr(cache, "query_slots", None)
+        # causal + pattern is a function of the shapes alone: kept for the next call (eager mode only)
+        plain = mask is None and q_idx is None and not torch.compiler.is_compiling()
+        key = (q_len, kv_len, device)
+        if plain and key in self._mask_cache:
+            return self._mask_cache[key]
         if q_idx is None:
             q_idx = torch.arange(kv_len - q_len, kv_len, device=device)
         if mask is None:
@@ -287,6 +293,8 @@ class Attention(nn.Module):
             mask = mask[None, None]
         if self.pattern is not None:
             mask = mask & materialize(self.pattern, 1, self.n_heads, q_idx, kv_len)
+        if plain:
+            self._mask_cache = {key: mask}  # the last shape only: training repeats one shape
         return mask
 
     def attention_probs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
