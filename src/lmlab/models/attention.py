@@ -255,7 +255,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(k, v, mask)  # [B, H_kv, T_past + T, D] (static cache: [B, H_kv, L, D])
         topk = self.topk is not None and self.topk < k.shape[-2]  # k >= the keys: dense attention, exactly
-        if self.pattern is not None or topk:
+        complete = getattr(cache, "applies_pattern", False)  # a pruned cache's mask (lmlab.models.s2_cache)
+        if (self.pattern is not None or topk) and not complete:
             mask = self.full_mask(mask, cache, q_len, k.shape[-2], q.device)
         if topk:
             out = topk_attention(q, k, v, mask, self.topk)

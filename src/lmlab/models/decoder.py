@@ -25,6 +25,7 @@ from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
 from lmlab.models.norms import RMSNorm, autocast_dtype
 from lmlab.models.recurrent import Recurrence
 from lmlab.models.rope import RotaryEmbedding
+from lmlab.models.s2_cache import PrunedKVCache, ShardedLayerKVCache
 from lmlab.models.static_cache import StaticKVCache
 
 
@@ -119,12 +120,26 @@ class Decoder(nn.Module):
             block.init_weights()
         self._init_own_weights()
 
-    def new_kv_cache(self, max_len: int | None = None) -> KVCache | StaticKVCache:
+    def new_kv_cache(self, max_len: int | None = None, *, prune: bool = False) -> KVCache | StaticKVCache:
         """An empty cache for incremental decoding with ``forward(..., kv_cache=cache)``: one that grows, or
-        with ``max_len`` a ``StaticKVCache`` of that many positions (static shapes, for CUDA graphs)."""
+        with ``max_len`` a ``StaticKVCache`` of that many positions (static shapes, for CUDA graphs). ``prune``:
+        layers with an attention pattern (S2, sliding window) keep only the keys later queries can read
+        (``lmlab.models.s2_cache``)."""
         if max_len is not None:
+            if prune:
+                raise ValueError("a pruned KV cache grows; it cannot be combined with max_len (a static cache)")
             return StaticKVCache(len(self.layers), max_len)
-        return KVCache(len(self.layers))
+        if not prune:
+            return KVCache(len(self.layers))
+        if self.recurrence is not None:
+            raise ValueError("a recurrent-depth model keeps the plain KV cache (prune=False)")
+        layers = [
+            LayerKVCache()
+            if b.attn.pattern is None
+            else ShardedLayerKVCache(b.attn.pattern, b.attn.n_heads, b.attn.n_kv_heads)
+            for b in self.layers
+        ]
+        return PrunedKVCache(layers)
 
     def forward_hidden(
         self,

@@ -68,7 +68,7 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-CacheKind = Literal["dynamic", "static"]
+CacheKind = Literal["dynamic", "static", "pruned"]
 
 # The last CUDA-graph decode step of each model, reused by a later call of the same shape on the same weights:
 # model -> (key, cache, step). Weakly keyed, so it goes with the model; ``clear_cuda_graphs`` frees it earlier.
@@ -150,7 +150,7 @@ def _generate_batch(
         graphs = cuda_graphs and max_new_tokens > 1
         cache, make_step = _static_decoder(model, batch, width + max_new_tokens - 1, graphs)
     else:
-        cache = model.new_kv_cache()
+        cache = model.new_kv_cache(prune=cache_kind == "pruned")
     padded = any(len(p) != width for p in prompts)
     if padded:
         real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [B, T]
@@ -227,7 +227,9 @@ def generate(
 
     ``cache``: ``"dynamic"`` grows the cache by concatenation; ``"static"`` preallocates it for the prompt
     and all new tokens (``lmlab.models.static_cache``; an lmlab ``Decoder`` only), so every decode step has
-    the same shapes. Same tokens either way (up to floating-point summation order). ``cuda_graphs=True``
+    the same shapes; ``"pruned"`` keeps, in layers with an attention pattern (S2, sliding window), only the keys
+    later tokens can read (``lmlab.models.s2_cache``; prompts of one length). Same tokens every way (up to
+    floating-point summation order). ``cuda_graphs=True``
     (with ``cache="static"``, on a CUDA device) replays each decode step from a captured CUDA graph; the
     last graph is kept and reused by a later call with the same batch size and length
     (``clear_cuda_graphs`` frees it).
@@ -239,8 +241,8 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if cache not in ("dynamic", "static"):
-        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if cache not in ("dynamic", "static", "pruned"):
+        raise ValueError(f"cache must be 'dynamic', 'static' or 'pruned', got {cache!r}")
     if attention_topk is not None and cuda_graphs:
         raise ValueError("attention_topk cannot be combined with cuda_graphs (a kept graph would replay it later)")
     if cuda_graphs:

@@ -202,3 +202,48 @@ def test_configs_build_the_right_layers():
     assert isinstance(s2.attention, S2Config)
     layers = Decoder(s2).layers
     assert layers[0].attn.pattern is not None and layers[1].attn.pattern is None  # dense_every=2
+
+
+PRUNABLE = [
+    {"kind": "s2", "block_size": 4, "local_blocks": 2, "vert_stride": 2, "dense_every": 2},
+    {"kind": "s2", "block_size": 2, "local_blocks": 1, "vert_stride": 2, "dense_every": 0, "dense_heads": 1},
+    {"kind": "sliding", "window": 6},
+]
+
+
+@pytest.mark.parametrize("attention", PRUNABLE, ids=["s2_hybrid", "s2_dense_head", "sliding"])
+def test_a_pruned_cache_decodes_like_the_full_forward(attention):
+    model, _ = tiny(attention)
+    x = torch.randint(0, 50, (2, 48))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_kv_cache(prune=True)
+        parts = [model(x[:, :20], kv_cache=cache), *(model(x[:, t : t + 1], kv_cache=cache) for t in range(20, 48))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-6, rtol=1e-5)
+    assert cache.length == 48 and cache.entries() < 2 * 2 * 48  # fewer key vectors than 2 layers × 2 KV heads × T
+
+
+def test_pruned_cache_sizes_by_hand():
+    # s2: block 4, 2 local blocks, stride 2, 2 KV heads (head step 1): after 48 positions (12 blocks) the next
+    # query is in block 12; KV head 0 keeps its even blocks 0..10 and the local block 11 (7 blocks · 4 = 28 keys),
+    # KV head 1 its odd blocks 1..11, the local one among them (24 keys); the dense layer keeps all 48 per head
+    model, _ = tiny(PRUNABLE[0])
+    cache = model.new_kv_cache(prune=True)
+    with torch.no_grad():
+        model(torch.randint(0, 50, (1, 48)), kv_cache=cache)
+    assert cache.entries() == 28 + 24 + 2 * 48
+    window, _ = tiny(PRUNABLE[2])
+    cache = window.new_kv_cache(prune=True)
+    with torch.no_grad():
+        window(torch.randint(0, 50, (1, 48)), kv_cache=cache)
+    assert cache.entries() == 2 * 2 * 5  # the next query reads the last 5 positions (and itself)
+
+
+def test_generate_with_a_pruned_cache_and_its_limits():
+    model, _ = tiny(PRUNABLE[0])
+    prompt = torch.randint(0, 50, (30,)).tolist()
+    assert generate(model, prompt, 8, temperature=0, cache="pruned") == generate(model, prompt, 8, temperature=0)
+    with pytest.raises(ValueError, match="rows of one length"):
+        generate(model, [prompt, prompt[:10]], 2, cache="pruned")
+    with pytest.raises(ValueError, match="cannot be combined with max_len"):
+        model.new_kv_cache(max_len=8, prune=True)
