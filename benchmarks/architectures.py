@@ -7,7 +7,8 @@
 - **attention**: one attention layer, forward + backward, dense causal SDPA against the masked variants at the
   same shape: a sliding window, S2-Attention's shards, and packed documents (a ``doc_ids`` mask). On a CPU all
   masked variants run SDPA with a materialised boolean mask; the speed-ups of the papers need block-sparse
-  kernels (FlexAttention / DKernel on a GPU).
+  kernels: on CUDA the same masks also run as FlexAttention block masks (``*_flex``; ``documents_flex`` is the
+  packed-document path that replaces today's dense [B, 1, T, T] mask).
 - **topk**: one decode step (a single query against a KV cache of L positions) with dense SDPA against top-k
   attention keeping k = ``--topk-fraction`` of the keys (``lmlab.models.attention.topk_attention``, the exact
   form: all scores, then the top k).
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from lmlab.config import ModelConfig  # noqa: E402
 from lmlab.models.attention import Attention, attention_mask, topk_attention  # noqa: E402
 from lmlab.models.decoder import Decoder  # noqa: E402
+from lmlab.models.flex import MaskSpec  # noqa: E402
 from lmlab.models.masks import and_masks, causal, materialize  # noqa: E402
 from lmlab.models.moe import MoEConfig  # noqa: E402
 from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig  # noqa: E402
@@ -153,6 +155,14 @@ def bench_attention(args, device: torch.device) -> dict:
         doc_layer = Attention(d, heads, heads).to(device)
         mask = attention_mask(seq, 0, doc_ids, device)
         fns["documents"] = lambda layer=doc_layer, x=x, rope=rope, mask=mask: layer(x, rope, mask).sum().backward()
+        if device.type == "cuda":  # the same masks as FlexAttention block masks (built per call, as in training)
+            for name, variant in variants.items():
+                layer = (variant.build(cfg, 0) if variant else Attention(d, heads, heads)).to(device)
+                docs = doc_ids if name == "dense" else None
+                label = "documents_flex" if name == "dense" else f"{name}_flex"
+                fns[label] = lambda layer=layer, x=x, rope=rope, docs=docs, seq=seq: (
+                    layer(x, rope, MaskSpec(seq, docs, device)).sum().backward()
+                )
         out[f"T={seq}"] = compare(fns, device, args.warmup, args.calls, args.reps)
     return out
 

@@ -29,4 +29,8 @@ run suite_float8 "$PY" benchmarks/suite.py --gpu-only --gpu-sizes 350m --gpu-bat
   --gpu-compile full --gpu-loss-impl fused --gpu-float8 --gpu-steps 10 --gpu-reps 2 --json "$OUT/suite_float8.json" --markdown "$OUT/suite_float8.md"
 # 5. Decode: dynamic, static, static + CUDA graphs (+ compiled blocks) vs transformers' generate (dynamic, static).
 run decode "$PY" benchmarks/decode.py --device cuda --sizes 124m --batches 1,8 --reps 3 --json "$OUT/decode.json"
+# 6. Architecture variants (issue 14): MoE vs dense and vs HF's Mixtral block; sliding / S2 / packed documents as
+#    dense-mask SDPA and as FlexAttention block masks vs dense SDPA; top-k vs dense decode at long caches.
+run architectures "$PY" benchmarks/architectures.py --device cuda --d-model 1024 --hidden 2816 --layers 8 --batch 8 \
+  --seq 1024 --attn-seqs 2048,8192 --cache-lengths 16384,65536 --decode-batch 8 --json "$OUT/architectures.json"
 echo "==> done: $OUT"

@@ -26,6 +26,7 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.component import ComponentCount, residual_std
+from lmlab.models.flex import MaskSpec, flex_attention
 from lmlab.models.masks import MaskFn, and_masks, causal, materialize, same_document
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import apply_rotary
@@ -252,6 +253,11 @@ class Attention(nn.Module):
         ``mask`` from ``attention_mask`` (None: causal, or all keys for a single query)."""
         batch, q_len, _ = x.shape
         q, k, v = self.project(x, rope)
+        if isinstance(mask, MaskSpec):  # a forward without a cache that runs FlexAttention (lmlab.models.flex)
+            if self.topk is None:
+                out = flex_attention(q, k, v, mask.block_mask(self.pattern, self.n_heads))  # [B, H, T, D]
+                return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))
+            mask = mask.dense()
         if cache is not None:
             k, v, mask = cache.update(k, v, mask)  # [B, H_kv, T_past + T, D] (static cache: [B, H_kv, L, D])
         topk = self.topk is not None and self.topk < k.shape[-2]  # k >= the keys: dense attention, exactly

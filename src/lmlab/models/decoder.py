@@ -22,6 +22,7 @@ from lmlab.config import ModelConfig
 from lmlab.errors import ConfigError
 from lmlab.models.abacus import AbacusEmbedding
 from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
+from lmlab.models.flex import MaskSpec, use_flex
 from lmlab.models.norms import RMSNorm, autocast_dtype
 from lmlab.models.recurrent import Recurrence
 from lmlab.models.rope import RotaryEmbedding
@@ -95,6 +96,7 @@ class Decoder(nn.Module):
         self.recurrence = Recurrence(cfg.recurrence, cfg.d_model, cfg.init_std) if cfg.recurrence.enabled else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # blocks initialise themselves
+        self.patterned = any(block.attn.pattern is not None for block in self.layers)  # sliding / S2 layers
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output projection reuses tok_embeddings.weight and has no parameter of its own.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -166,7 +168,11 @@ class Decoder(nn.Module):
             max_position = past + seq - 1
         rope = self.rope(position_ids, max_position)  # cos, sin: [B, T, head_dim]
         key_mask = kv_cache.key_mask if kv_cache is not None else None
-        mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)
+        masked = doc_ids is not None or self.patterned
+        if kv_cache is None and use_flex(self.cfg.attention_backend, input_ids.device, masked):
+            mask = MaskSpec(seq, doc_ids, input_ids.device)  # FlexAttention block masks (lmlab.models.flex)
+        else:
+            mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)
         hidden = self.tok_embeddings(input_ids)  # [B, T, d]
         if self.abacus is not None:  # a number may continue across cached calls: its run length is carried
             places, carry = self.abacus(input_ids, getattr(kv_cache, "digit_carry", None))

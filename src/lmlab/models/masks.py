@@ -21,6 +21,7 @@ a window or a strided shard means the same thing in training, in prefill and in 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 
@@ -40,6 +41,7 @@ def same_document(doc_ids: torch.Tensor) -> MaskFn:
     return mask
 
 
+@cache  # one function per setting: layers built alike share it (and FlexAttention block masks with it)
 def sliding_window(window: int) -> MaskFn:
     """The ``window`` most recent positions up to the query (and the future; combine with ``causal``)."""
 
@@ -49,6 +51,7 @@ def sliding_window(window: int) -> MaskFn:
     return mask
 
 
+@cache
 def s2_shards(block: int, local_blocks: int, stride: int, head_step: int, head_offset: int = 0,
               group: int = 1, dense_heads: int = 0, n_heads: int = 0) -> MaskFn:  # fmt: skip
     """S2-Attention's pattern (docs/science.md §9.2), to be combined with ``causal``.

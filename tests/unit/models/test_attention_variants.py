@@ -247,3 +247,30 @@ def test_generate_with_a_pruned_cache_and_its_limits():
         generate(model, [prompt, prompt[:10]], 2, cache="pruned")
     with pytest.raises(ValueError, match="cannot be combined with max_len"):
         model.new_kv_cache(max_len=8, prune=True)
+
+
+@pytest.mark.parametrize(
+    "attention", [{"kind": "gqa"}, ATTENTIONS[0], ATTENTIONS[1]], ids=["dense", "sliding", "s2"]
+)  # fmt: skip
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "documents"])
+def test_flex_attention_gives_the_sdpa_logits(attention, packed):
+    """The same mask functions as FlexAttention block masks (forward only: PyTorch has no CPU backward for it)."""
+    import warnings
+
+    sdpa, cfg = tiny(attention, attention_backend="sdpa")
+    flex = Decoder(model_cfg(cfg, attention_backend="flex")).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    x = torch.randint(0, 50, (2, 40))
+    doc_ids = torch.tensor([[0] * 15 + [1] * 25, [3] * 30 + [4] * 10]) if packed else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is slow
+        torch.testing.assert_close(flex(x, doc_ids=doc_ids), sdpa(x, doc_ids=doc_ids), atol=2e-5, rtol=1e-4)
+
+
+def test_flex_is_used_where_it_helps():
+    from lmlab.models.flex import use_flex
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert use_flex("auto", cuda, masked=True) and not use_flex("auto", cuda, masked=False)
+    assert not use_flex("auto", cpu, masked=True) and not use_flex("sdpa", cuda, masked=True)
+    assert use_flex("flex", cpu, masked=False)
