@@ -274,3 +274,15 @@ def test_flex_is_used_where_it_helps():
     assert use_flex("auto", cuda, masked=True) and not use_flex("auto", cuda, masked=False)
     assert not use_flex("auto", cpu, masked=True) and not use_flex("sdpa", cuda, masked=True)
     assert use_flex("flex", cpu, masked=False)
+
+
+def test_science_vectors_of_section_9():
+    """docs/science.md §12 §9: S2's vertical blocks per head and the GQA map of top-k attention."""
+    got = materialize(s2_shards(block=1, local_blocks=0, stride=4, head_step=1), 1, 4, torch.arange(8), 8)[0]
+    vertical = [set(torch.nonzero(got[h, 7]).flatten().tolist()) for h in range(4)]  # the last query's columns
+    assert vertical == [{0, 4}, {3, 7}, {2, 6}, {1, 5}]
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 8, 1, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # kv head of q head i: i // 4
+    torch.testing.assert_close(topk_attention(q, k, v, mask, 5), want, atol=1e-6, rtol=0)

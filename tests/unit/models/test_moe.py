@@ -244,3 +244,11 @@ def test_bias_is_saved_with_the_weights(tmp_path):
     fresh = Decoder(cfg)
     ck.load_weights(ck.latest_checkpoint(tmp_path), fresh, cfg)
     torch.testing.assert_close(fresh.layers[0].mlp.expert_bias, torch.tensor([0.1, -0.2, 0.3, 0.0]))
+
+
+def test_science_vector_of_section_9():
+    """docs/science.md §12 §9: z = [2.0, 1.99, 0, −1], ε = 0.01 masks experts 2 and 3, picks expert 0 with
+    multiplier 0.5025 in evaluation, then expert 1 (alone among the candidates: gate 1)."""
+    gates, experts = sparsemixer_route(torch.tensor([[2.0, 1.99, 0.0, -1.0]]), 2, jitter_eps=0.01, training=False)
+    assert experts.tolist() == [[0, 1]]
+    assert gates[0, 0].item() == pytest.approx(0.5025, abs=1e-4) and gates[0, 1].item() == pytest.approx(1.0)
