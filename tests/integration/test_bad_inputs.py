@@ -525,3 +525,26 @@ def test_generate_and_eval_arguments_are_checked_first(args, words, workspace, m
     assert message.startswith(f"lmlab {args.split()[0]}: error: ") and "\n" not in message, message
     assert all(w in message for w in words), message
     assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ("model.ffn.kind=moe model.ffn.experts=4 model.ffn.top_k=9", ("model.ffn.top_k=9", "experts=4")),
+        ("model.attention.kind=sliding model.attention.window=100000", ("window=100000", "max_seq_len")),
+        ("model.attention.kind=s2 model.attention.vert_stride=3", ("vert_stride=3", "KV heads")),
+        ("model.recurrence.enabled=true model.recurrence.prelude_layers=5", ("prelude_layers=5", "core block")),
+        ("model.ffn.kind=moe train.compile=full", ("train.compile=full", "model.ffn.kind=moe")),
+        ("data.synthetic.world=arithmetic model.abacus.enabled=true", ("digit", "split_digits")),
+    ],
+    ids=["moe_top_k", "window", "s2_stride", "recurrence_layers", "moe_full_compile", "abacus_digits"],
+)
+def test_impossible_architectures_are_one_config_error(overrides, words, workspace, monkeypatch, capsys):
+    """Issue 14 item 7: exit 2, one line naming the setting, nothing in the workspace changed."""
+    monkeypatch.chdir(workspace)
+    before = snapshot(workspace)
+    assert main([*shlex.split(TRAIN), "--out", "runs/arch", *overrides.split(), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("lmlab train: error: ") and "\n" not in message, message
+    assert all(w in message for w in words), message
+    assert {k: v for k, v in snapshot(workspace).items() if not k.startswith("runs/arch")} == before
