@@ -46,7 +46,8 @@ from lmlab.models.mlp import SwiGLU, SwiGLUConfig
 if TYPE_CHECKING:
     from lmlab.config import ModelConfig
 
-# Routing statistics each MoE forward reports (means over the MoE layers; see ``MoE.stats``).
+# Routing statistics each MoE forward reports (means over the MoE layers; see ``MoE.stats``), besides each
+# expert's load relative to the mean (``moe_load/e0``, ...).
 STAT_NAMES = ("moe_balance", "moe_max_load", "moe_overflow", "moe_router_z")
 
 
@@ -199,7 +200,7 @@ class MoE(nn.Module):
     After each forward ``aux_loss`` holds the weighted balancing losses (a scalar with gradient) and ``stats``
     the detached routing statistics of ``STAT_NAMES``: the unweighted load-balancing value (1 = perfect),
     the busiest expert's load relative to the mean, the share of assignments a capacity-factor-1 router would
-    have dropped, and the router z-loss value."""
+    have dropped, and the router z-loss value; and every expert's load relative to the mean (``moe_load/eN``)."""
 
     def __init__(self, d_model: int, hidden: int, cfg: MoEConfig, *, init_std: float, out_std: float) -> None:
         super().__init__()
@@ -261,11 +262,13 @@ class MoE(nn.Module):
         z = logits.float().logsumexp(dim=-1).square().mean()
         self.aux_loss = cfg.load_balance_coef * balance + cfg.z_loss_coef * z
         mean_load = n_assign / cfg.experts
+        relative = load / mean_load  # 1 = the mean load
         self.stats = {
             "moe_balance": balance.detach(),
-            "moe_max_load": load.max() / mean_load,
+            "moe_max_load": relative.max(),
             "moe_overflow": (load - mean_load).clamp(min=0).sum() / max(n_assign, 1),
             "moe_router_z": z.detach(),
+            **{f"moe_load/e{e}": relative[e] for e in range(cfg.experts)},
         }
         if self.training and cfg.bias_update_rate > 0:
             self.load_counts += load
@@ -301,7 +304,8 @@ def auxiliary_losses(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Te
     if not layers:
         return None
     loss = torch.stack([m.aux_loss for m in layers]).sum()
-    stats = {name: torch.stack([m.stats[name] for m in layers]).mean() for name in STAT_NAMES}
+    names = [name for name in layers[0].stats if all(name in m.stats for m in layers)]
+    stats = {name: torch.stack([m.stats[name] for m in layers]).mean() for name in names}
     return loss, stats
 
 

@@ -196,7 +196,9 @@ def test_auxiliary_losses_gather_the_last_forward():
     assert auxiliary_losses(model) is None
     model(torch.randint(0, 40, (2, 7)))
     loss, stats = auxiliary_losses(model)
-    assert loss.requires_grad and set(stats) == {"moe_balance", "moe_max_load", "moe_overflow", "moe_router_z"}
+    loads = {f"moe_load/e{e}" for e in range(4)}
+    assert loss.requires_grad and set(stats) == {"moe_balance", "moe_max_load", "moe_overflow", "moe_router_z", *loads}
+    assert sum(stats[k] for k in loads).item() == pytest.approx(4.0)  # relative loads average 1
     assert auxiliary_losses(Decoder(model_cfg(vocab_size=40, d_model=16, n_layers=2, n_heads=2))) is None
 
 
@@ -212,7 +214,7 @@ def test_trains_through_the_engine_logs_routing_and_resumes_bitwise(tmp_path, mo
     full = tmp_path / "full"
     summary = run_pretraining(tiny_config(*overrides), full, quiet=True)
     records = run_losses(full)
-    assert {"moe_aux", "moe_balance", "moe_max_load", "moe_overflow", "moe_router_z"} <= set(records[1])
+    assert {"moe_aux", "moe_balance", "moe_max_load", "moe_overflow", "moe_router_z", "moe_load/e3"} <= set(records[1])
     assert records[6]["loss"] < records[1]["loss"]
     assert json.loads((full / "summary.json").read_text())["active_params"] < summary["params"]
 
