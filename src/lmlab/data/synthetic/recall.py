@@ -72,7 +72,6 @@ class RecallWorld:
             yield listing + " ;" + "".join(f" {pairs[q][0]}={pairs[q][1]}" for q in queried)
             index += 1
 
-
     def documents_for(self, subset: str, seed: int, n_docs: int | None = None) -> Iterator[str]:
         """The documents of a named size (``SUBSETS``), e.g. ``pairs16``."""
         if subset not in SUBSETS:
