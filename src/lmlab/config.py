@@ -73,7 +73,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = field(default=0.02, metadata=NOT_IN_WEIGHTS)
-    # masked forwards without a KV cache: FlexAttention on CUDA (auto), always (flex) or never (sdpa); models.flex
+    # forwards without a KV cache: FlexAttention for sliding/S2 models on CUDA (auto), always (flex), never (sdpa)
     attention_backend: Literal["auto", "sdpa", "flex"] = field(default="auto", metadata=NOT_IN_WEIGHTS)
     attention: AttentionConfig = slot(ATTENTION_KINDS, "gqa")
     ffn: FFNConfig = slot(FFN_KINDS, "swiglu")

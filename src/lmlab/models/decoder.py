@@ -168,8 +168,7 @@ class Decoder(nn.Module):
             max_position = past + seq - 1
         rope = self.rope(position_ids, max_position)  # cos, sin: [B, T, head_dim]
         key_mask = kv_cache.key_mask if kv_cache is not None else None
-        masked = doc_ids is not None or self.patterned
-        if kv_cache is None and use_flex(self.cfg.attention_backend, input_ids.device, masked):
+        if kv_cache is None and use_flex(self.cfg.attention_backend, input_ids.device, self.patterned):
             mask = MaskSpec(seq, doc_ids, input_ids.device)  # FlexAttention block masks (lmlab.models.flex)
         else:
             mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)

@@ -4,9 +4,9 @@ A dense boolean mask ([B, 1, T, T] for packed documents, [1, H, T, T] for a slid
 turns ``scaled_dot_product_attention`` away from its flash kernels and costs O(T²) memory per call.
 FlexAttention (PyTorch ≥ 2.5, ``torch.nn.attention.flex_attention``) instead evaluates the same mask function
 on 128×128 tiles once per forward (``create_block_mask``), skips the tiles it rules out entirely, and runs a
-fused, compiled kernel. Where it runs: forwards without a KV cache (training, evaluation, prefill), on CUDA by
-default (``model.attention_backend: auto``); ``flex`` forces it (on a CPU only without gradients: PyTorch has
-no CPU backward for it), ``sdpa`` turns it off. ``MaskSpec`` is the per-forward rule the decoder hands its
+fused, compiled kernel. Where it runs: forwards without a KV cache (training, evaluation, prefill) of models with
+sliding-window or S2 layers on CUDA by default (``model.attention_backend: auto``); ``flex`` forces it, packed
+documents included (on a CPU only without gradients: PyTorch has no CPU backward for it); ``sdpa`` turns it off. ``MaskSpec`` is the per-forward rule the decoder hands its
 blocks; each attention layer asks it for the block mask of its own pattern, built once per forward per pattern.
 """
 
@@ -75,9 +75,12 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     return eager(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def use_flex(backend: str, device: torch.device, masked: bool) -> bool:
-    """Whether a forward without a KV cache runs FlexAttention: ``flex`` always, ``auto`` on CUDA when the
-    forward has a mask beyond plain causal (packed documents or a layer pattern), ``sdpa`` never."""
+def use_flex(backend: str, device: torch.device, patterned: bool) -> bool:
+    """Whether a forward without a KV cache runs FlexAttention: ``flex`` always (packed documents included),
+    ``auto`` on CUDA for a model with patterned layers (sliding window, S2), ``sdpa`` never.
+
+    Packed documents alone keep SDPA's dense mask under ``auto`` until FlexAttention's document path has been
+    measured on a GPU (``benchmarks/architectures.py``, ``documents_flex``); ``flex`` turns it on."""
     if backend == "flex":
         return True
-    return backend == "auto" and device.type == "cuda" and masked
+    return backend == "auto" and device.type == "cuda" and patterned

@@ -271,9 +271,9 @@ def test_flex_is_used_where_it_helps():
     from lmlab.models.flex import use_flex
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert use_flex("auto", cuda, masked=True) and not use_flex("auto", cuda, masked=False)
-    assert not use_flex("auto", cpu, masked=True) and not use_flex("sdpa", cuda, masked=True)
-    assert use_flex("flex", cpu, masked=False)
+    assert use_flex("auto", cuda, patterned=True) and not use_flex("auto", cuda, patterned=False)
+    assert not use_flex("auto", cpu, patterned=True) and not use_flex("sdpa", cuda, patterned=True)
+    assert use_flex("flex", cpu, patterned=False)
 
 
 def test_science_vectors_of_section_9():
