@@ -8,12 +8,12 @@ Every token reaches all k of its experts: tokens are sorted by expert and each e
 - ``softmax``: gates = softmax(z), the k largest kept; ``renormalize`` rescales them to sum to 1, which is
   exactly softmax over the k selected logits ("top-k then softmax", Mixtral). Without it the gates keep their
   full-softmax mass (OLMoE). Qwen3-MoE: ``renormalize: true``.
-- ``sparsemixer``: GRIN's SparseMixer-v2 (Liu et al. 2024, arXiv 2409.12136; docs/science.md §9.3): in training
+- ``sparsemixer``: GRIN's SparseMixer-v2 (Liu et al. 2024, arXiv 2409.12136; docs/science.md §9.4): in training
   the expert is *sampled* from the softmax of the logits within a relative margin 2·ε of the best one, and the
   gate's gradient reaches the routing decision through a Heun-style estimate; the k choices are made one after
   another, each excluding the experts already chosen.
 
-Balancing (docs/science.md §9.4):
+Balancing (docs/science.md §9.3):
 
 - load-balancing loss (Switch Transformer, Fedus et al. 2022, eq. 4): ``E · Σ_e f_e · P_e`` with ``f_e`` the
   share of the N·k assignments that go to expert e and ``P_e`` the mean router probability of e; 1 at perfect
@@ -150,7 +150,7 @@ class _SparseMixerGate(torch.autograd.Function):
 
 
 def sparsemixer_route(logits: torch.Tensor, k: int, jitter_eps: float, training: bool):
-    """GRIN's SparseMixer-v2 for router logits [N, E]: (gates [N, k], experts [N, k]); docs/science.md §9.3.
+    """GRIN's SparseMixer-v2 for router logits [N, E]: (gates [N, k], experts [N, k]); docs/science.md §9.4.
 
     For each of the k choices: candidates are experts with ``(max − z_i) / max(|z_i|, max) <= 2·eps`` (the max
     over experts not yet chosen; |z| of the original logits); in training one is sampled from the softmax of
