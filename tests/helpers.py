@@ -45,3 +45,31 @@ def model_cfg(base=None, **settings):
             data[section] = {**data.get(section, {}), **settings.pop(section)}
     data.update(settings)
     return from_dict(ModelConfig, data)
+
+
+def train_records(run_dir) -> dict[int, dict]:
+    """The train records of a run's metrics.jsonl, by step."""
+    from lmlab.train.metrics import read_metrics
+
+    return {r["step"]: r for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def crash_and_resume(cfg: RunConfig, run_dir, crash_at: int, monkeypatch) -> None:
+    """Pretrain ``cfg`` into ``run_dir``, crash before step ``crash_at``, then resume it to the end."""
+    import pytest
+
+    from lmlab.recipes.pretrain import run_pretraining
+    from lmlab.train.loop import Trainer
+
+    real_step = Trainer.train_step
+
+    def crashing(self, *args, **kwargs):
+        if self.step == crash_at:
+            raise RuntimeError("simulated crash")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pretraining(cfg, run_dir, quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    run_pretraining(cfg, run_dir, resume=True, quiet=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.component import ComponentCount, residual_std
+from lmlab.models.component import ComponentCount, module_setting, residual_std
 from lmlab.models.flex import MaskSpec, flex_attention
 from lmlab.models.masks import MaskFn, and_masks, causal, materialize, same_document
 from lmlab.models.norms import RMSNorm
@@ -338,12 +338,5 @@ def topk_attention_of(model: nn.Module, top: int | None) -> Iterator[None]:
     (``topk_attention``; None: unchanged). For inference: ``generate(..., attention_topk=k)`` and evaluation."""
     if top is not None and top < 1:
         raise ValueError(f"top-k attention needs k >= 1, got {top}")
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    before = [m.topk for m in layers]
-    for m in layers:
-        m.topk = top
-    try:
+    with module_setting(model, Attention, "topk", top):
         yield
-    finally:
-        for m, old in zip(layers, before):
-            m.topk = old

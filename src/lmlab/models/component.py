@@ -12,8 +12,10 @@ This module imports nothing from lmlab, so component modules can depend on it wi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -72,3 +74,18 @@ def residual_std(model: ModelConfig) -> float:
     """Init std of projections that write into the residual stream: ``init_std / sqrt(2·n_layers)``
     (GPT-2, Radford et al. 2019: two residual writes per block keep the stream's variance bounded)."""
     return model.init_std / (2 * model.n_layers) ** 0.5
+
+
+@contextmanager
+def module_setting(model: nn.Module, kind: type, name: str, value: Any) -> Iterator[None]:
+    """Within the block, attribute ``name`` of every submodule of type ``kind`` is ``value``; restored after
+    (inference-time switches such as top-k attention or a recurrent model's iteration count)."""
+    modules = [m for m in model.modules() if isinstance(m, kind)]
+    before = [getattr(m, name) for m in modules]
+    for m in modules:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, old in zip(modules, before):
+            setattr(m, name, old)

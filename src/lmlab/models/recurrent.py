@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.component import NOT_IN_WEIGHTS
+from lmlab.models.component import NOT_IN_WEIGHTS, module_setting
 
 if TYPE_CHECKING:
     from lmlab.config import ModelConfig
@@ -106,12 +106,5 @@ def recurrence_iterations(model: nn.Module, iterations: int | None) -> Iterator[
     """Within the block, a recurrent-depth model iterates its core ``iterations`` times (None: unchanged)."""
     if iterations is not None and iterations < 1:
         raise ValueError(f"recurrent depth needs at least 1 iteration, got {iterations}")
-    modules = [m for m in model.modules() if isinstance(m, Recurrence)]
-    before = [m.iterations for m in modules]
-    for m in modules:
-        m.iterations = iterations
-    try:
+    with module_setting(model, Recurrence, "iterations", iterations):
         yield
-    finally:
-        for m, old in zip(modules, before):
-            m.iterations = old

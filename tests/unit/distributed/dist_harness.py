@@ -203,39 +203,31 @@ MOE_RUNS = {
 }
 
 
-def moe_worker(rank: int, out_dir: str) -> None:
-    """The two-rank MoE runs of ``test_dist_moe``: each of ``MOE_RUNS`` for 10 steps, and the final expert biases."""
+def named_runs_worker(rank: int, out_dir: str, runs: dict[str, tuple[str, ...]]) -> None:
+    """Each of ``runs`` (name -> overrides) for 10 steps on two ranks in one process group; rank 0 writes every
+    run's ``(step, loss, grad_norm)`` records to ``results.json``."""
     import json
 
     from lmlab.train.distributed import setup_distributed
 
     out = Path(out_dir)
     results: dict[str, list] = {}
-    group = setup_distributed(config(2, *MOE_RUNS["moe_ddp"]))
+    group = setup_distributed(config(2, *next(iter(runs.values()))))
     try:
-        for name, overrides in MOE_RUNS.items():
+        for name, overrides in runs.items():
             cfg = config(2, *overrides)
             results[name] = train(cfg, out / name, setup_distributed(cfg))
     finally:
         group.close()
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
+
+
+def moe_worker(rank: int, out_dir: str) -> None:
+    """The two-rank MoE runs of ``test_dist_moe``."""
+    named_runs_worker(rank, out_dir, MOE_RUNS)
 
 
 def muon_worker(rank: int, out_dir: str) -> None:
-    """The two-rank Muon runs of ``test_dist_muon``: each of ``MUON_RUNS`` for 10 steps."""
-    import json
-
-    from lmlab.train.distributed import setup_distributed
-
-    out = Path(out_dir)
-    results: dict[str, list] = {}
-    group = setup_distributed(config(2, *MUON_RUNS["muon_ddp"]))
-    try:
-        for name, overrides in MUON_RUNS.items():
-            cfg = config(2, *overrides)
-            results[name] = train(cfg, out / name, setup_distributed(cfg))
-    finally:
-        group.close()
-    if rank == 0:
-        (out / "results.json").write_text(json.dumps(results))
+    """The two-rank Muon runs of ``test_dist_muon``."""
+    named_runs_worker(rank, out_dir, MUON_RUNS)

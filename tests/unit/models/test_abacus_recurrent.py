@@ -14,10 +14,8 @@ from lmlab.models.counting import count_params, flops_per_token
 from lmlab.models.decoder import Decoder
 from lmlab.models.recurrent import recurrence_iterations, sample_iterations
 from lmlab.recipes.pretrain import run_pretraining
-from lmlab.train.loop import Trainer
-from lmlab.train.metrics import read_metrics
 
-from helpers import model_cfg, tiny_config
+from helpers import crash_and_resume, model_cfg, tiny_config, train_records
 
 DIGITS = list(range(10, 20))  # token ids standing for "0".."9" in the hand-made tests
 
@@ -181,20 +179,6 @@ def test_recurrent_and_abacus_run_trains_and_resumes_bitwise(tmp_path, monkeypat
     overrides = (*ARITHMETIC, "model.n_layers=3", "model.recurrence.enabled=true", "model.recurrence.mean_iterations=2",
                  "train.steps=6", "train.ckpt_every=3", "train.eval_every=3")  # fmt: skip
     run_pretraining(tiny_config(*overrides), tmp_path / "full", quiet=True)
-    real_step = Trainer.train_step
-
-    def crash_at_5(self, *args, **kwargs):
-        if self.step == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_pretraining(tiny_config(*overrides), tmp_path / "crashed", quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    run_pretraining(tiny_config(*overrides), tmp_path / "crashed", resume=True, quiet=True)
-
-    def losses(run):
-        return {r["step"]: r["loss"] for r in read_metrics(tmp_path / run) if r["kind"] == "train"}
-
-    assert losses("full") == losses("crashed")
+    crash_and_resume(tiny_config(*overrides), tmp_path / "crashed", 5, monkeypatch)
+    full, resumed = train_records(tmp_path / "full"), train_records(tmp_path / "crashed")
+    assert {s: r["loss"] for s, r in full.items()} == {s: r["loss"] for s, r in resumed.items()}

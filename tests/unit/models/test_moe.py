@@ -25,10 +25,8 @@ from lmlab.models.moe import (
     sparsemixer_route,
 )
 from lmlab.recipes.pretrain import run_pretraining
-from lmlab.train.loop import Trainer
-from lmlab.train.metrics import read_metrics
 
-from helpers import model_cfg, tiny_config
+from helpers import crash_and_resume, model_cfg, tiny_config, train_records
 
 MOE = ["model.ffn.kind=moe", "model.ffn.experts=4", "model.ffn.top_k=2", "model.ffn.hidden=32"]
 
@@ -202,10 +200,6 @@ def test_auxiliary_losses_gather_the_last_forward():
     assert auxiliary_losses(Decoder(model_cfg(vocab_size=40, d_model=16, n_layers=2, n_heads=2))) is None
 
 
-def run_losses(run_dir):
-    return {r["step"]: r for r in read_metrics(run_dir) if r["kind"] == "train"}
-
-
 @pytest.mark.parametrize("router", ["softmax", "sparsemixer"])
 def test_trains_through_the_engine_logs_routing_and_resumes_bitwise(tmp_path, monkeypatch, router):
     overrides = (*MOE, f"model.ffn.router={router}", "train.steps=6", "train.ckpt_every=3", "train.eval_every=3")
@@ -213,25 +207,14 @@ def test_trains_through_the_engine_logs_routing_and_resumes_bitwise(tmp_path, mo
         overrides = (*overrides, "model.ffn.bias_update_rate=0.01")
     full = tmp_path / "full"
     summary = run_pretraining(tiny_config(*overrides), full, quiet=True)
-    records = run_losses(full)
+    records = train_records(full)
     assert {"moe_aux", "moe_balance", "moe_max_load", "moe_overflow", "moe_router_z", "moe_load/e3"} <= set(records[1])
     assert records[6]["loss"] < records[1]["loss"]
     assert json.loads((full / "summary.json").read_text())["active_params"] < summary["params"]
 
     crashed = tmp_path / "crashed"
-    real_step = Trainer.train_step
-
-    def crash_at_5(self, *args, **kwargs):
-        if self.step == 5:
-            raise RuntimeError("simulated crash")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", crash_at_5)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_pretraining(tiny_config(*overrides), crashed, quiet=True)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-    run_pretraining(tiny_config(*overrides), crashed, resume=True, quiet=True)
-    a, b = run_losses(full), run_losses(crashed)
+    crash_and_resume(tiny_config(*overrides), crashed, 5, monkeypatch)
+    a, b = train_records(full), train_records(crashed)
     assert all(a[s]["loss"] == b[s]["loss"] for s in a), {s: (a[s]["loss"], b[s]["loss"]) for s in a}
 
 
