@@ -13,9 +13,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from unit.models.conftest import HF_VOCAB  # noqa: E402
+
 from lmlab.cli import main as cli_main  # noqa: E402
 from lmlab.config import RunConfig, TokenizerConfig, load_config, save_config  # noqa: E402
-from lmlab.data.tokenizer import TextTokenizer  # noqa: E402
 from lmlab.errors import CheckpointError, UserError  # noqa: E402
 from lmlab.models import hf  # noqa: E402
 from lmlab.models.decoder import Decoder  # noqa: E402
@@ -26,7 +27,7 @@ from lmlab.train.pretrained import load_model  # noqa: E402
 
 from helpers import model_cfg  # noqa: E402
 
-VOCAB = 320
+VOCAB = HF_VOCAB
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -46,14 +47,6 @@ FAMILIES = {
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, rope_theta=1e6, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False),
 }
-TEXTS = ["the quick brown fox jumps over the lazy dog", "a tiny model reads tiny stories"] * 20
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    TextTokenizer.train_bpe(TEXTS, vocab_size=VOCAB, min_frequency=1).save(path)
-    return path
 
 
 @torch.no_grad()

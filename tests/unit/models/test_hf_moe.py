@@ -15,9 +15,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from unit.models.test_hf import COMMON as HF_COMMON  # noqa: E402
+from unit.models.test_hf import VOCAB, _ids, _randomize  # noqa: E402
+
 from lmlab.cli import main as cli_main  # noqa: E402
 from lmlab.config import RunConfig, TokenizerConfig, save_config  # noqa: E402
-from lmlab.data.tokenizer import TextTokenizer  # noqa: E402
 from lmlab.errors import UserError  # noqa: E402
 from lmlab.models import hf  # noqa: E402
 from lmlab.models.decoder import Decoder  # noqa: E402
@@ -29,16 +31,7 @@ from lmlab.train.pretrained import load_model  # noqa: E402
 
 from helpers import model_cfg  # noqa: E402
 
-VOCAB = 320
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-)
+COMMON = {k: v for k, v in HF_COMMON.items() if k != "intermediate_size"}  # each family sets its widths
 MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
 QWEN3_MOE = dict(head_dim=16, intermediate_size=96, moe_intermediate_size=48, num_experts=4, **MOE)
 FAMILIES = {
@@ -65,23 +58,6 @@ FAMILIES = {
     ),
 }
 EXPORTED_AS = {"mixtral": "MixtralForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
-TEXTS = ["the quick brown fox jumps over the lazy dog", "a tiny model reads tiny stories"] * 20
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    TextTokenizer.train_bpe(TEXTS, vocab_size=VOCAB, min_frequency=1).save(path)
-    return path
-
-
-@torch.no_grad()
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every weight random (norm gains near 1) so a wrong mapping, a swapped gate/up or expert shows."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        p.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
 
 
 def _hf_model(family: str) -> torch.nn.Module:
@@ -97,10 +73,6 @@ def _hf_dir(root: Path, family: str, tokenizer_file: Path, **save_kwargs) -> tup
     model.save_pretrained(path, **save_kwargs)
     (path / "tokenizer.json").write_text(tokenizer_file.read_text())
     return path, model
-
-
-def _ids(seq: int = 24) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(3))
 
 
 def _lmlab_run(root: Path, cfg, tokenizer_file: Path, seed: int = 4) -> tuple[Path, Decoder]:
