@@ -150,7 +150,7 @@ def _generate_batch(
         graphs = cuda_graphs and max_new_tokens > 1
         cache, make_step = _static_decoder(model, batch, width + max_new_tokens - 1, graphs)
     else:
-        cache = model.new_kv_cache(prune=cache_kind == "pruned")
+        cache = model.new_kv_cache(prune=True) if cache_kind == "pruned" else model.new_kv_cache()
     padded = any(len(p) != width for p in prompts)
     if padded:
         real = torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]  # [B, T]

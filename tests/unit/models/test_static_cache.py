@@ -264,7 +264,7 @@ def test_cuda_graphs_argument_errors():
         generate(model.cpu(), [1, 2], 3, temperature=0, cache="static", cuda_graphs=True)
     with pytest.raises(ValueError, match="needs cache='static'"):
         generate(model, [1, 2], 3, temperature=0, cuda_graphs=True)
-    with pytest.raises(ValueError, match="cache must be 'dynamic' or 'static'"):
+    with pytest.raises(ValueError, match="cache must be 'dynamic', 'static' or 'pruned'"):
         generate(model, [1, 2], 3, temperature=0, cache="paged")
     cache = model.new_kv_cache(max_len=4)
     with torch.no_grad():
