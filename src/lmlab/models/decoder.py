@@ -44,6 +44,11 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - start
 
 
+def pattern_of(block: nn.Module):
+    """The attention pattern (a mask function) of a block's attention, or None (dense, or a variant without one)."""
+    return getattr(block.attn, "pattern", None)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
@@ -96,7 +101,7 @@ class Decoder(nn.Module):
         self.recurrence = Recurrence(cfg.recurrence, cfg.d_model, cfg.init_std) if cfg.recurrence.enabled else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # blocks initialise themselves
-        self.patterned = any(block.attn.pattern is not None for block in self.layers)  # sliding / S2 layers
+        self.patterned = any(pattern_of(block) is not None for block in self.layers)  # sliding / S2 layers
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output projection reuses tok_embeddings.weight and has no parameter of its own.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -137,8 +142,8 @@ class Decoder(nn.Module):
             raise ValueError("a recurrent-depth model keeps the plain KV cache (prune=False)")
         layers = [
             LayerKVCache()
-            if b.attn.pattern is None
-            else ShardedLayerKVCache(b.attn.pattern, b.attn.n_heads, b.attn.n_kv_heads)
+            if pattern_of(b) is None
+            else ShardedLayerKVCache(pattern_of(b), b.attn.n_heads, b.attn.n_kv_heads)
             for b in self.layers
         ]
         return PrunedKVCache(layers)
