@@ -62,8 +62,9 @@ LOOPED = [
     "model.recurrence.mean_iterations=4",
     "model.recurrence.backprop_depth=4",
 ]
-ALL_ARMS = ("rope", "abacus", "abacus_looped")
-DEFAULT_ARMS = ("rope", "abacus")
+NOPE = ["model.position=none"]
+ALL_ARMS = ("rope", "nope", "abacus", "abacus_nope", "abacus_looped")
+DEFAULT_ARMS = ("rope", "nope", "abacus", "abacus_nope")
 
 
 def abacus(digits: int) -> list[str]:
@@ -75,7 +76,13 @@ def abacus(digits: int) -> list[str]:
 
 
 def arm_overrides(arm: str, digits: int) -> list[str]:
-    return {"rope": [], "abacus": abacus(digits), "abacus_looped": [*abacus(digits), *LOOPED]}[arm]
+    return {
+        "rope": [],
+        "nope": NOPE,
+        "abacus": abacus(digits),
+        "abacus_nope": [*abacus(digits), *NOPE],
+        "abacus_looped": [*abacus(digits), *NOPE, *LOOPED],
+    }[arm]
 
 
 def overrides(arm: str, seed: int, steps: int, digits: int, corpus: Path, extra: list[str]) -> list[str]:

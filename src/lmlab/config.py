@@ -69,6 +69,9 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
     max_seq_len: int = field(default=256, metadata=NOT_IN_WEIGHTS)
+    # rotary position embedding on q/k (rope), or none: NoPE, positions only through the causal mask (and
+    # Abacus digit places), as in length-generalisation work (Kazemnejad et al. 2023; McLeish et al. 2024)
+    position: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True

@@ -410,6 +410,11 @@ def export_architecture(cfg: ModelConfig) -> str:
                 f"cannot export model.{name}.enabled=true: no Hugging Face architecture has "
                 f"{'digit-place (Abacus) embeddings' if name == 'abacus' else 'recurrent depth'}"
             )
+    if cfg.position != "rope":
+        raise UserError(
+            f"cannot export model.position={cfg.position}: every Hugging Face family lmlab writes rotates q and k "
+            "(RoPE); a model without position embeddings (NoPE) has no such format"
+        )
     if isinstance(attn, SlidingWindowConfig):
         return _sliding_export_architecture(cfg, attn)
     if not isinstance(attn, GQAConfig) or not isinstance(ffn, (SwiGLUConfig, MoEConfig)):

@@ -32,16 +32,18 @@ class RotaryEmbedding(nn.Module):
     The table is built lazily (on first use, on the device of the positions) up to
     ``max_seq_len`` and rebuilt longer when a position beyond it is requested, so the
     module holds no state that checkpoints or meta-device initialisation must handle.
-    Angles are computed in fp32.
+    Angles are computed in fp32. Disabled (``enabled=False``: NoPE, ``model.position: none``), it returns the
+    identity rotation (cos 1, sin 0), so q and k carry no position and every attention path stays the same.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, enabled: bool = True) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.theta = theta
+        self.enabled = enabled
         self._cos: torch.Tensor | None = None  # [L, D] fp32
         self._sin: torch.Tensor | None = None
 
@@ -62,6 +64,9 @@ class RotaryEmbedding(nn.Module):
         ``max_position`` is an upper bound on the positions when the caller knows one; it
         avoids reading the largest position back from the device (a sync on GPU).
         """
+        if not self.enabled:
+            cos = torch.ones((*position_ids.shape, self.head_dim), device=position_ids.device)
+            return cos, torch.zeros_like(cos)
         if max_position is None:
             max_position = int(position_ids.max().item()) if position_ids.numel() else 0
         needed = max_position + 1
@@ -71,4 +76,6 @@ class RotaryEmbedding(nn.Module):
         return self._cos[position_ids], self._sin[position_ids]
 
     def extra_repr(self) -> str:
+        if not self.enabled:
+            return f"head_dim={self.head_dim}, enabled=False (NoPE)"
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"

@@ -48,16 +48,17 @@ def test_training_shifts_every_place_of_a_row_by_one_offset():
     assert torch.all(out[:, 3] == 0)
 
 
-def abacus_model(**abacus):
+def abacus_model(position="rope", **abacus):
     torch.manual_seed(0)
-    cfg = model_cfg(vocab_size=40, d_model=32, n_layers=2, n_heads=4,
+    cfg = model_cfg(vocab_size=40, d_model=32, n_layers=2, n_heads=4, position=position,
                     abacus={"enabled": True, "digit_ids": DIGITS, **abacus})  # fmt: skip
     cfg.validate()
     return Decoder(cfg).eval(), cfg
 
 
-def test_abacus_changes_only_rows_with_digits_and_decodes_with_the_cache():
-    model, cfg = abacus_model()
+@pytest.mark.parametrize("position", ["rope", "none"])  # none: NoPE, the paper's pairing with Abacus
+def test_abacus_changes_only_rows_with_digits_and_decodes_with_the_cache(position):
+    model, cfg = abacus_model(position)
     plain = Decoder(model_cfg(cfg, abacus={"enabled": False})).eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("abacus.")})
     no_digits = torch.tensor([[1, 2, 3, 4, 5, 6]])

@@ -317,6 +317,7 @@ BASE = dict(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2)
         (dict(ffn=dict(kind="moe", experts=4, renormalize=False)), "renormalize=false without model.attention.qk"),
         (dict(ffn=dict(kind="moe", experts=4, layers=[1])), r"model.ffn.layers=\[1\] \(dense blocks\)"),
         (dict(attn_bias=True, ffn=dict(kind="moe", experts=4)), "moe with model.attention.qkv_bias"),
+        (dict(position="none"), "model.position=none: every Hugging Face family"),
     ],
 )
 def test_export_refuses_what_no_family_represents(settings, message):

@@ -185,6 +185,27 @@ def test_rope_cache_extends_beyond_max_seq_len():
     torch.testing.assert_close(sin_far[0, 0, 4:], (10 * inv).sin())
 
 
+def test_rope_disabled_is_the_identity_rotation():
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=4, enabled=False)
+    cos, sin = rope(torch.tensor([[0, 3, 17]]))
+    assert cos.shape == sin.shape == (1, 3, 8)
+    x = torch.randn(1, 2, 3, 8)
+    assert torch.equal(apply_rotary(x, cos, sin), x)  # exactly: x·1 + rotate_half(x)·0
+
+
+def test_nope_decoder_has_no_position_in_one_layer():
+    """With ``model.position: none`` a 1-layer decoder's last output depends on the earlier tokens only as a set
+    (attention is permutation-invariant over its keys); with RoPE, the order of those tokens matters."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 9, 2, 14, 7, 3]])
+    shuffled = torch.tensor([[14, 2, 5, 7, 9, 3]])  # the same earlier tokens, another order; the same last token
+    for position, invariant in (("none", True), ("rope", False)):
+        model = Decoder(model_cfg(vocab_size=20, d_model=32, n_layers=1, n_heads=4, position=position)).eval()
+        with torch.no_grad():
+            a, b = model(ids)[0, -1], model(shuffled)[0, -1]
+        assert torch.allclose(a, b, atol=1e-5) == invariant, position
+
+
 def test_ffn_hidden_default_and_override():
     assert ffn_hidden_size(model_cfg(d_model=256, ffn_multiple_of=64)) == 704  # 682.7 -> 704
     assert ffn_hidden_size(model_cfg(d_model=96, ffn_multiple_of=1)) == 256
