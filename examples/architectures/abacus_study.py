@@ -7,17 +7,19 @@ digits). Here: reversed-digit addition (``321+6504=9714``) with operands of 1..L
 problem per document, corpus written by lmlab's ``ArithmeticWorld``; tested on held-out problems with both
 operands of each length 1..3L.
 
-Arms on ``arith_study.yaml`` (d = 64, 4 layers, RoPE, 8 × 128 tokens per step), same data, schedule, seeds,
-and the same digit-split tokenizer, so they differ only in the embedding:
+Arms on ``arith_study.yaml`` (d = 64, 4 layers, 8 × 128 tokens per step), same data, schedule, seeds, and the
+same digit-split tokenizer, so they differ only in how positions reach the model:
 
-- ``rope``: RoPE only (abacus off);
-- ``abacus``: + Abacus, ``max_offset`` = 2L + 2 (trained places reach L + 1 + max_offset ≥ 3L + 1, the longest
-  answer tested) and ``max_digits`` = 3L + 1;
-- ``abacus_looped`` (not in the default arms: ~2.6× the training time): + recurrence, 1 prelude + 2 core +
-  1 coda blocks, r̄ = 4, the paper's looped, input-injected setup (at its default r = 4 at test time).
+- ``rope``: RoPE only (abacus off; lmlab's default);
+- ``nope``: no position embedding at all (``model.position=none``);
+- ``abacus``: RoPE + Abacus, ``max_offset`` = 2L + 2 (trained places reach L + 1 + max_offset ≥ 3L + 1, the
+  longest answer tested) and ``max_digits`` = 3L + 1;
+- ``abacus_nope``: Abacus without RoPE, the paper's pairing;
+- ``abacus_looped`` (not in the default arms: ~2.6× the training time): ``abacus_nope`` + recurrence, 1 prelude
+  + 2 core + 1 coda blocks, r̄ = 4, the paper's looped, input-injected setup (at its default r = 4 at test time).
 
 Measure: greedy exact-answer accuracy per operand length (``lmlab.eval.arithmetic``), mean ± 95% CI (Student
-t over seeds) at L, 2L, 3L and over the bands 1..L, L+1..2L, 2L+1..3L, and the paired difference abacus − rope;
+t over seeds) at L, 2L, 3L and over the bands 1..L, L+1..2L, 2L+1..3L, and paired differences between arms (``CONTRASTS``);
 per band also where answers go wrong (``answer_profile``: the answer's first digit, i.e. the units digit in the
 reversed format, vs the rest of it).
 Finished runs in ``--out`` are reused. Results go to ``--results`` (JSON and Markdown).
@@ -65,6 +67,14 @@ LOOPED = [
 NOPE = ["model.position=none"]
 ALL_ARMS = ("rope", "nope", "abacus", "abacus_nope", "abacus_looped")
 DEFAULT_ARMS = ("rope", "nope", "abacus", "abacus_nope")
+# (arm, reference) pairs compared on the same seeds: Abacus with either position embedding against its plain
+# model, the paper's pairing against the RoPE default, and looping on top of it
+CONTRASTS = (
+    ("abacus", "rope"),
+    ("abacus_nope", "nope"),
+    ("abacus_nope", "rope"),
+    ("abacus_looped", "abacus_nope"),
+)
 
 
 def abacus(digits: int) -> list[str]:
@@ -133,14 +143,17 @@ def summarize(per_seed: dict, seeds: list[int], digits: int) -> tuple[dict, dict
         for arm, runs in per_seed.items()
     }
     contrasts = {}
-    for a in ("abacus", "abacus_looped"):
-        for b in ("rope", "abacus"):
-            if a == b or a not in per_seed or b not in per_seed:
-                continue
-            for name, ls in groups.items():
+    for a, b in CONTRASTS:
+        if a in per_seed and b in per_seed:
+            for name, ls in list(groups.items())[:3]:  # the bands
                 contrasts[f"{a} − {b}: {name} digits"] = paired(
                     [band_accuracy(per_seed[a][str(s)], ls) for s in seeds],
                     [band_accuracy(per_seed[b][str(s)], ls) for s in seeds],
+                )
+            for name in list(groups)[1:3]:  # the units digit (first in the reversed answer) beyond the training lengths
+                contrasts[f"{a} − {b}: units digit right, {name} digits"] = paired(
+                    [per_seed[a][str(s)]["profile"][name]["first_digit"] for s in seeds],
+                    [per_seed[b][str(s)]["profile"][name]["first_digit"] for s in seeds],
                 )
     profile = {
         arm: {
