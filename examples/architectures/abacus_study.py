@@ -44,12 +44,14 @@ from arith_common import (
     BASE_CONFIG,
     HERE,
     answer_profile,
+    contrast_lines,
     exact_accuracy,
     load,
     mean_ci,
     paired,
     pct,
     run_facts,
+    runs_lines,
     setup_threads,
     train,
     write_corpus,
@@ -129,7 +131,7 @@ def band_accuracy(row: dict, lengths: list[str]) -> float:
     return statistics.fmean(row["eval"]["by_digits"][d] for d in lengths)
 
 
-def summarize(per_seed: dict, seeds: list[int], digits: int) -> tuple[dict, dict, dict]:
+def summarize(per_seed: dict, seeds: list[int], digits: int) -> tuple[dict, dict, dict, dict]:
     groups = bands(digits)
     table = {
         arm: {name: mean_ci([band_accuracy(runs[str(s)], ls) for s in seeds]) for name, ls in groups.items()}
@@ -172,17 +174,7 @@ def markdown(res: dict) -> str:
     lines = ["| arm | " + " | ".join(f"{n} digits %" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for arm, e in res["table"].items():
         lines.append(f"| {arm} | " + " | ".join(pct(e[n]) for n in names) + " |")
-    lines += [
-        "",
-        "| paired contrast (same seed) | mean ± 95% CI (points) | per seed | CI excludes 0 |",
-        "|---|---|---|---|",
-    ]
-    for name, c in res["contrasts"].items():
-        per = ", ".join(f"{100 * d:+.1f}" for d in c["per_seed"])
-        lines.append(
-            f"| {name} | {100 * c['mean']:+.1f} ± {100 * c['ci95']:.1f} | {per} | "
-            f"{'yes' if c['excludes_zero'] else 'no'} |"
-        )
+    lines += contrast_lines(res["contrasts"], "paired contrast (same seed)")
     arms = list(res["curve"])
     lines += ["", "| operand digits | " + " | ".join(f"{a} %" for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for d in range(1, 3 * res["digits"] + 1):
@@ -202,12 +194,7 @@ def markdown(res: dict) -> str:
             )
             + " |"
         )
-    lines += ["", "| arm | params | final val loss | train wall time (s) |", "|---|---|---|---|"]
-    for arm, runs in res["per_seed"].items():
-        first = runs[str(res["seeds"][0])]
-        loss = mean_ci([r["final_val_loss"] for r in runs.values()])
-        wall = sum(r["wall_time_s"] for r in runs.values()) / len(runs)
-        lines.append(f"| {arm} | {first['params']:,} | {loss['mean']:.3f} ± {loss['ci95']:.3f} | {wall:.0f} |")
+    lines += runs_lines(res["per_seed"], res["seeds"])
     n = len(res["seeds"])
     lines += [
         "",

@@ -7,7 +7,8 @@
 - ``exact_accuracy``: greedy exact-answer accuracy per operand length (``lmlab.eval.arithmetic``), at a given
   number of recurrent iterations;
 - ``answer_profile``: which part of the answer is wrong (its first digit or the rest);
-- ``mean_ci``: mean and the half-width of the 95% Student-t interval over seeds.
+- ``mean_ci``: mean and the half-width of the 95% Student-t interval over seeds;
+- ``contrast_lines`` / ``runs_lines``: the Markdown tables of paired contrasts and of the runs themselves.
 """
 
 from __future__ import annotations
@@ -144,3 +145,26 @@ def pct(cell: dict) -> str:
 
 def setup_threads() -> None:
     torch.set_num_threads(1)
+
+
+def contrast_lines(contrasts: dict, title: str) -> list[str]:
+    """A Markdown table of paired contrasts (``paired`` results, in points), headed by ``title``."""
+    lines = ["", f"| {title} | mean ± 95% CI (points) | per seed | CI excludes 0 |", "|---|---|---|---|"]
+    for name, c in contrasts.items():
+        per = ", ".join(f"{100 * d:+.1f}" for d in c["per_seed"])
+        lines.append(
+            f"| {name} | {100 * c['mean']:+.1f} ± {100 * c['ci95']:.1f} | {per} | "
+            f"{'yes' if c['excludes_zero'] else 'no'} |"
+        )
+    return lines
+
+
+def runs_lines(per_seed: dict, seeds: list[int]) -> list[str]:
+    """A Markdown table of each arm's parameters, final validation loss (mean ± CI) and mean training time."""
+    lines = ["", "| arm | params | final val loss | train wall time (s) |", "|---|---|---|---|"]
+    for arm, runs in per_seed.items():
+        first = runs[str(seeds[0])]
+        loss = mean_ci([r["final_val_loss"] for r in runs.values()])
+        wall = sum(r["wall_time_s"] for r in runs.values()) / len(runs)
+        lines.append(f"| {arm} | {first['params']:,} | {loss['mean']:.3f} ± {loss['ci95']:.3f} | {wall:.0f} |")
+    return lines

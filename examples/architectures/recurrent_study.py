@@ -35,12 +35,14 @@ import torch
 from arith_common import (
     BASE_CONFIG,
     HERE,
+    contrast_lines,
     exact_accuracy,
     load,
     mean_ci,
     paired,
     pct,
     run_facts,
+    runs_lines,
     setup_threads,
     train,
     write_corpus,
@@ -129,23 +131,8 @@ def markdown(res: dict) -> str:
         lines.append(
             f"| {label} | {pct(e['accuracy'])} | " + " | ".join(pct(e["by_digits"][d]) for d in lengths) + " |"
         )
-    lines += [
-        "",
-        "| paired contrast (same model and seed) | mean ± 95% CI (points) | per seed | CI excludes 0 |",
-        "|---|---|---|---|",
-    ]
-    for name, c in res["contrasts"].items():
-        per = ", ".join(f"{100 * d:+.1f}" for d in c["per_seed"])
-        lines.append(
-            f"| {name} | {100 * c['mean']:+.1f} ± {100 * c['ci95']:.1f} | {per} | "
-            f"{'yes' if c['excludes_zero'] else 'no'} |"
-        )
-    lines += ["", "| arm | params | final val loss | train wall time (s) |", "|---|---|---|---|"]
-    for arm, runs in res["per_seed"].items():
-        first = runs[str(res["seeds"][0])]
-        loss = mean_ci([r["final_val_loss"] for r in runs.values()])
-        wall = sum(r["wall_time_s"] for r in runs.values()) / len(runs)
-        lines.append(f"| {arm} | {first['params']:,} | {loss['mean']:.3f} ± {loss['ci95']:.3f} | {wall:.0f} |")
+    lines += contrast_lines(res["contrasts"], "paired contrast (same model and seed)")
+    lines += runs_lines(res["per_seed"], res["seeds"])
     n = len(res["seeds"])
     lines += [
         "",
