@@ -43,6 +43,7 @@ import torch
 from arith_common import (
     BASE_CONFIG,
     HERE,
+    RECURRENCE,
     answer_profile,
     contrast_lines,
     exact_accuracy,
@@ -59,13 +60,6 @@ from arith_common import (
 
 from lmlab.data.synthetic.arithmetic import HELDOUT_ARITHMETIC_SEED, eval_items
 
-LOOPED = [
-    "model.recurrence.enabled=true",
-    "model.recurrence.prelude_layers=1",
-    "model.recurrence.coda_layers=1",
-    "model.recurrence.mean_iterations=4",
-    "model.recurrence.backprop_depth=4",
-]
 NOPE = ["model.position=none"]
 ALL_ARMS = ("rope", "nope", "abacus", "abacus_nope", "abacus_looped")
 DEFAULT_ARMS = ("rope", "nope", "abacus", "abacus_nope")
@@ -93,7 +87,7 @@ def arm_overrides(arm: str, digits: int) -> list[str]:
         "nope": NOPE,
         "abacus": abacus(digits),
         "abacus_nope": [*abacus(digits), *NOPE],
-        "abacus_looped": [*abacus(digits), *NOPE, *LOOPED],
+        "abacus_looped": [*abacus(digits), *NOPE, *RECURRENCE],
     }[arm]
 
 

@@ -35,6 +35,14 @@ from lmlab.train.pretrained import load_model
 HERE = Path(__file__).resolve().parent
 BASE_CONFIG = HERE / "arith_study.yaml"
 _DIGITS = re.compile(r"[0-9]*")
+# recurrent depth as both studies use it: 1 prelude + 2 core + 1 coda blocks, r̄ = 4, gradients through 4 iterations
+RECURRENCE = [
+    "model.recurrence.enabled=true",
+    "model.recurrence.prelude_layers=1",
+    "model.recurrence.coda_layers=1",
+    "model.recurrence.mean_iterations=4",
+    "model.recurrence.backprop_depth=4",
+]
 CORPUS_SEED = 0  # the problems' stream; held-out problems come from eval_items' own seed (HELDOUT_ARITHMETIC_SEED)
 
 

@@ -35,6 +35,7 @@ import torch
 from arith_common import (
     BASE_CONFIG,
     HERE,
+    RECURRENCE,
     contrast_lines,
     exact_accuracy,
     load,
@@ -50,13 +51,6 @@ from arith_common import (
 
 from lmlab.data.synthetic.arithmetic import HELDOUT_ARITHMETIC_SEED, eval_items
 
-RECURRENCE = [
-    "model.recurrence.enabled=true",
-    "model.recurrence.prelude_layers=1",
-    "model.recurrence.coda_layers=1",
-    "model.recurrence.mean_iterations=4",
-    "model.recurrence.backprop_depth=4",
-]
 ARMS = {"recurrent": RECURRENCE, "baseline": []}
 TRAIN_R = 4  # the default test-time iterations (round(mean_iterations)), the reference of the contrasts
 
