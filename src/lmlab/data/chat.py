@@ -7,13 +7,16 @@ Records (one JSON object per line of a ``.jsonl`` file) come in three shapes:
   with ``"system": str``; a string prompt is one user turn and a string completion one assistant turn;
 - plain documents: ``{"text": str}`` (continued pretraining with packing; every token is a target).
 
-A chat template turns messages into text. The template is the tokenizer's own (the ``chat_template``
-of a ``tokenizer_config.json`` next to its ``tokenizer.json``, e.g. one kept by ``lmlab import-hf``)
-when it has one, else lmlab's built-in template, which is the one ``lmlab export-hf`` writes:
+A chat template turns messages into text. The template is the tokenizer's own (``chat_template.jinja``
+or the ``chat_template`` of a ``tokenizer_config.json`` next to its ``tokenizer.json``, e.g. one kept by
+``lmlab import-hf``) when it has one, else lmlab's built-in template, which ``lmlab export-hf`` writes:
 
     <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
 
-each message is ``<|role|>content<|end|>`` and a generation prompt opens ``<|assistant|>``. The loss
+each message is ``<|role|>content<|end|>`` and a generation prompt opens ``<|assistant|>``. The assistant's
+reply and its ``<|end|>`` sit inside ``{% generation %}`` markers, the Hugging Face convention that lets
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` (and so TRL's assistant-only loss) find the
+same tokens lmlab learns; lmlab renders the markers as their content. The loss
 mask comes from rendering the conversation message by message: the text a template adds for an
 assistant message after its generation prompt (the reply and its end-of-turn marker) is supervised,
 everything else (system/user turns and the assistant header) is context. Each piece is tokenized on
@@ -23,24 +26,25 @@ in every common template, where BPE cannot merge across anyway).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from lmlab.data.textio import iter_lines, json_lines, read_text
+from lmlab.data.tokenizer import END_OF_TURN
 from lmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-END_OF_TURN = "<|end|>"
 
 BUILTIN_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<|end|>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-"""lmlab's chat layout (identical to ``lmlab.recipes.hf_commands.CHAT_TEMPLATE``, so exported models
-render the same text under ``transformers``' ``apply_chat_template``)."""
+"""lmlab's chat layout, with ``{% generation %}`` around what an assistant turn learns; ``lmlab export-hf``
+writes it into exported tokenizers, so ``transformers``' ``apply_chat_template`` renders the same text."""
 
 Message = dict[str, str]
 LossOn = Literal["assistant", "all"]
@@ -62,7 +66,7 @@ class ChatTemplate:
         """The template's text for ``messages`` (``tokenizer`` supplies ``bos_token``/``eos_token``)."""
         bos = eos = ""
         if tokenizer is not None:
-            bos = tokenizer.id_to_token(tokenizer.bos_id) or ""
+            bos = tokenizer.id_to_token(tokenizer.bos_id) or "" if tokenizer.bos_id is not None else ""
             eos = tokenizer.id_to_token(tokenizer.eos_id) or ""
         try:
             return _compiled(self.source).render(
@@ -75,6 +79,21 @@ class ChatTemplate:
 _TEMPLATE_CACHE: dict[str, Any] = {}
 
 
+def _generation_markers():
+    """A Jinja extension for Hugging Face's ``{% generation %}...{% endgeneration %}`` block, rendered as its
+    body (lmlab finds the assistant tokens by rendering message by message, not from the markers)."""
+    from jinja2.ext import Extension
+
+    class GenerationMarkers(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)  # the "generation" name
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationMarkers
+
+
 def _compiled(source: str):
     """Compile once per source, in a sandbox (templates come from model files), HF's whitespace options."""
     if source not in _TEMPLATE_CACHE:
@@ -84,7 +103,7 @@ def _compiled(source: str):
         def raise_exception(message: str):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_markers()])
         env.globals["raise_exception"] = raise_exception
         try:
             _TEMPLATE_CACHE[source] = env.from_string(source)
@@ -94,21 +113,8 @@ def _compiled(source: str):
 
 
 def tokenizer_chat_template(tokenizer) -> str | None:
-    """The ``chat_template`` of the ``tokenizer_config.json`` beside the tokenizer's file, if any."""
-    source = getattr(tokenizer, "source", None)
-    if not source or source.startswith("<"):
-        return None
-    config = Path(source).parent / "tokenizer_config.json"
-    if not config.is_file():
-        return None
-    try:
-        template = json.loads(read_text(config)).get("chat_template")
-    except json.JSONDecodeError as err:
-        raise DataError(f"{config}: not valid JSON ({err})") from None
-    if isinstance(template, list):  # HF allows named templates: [{"name": "default", "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
+    """The chat template that came with the tokenizer (``TextTokenizer.chat_template``), if any."""
+    return getattr(tokenizer, "chat_template", None)
 
 
 def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> ChatTemplate:
@@ -128,7 +134,8 @@ def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> C
             raise DataError(f"chat template {template!r} is not 'builtin', an existing Jinja file or Jinja text")
     else:
         own = tokenizer_chat_template(tokenizer)
-        chosen = ChatTemplate(own, f"{tokenizer.source} chat_template") if own else ChatTemplate.builtin()
+        origin = getattr(tokenizer, "template_origin", None) or f"{tokenizer.source} chat_template"
+        chosen = ChatTemplate(own, origin) if own else ChatTemplate.builtin()
     if chosen.source == BUILTIN_TEMPLATE:
         missing = [
             t for t in ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN) if tokenizer.token_to_id(t) is None

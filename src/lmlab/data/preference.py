@@ -90,7 +90,7 @@ def _is_messages(value: Any) -> bool:
 
 
 def _render_text(tokenizer, prompt: str, answer: str) -> tuple[list[int], int, list[int]]:
-    prompt_ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+    prompt_ids = tokenizer.encode_document(prompt)
     ids = prompt_ids + tokenizer.encode(answer) + [tokenizer.eos_id]
     return ids, len(prompt_ids), prompt_ids
 

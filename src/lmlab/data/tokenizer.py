@@ -7,7 +7,16 @@ are always one token per digit, as in PaLM and Llama and as digit-position embed
 McLeish et al. 2024, arXiv 2405.17399; ``digit_token_ids`` gives their ids).
 Encoding never adds BOS/EOS, pads or truncates (a file's padding and truncation settings are turned
 off): the data pipeline places markers and cuts sequences explicitly, so what a model sees is
-decided in one place. ``hash`` identifies a tokenizer by the SHA-256 of its canonical JSON and is
+decided in one place. The marker a document or a bare prompt starts with is ``document_prefix``: what
+the tokenizer's own post-processor puts in front of a text (Llama's BOS, nothing for Qwen's), or, for
+a tokenizer without one (lmlab's BPE), lmlab's convention: the EOS token (in a token stream every
+document follows the previous one's EOS). ``lmlab export-hf`` writes that convention into the exported
+tokenizer's post-processor, so ``transformers`` and the tools built on it encode a text as lmlab does.
+
+The special tokens are the ones declared in the files beside ``tokenizer.json`` (``tokenizer_config.json``,
+``generation_config.json``; see ``lmlab.data.tokenizer_files``), which also give the chat template and the
+tokens that end a generation (``stop_ids``). Only a tokenizer that comes with no such declaration has its
+markers looked up by their usual names. ``hash`` identifies a tokenizer by the SHA-256 of its canonical JSON and is
 stored in every shard manifest, so shards can never be read with the wrong vocabulary.
 
 Texts longer than ``LONG_TEXT_CHARS`` are encoded in pieces cut at whitespace (``split_long_text``)
@@ -28,8 +37,9 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from lmlab.data.tokenizer_files import GENERATION_CONFIG, TOKENIZER_CONFIG, Declared, read_declared
 from lmlab.errors import ConfigError, DataError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -42,6 +52,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, PAD, *CHAT_TOKENS, *REFUSAL_TOKENS,
 BOS_NAMES = (BOS, "<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>", "<|im_start|>", "<|endoftext|>")
 EOS_NAMES = (EOS, "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>", "<|im_end|>")
 PAD_NAMES = (PAD, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+END_OF_TURN = "<|end|>"  # lmlab's chat turns end with it
 DIGITS = "0123456789"
 
 LONG_TEXT_CHARS = 64 * 1024
@@ -88,12 +99,25 @@ def whitespace_separable(tokenizer: Tokenizer) -> bool:
     )
 
 
+def read_backend(path: Path) -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` of a ``tokenizer.json``; missing or malformed -> ``DataError``."""
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"{path}: not a valid tokenizer.json ({str(err).splitlines()[0][:200]})") from None
+
+
 class TextTokenizer:
     """A tokenizer plus the ids of its document markers.
 
-    ``bos_id``/``eos_id``/``pad_id`` are found by common names (``BOS_NAMES``...) unless passed
-    explicitly. EOS is required (shards end every document with it); ``bos_id`` and ``pad_id`` are
-    ``None`` when the vocabulary has no such token.
+    ``bos_id``/``eos_id``/``pad_id`` are the tokens passed (``bos``/``eos``/``pad``, as declared by a
+    ``tokenizer_config.json``); with ``guess_missing`` (a tokenizer that comes with no declaration) the others
+    are found by common names (``BOS_NAMES``...). EOS is required (shards end every document with it);
+    ``bos_id`` and ``pad_id`` are ``None`` when there is no such token.
+    ``stop_ids``: EOS, the ``extra_stop_ids`` (an instruct model's end-of-turn tokens) and lmlab's ``<|end|>``
+    when the vocabulary has it. ``chat_template``: the template that came with the tokenizer, if any.
     """
 
     def __init__(
@@ -103,6 +127,10 @@ class TextTokenizer:
         bos: str | None = None,
         eos: str | None = None,
         pad: str | None = None,
+        extra_stop_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+        template_origin: str | None = None,
+        guess_missing: bool = True,
         source: str = "<memory>",
     ):
         # A tokenizer.json saved with padding or truncation on would pad or cut every document we encode.
@@ -110,11 +138,22 @@ class TextTokenizer:
         tokenizer.no_truncation()
         self._tok = tokenizer
         self.source = source
+        self._guess = guess_missing
         self.bos_id = self._find(bos, BOS_NAMES, "bos", required=False)
         self.eos_id = self._find(eos, EOS_NAMES, "eos")
         self.pad_id = self._find(pad, PAD_NAMES, "pad", required=False)
+        vocab = self.vocab_size
+        bad = [i for i in extra_stop_ids if not 0 <= i < vocab]
+        if bad:
+            raise DataError(f"tokenizer {source}: stop token ids {bad} are outside its vocabulary of {vocab}")
+        end = tokenizer.token_to_id(END_OF_TURN)
+        stops = [self.eos_id, *extra_stop_ids, *([end] if end is not None else [])]
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
+        self.chat_template = chat_template or None
+        self.template_origin = (template_origin or source) if self.chat_template else None
         self._hash: str | None = None
         self._separable: bool | None = None
+        self._prefix: list[int] | None = None
 
     def _find(self, explicit: str | None, names: Sequence[str], role: str, required: bool = True) -> int | None:
         if explicit is not None:
@@ -122,10 +161,12 @@ class TextTokenizer:
             if tid is None:
                 raise DataError(f"tokenizer {self.source} has no {role} token {explicit!r}")
             return tid
-        for name in names:
+        for name in names if self._guess else ():
             tid = self._tok.token_to_id(name)
             if tid is not None:
                 return tid
+        if required and not self._guess:
+            raise DataError(f"tokenizer {self.source} declares no {role} token")
         if required:
             raise DataError(
                 f"tokenizer {self.source} has no {role} token (looked for {', '.join(names)}); pass it explicitly"
@@ -171,13 +212,58 @@ class TextTokenizer:
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
-        if not p.is_file():
-            raise DataError(f"tokenizer file not found: {p}")
+        tok = read_backend(p)
+        declared = read_declared(p.parent)
         try:
-            tok = Tokenizer.from_file(str(p))
-        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"{p}: not a valid tokenizer.json ({str(err).splitlines()[0][:200]})") from None
-        return cls(tok, bos=bos, eos=eos, pad=pad, source=str(p))
+            return cls(
+                tok,
+                bos=bos or declared.bos,
+                eos=eos or declared.eos,
+                pad=pad or declared.pad,
+                extra_stop_ids=declared.stop_ids,
+                chat_template=declared.chat_template,
+                template_origin=declared.template_origin,
+                guess_missing=not (declared.bos or declared.eos or declared.pad),
+                source=str(p),
+            )
+        except DataError as err:
+            if declared == Declared():
+                raise
+            raise DataError(f"{err} (declared in {p.parent / TOKENIZER_CONFIG} or {GENERATION_CONFIG})") from None
+
+    def with_chat_template(self, template: str | None, origin: str | None = None) -> TextTokenizer:
+        """The same tokenizer with another chat template (``None``: none of its own)."""
+        return TextTokenizer(
+            self._tok,
+            bos=self._token(self.bos_id),
+            eos=self._token(self.eos_id),
+            pad=self._token(self.pad_id),
+            extra_stop_ids=self.stop_ids[1:],
+            chat_template=template,
+            template_origin=origin,
+            guess_missing=False,
+            source=self.source,
+        )
+
+    def _token(self, tid: int | None) -> str | None:
+        return None if tid is None else self._tok.id_to_token(tid)
+
+    def companion_files(self) -> dict[str, str]:
+        """``tokenizer_config.json`` (the special tokens and chat template) and ``generation_config.json``
+        (the stop tokens) in Hugging Face's format: what a run directory keeps beside ``tokenizer.json``, so
+        ``load`` of the run's tokenizer gets back the same markers and template."""
+        config: dict[str, object] = {
+            f"{role}_token": self._token(tid)
+            for role, tid in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
+            if tid is not None
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        generation = {"eos_token_id": list(self.stop_ids) if len(self.stop_ids) > 1 else self.eos_id}
+        return {
+            TOKENIZER_CONFIG: json.dumps(config, indent=1),
+            GENERATION_CONFIG: json.dumps(generation, indent=1),
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` to ``path`` (a file path, or a directory that gets ``tokenizer.json``)."""
@@ -236,6 +322,38 @@ class TextTokenizer:
         if self._separable is None:
             self._separable = whitespace_separable(self._tok)
         return self._separable
+
+    @property
+    def document_prefix(self) -> list[int]:
+        """The ids every document and bare prompt starts with: those the tokenizer's post-processor puts in
+        front of a text (Llama's BOS; nothing for Qwen's), or ``[eos_id]`` for a tokenizer with no
+        post-processor, lmlab's own (module docstring)."""
+        if self._prefix is None:
+            if self._tok.post_processor is None:
+                self._prefix = [self.eos_id]
+            else:
+                bare = self.encode("a")
+                full = self._tok.encode("a", add_special_tokens=True).ids
+                start = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
+                self._prefix = full[:start]
+        return list(self._prefix)
+
+    def encode_document(self, text: str) -> list[int]:
+        """``document_prefix`` + the ids of ``text``: a document or a bare prompt as the model reads it."""
+        return self.document_prefix + self.encode(text)
+
+    def json_with_prefix(self) -> str:
+        """``tokenizer.json`` whose post-processor puts ``document_prefix`` in front of every text, for export:
+        lmlab's convention written as a template processor (``EOS $A``) when the tokenizer has no
+        post-processor, else the tokenizer's own JSON (``add_special_tokens=False`` gives the bare ids)."""
+        if self._tok.post_processor is not None:
+            return self.to_json()
+        eos = self._token(self.eos_id)
+        exported = Tokenizer.from_str(self.to_json())
+        exported.post_processor = processors.TemplateProcessing(
+            single=f"{eos} $A", pair=f"{eos} $A $B:1", special_tokens=[(eos, self.eos_id)]
+        )
+        return exported.to_str()
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

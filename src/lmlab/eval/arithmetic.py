@@ -58,7 +58,7 @@ def evaluate_arithmetic(
     if device is not None:
         model.to(device)
     eos = tokenizer.eos_id
-    prompts = [[eos, *tokenizer.encode(p.text)] for p in items]
+    prompts = [tokenizer.encode_document(p.text) for p in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))  # similar lengths batch with little padding
 
     def stop(new_ids: list[int]) -> bool:

@@ -50,8 +50,9 @@ def generate_main(argv: list[str]) -> int:
     if tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    ids = prefix + tokenizer.encode(args.prompt)
+    ids = tokenizer.encode_document(args.prompt)
+    if not ids:
+        raise UserError("--prompt is empty and this tokenizer starts a text with no token of its own; give a prompt")
     for i in range(args.num_samples):
         with inference_options(args, model, topk=False):
             new = generate(
@@ -61,7 +62,7 @@ def generate_main(argv: list[str]) -> int:
                 temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
-                eos_id=tokenizer.eos_id,
+                eos_id=tokenizer.stop_ids,
                 generator=gen,
                 attention_topk=args.attention_topk,
             )

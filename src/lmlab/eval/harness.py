@@ -9,9 +9,10 @@
 - ``generate_until``: lmlab's KV-cache generation, batched over prompts of any length (left padding
   under the cache's key mask), cut at the first stop string.
 
-lmlab trains on documents that each follow an EOS token, so by default every context is prefixed with
-it (``add_bos_token=True``); ``add_bos_token=False`` reproduces lm-eval's ``hf`` model on an exported
-run token for token. It is registered as ``lmlab`` (``--model lmlab --model_args run=RUN``) when this
+By default every context starts with the tokenizer's ``document_prefix`` (``add_bos_token=True``): the
+EOS token that every document follows in lmlab's training data, or the BOS a foreign tokenizer adds. The
+tokenizer ``lmlab export-hf`` writes adds the same prefix, so lm-eval's ``hf`` model on the export scores
+the same tokens with its defaults; ``add_bos_token=False`` scores the bare text. It is registered as ``lmlab`` (``--model lmlab --model_args run=RUN``) when this
 module is imported; ``python -m lmlab.eval.lm_eval_cli`` is lm-eval's own CLI with it registered.
 
 Distributed (in-loop evaluation under ``torchrun``): lm-eval gives each rank a shard of the documents
@@ -140,14 +141,21 @@ class LmlabLM(TemplateLM):
         return chat.render(chat_history, add_generation_prompt=add_generation_prompt, tokenizer=self.tokenizer)
 
     def _stop_ids(self) -> set[int]:
-        """Tokens that end a generation: EOS and, for chat models, the end of an assistant turn."""
-        return {self.eot_token_id, end_of_turn_id(self.tokenizer)}
+        """Tokens that end a generation: the tokenizer's stop tokens (EOS, an end of turn) and lmlab's chat end."""
+        return {*getattr(self.tokenizer, "stop_ids", ()), self.eot_token_id, end_of_turn_id(self.tokenizer)}
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context (and each rolling window) is conditioned on: the document start, or EOS
+        for a tokenizer that starts documents with nothing (lm-eval's own choice then)."""
+        return (self.tokenizer.document_prefix or [self.eot_token_id])[-1]
 
     def _prefix_for(self, context: list[int]) -> list[int]:
-        """The document-start token before ``context``, unless lm-eval already put it there (an empty context)."""
-        if not self.add_bos_token or context[:1] == [self.eot_token_id]:
+        """The document prefix before ``context``, unless lm-eval already put it there (an empty context)."""
+        prefix = self.tokenizer.document_prefix
+        if not self.add_bos_token or not prefix or context[: len(prefix)] == prefix:
             return []
-        return [self.eot_token_id]
+        return prefix
 
     # ------------------------------------------------------------------ scoring
 

@@ -110,7 +110,7 @@ def memorization_eval(
         raise DataError(
             f"prefix {prefix_tokens} + new {new_tokens} tokens (+1 EOS) exceed the model's max_seq_len={max_len}"
         )
-    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    start = tokenizer.document_prefix
     usable: list[tuple[int, list[int], list[int]]] = []
     rows: list[dict[str, Any]] = []
     for i, doc in enumerate(documents):

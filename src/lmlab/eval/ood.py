@@ -16,9 +16,9 @@ text, while the base's likelihood cancels what makes a text intrinsically easy (
 vocabulary): the single-model likelihood log p_θ'(x) can rank a simple OOD text above an in-domain one
 (Nalisnick et al. 2019, *Do Deep Generative Models Know What They Don't Know?*), the ratio corrects for it.
 
-Tokenization follows lmlab's data: a document is ``[eos] + tokenizer.encode(text)`` (the EOS that separates
-documents in training acts as BOS, as in ``lmlab.eval.memorization``) and every token after it is scored, cut
-to the first ``max_tokens``; without an EOS id the first token is context only. Per-token log-probabilities
+Tokenization follows lmlab's data: a document is ``tokenizer.encode_document(text)`` (its document prefix: the
+EOS that separates documents in training, or a foreign tokenizer's BOS, as in ``lmlab.eval.memorization``) and
+every token after it is scored, cut to the first ``max_tokens``; with an empty prefix the first token is context only. Per-token log-probabilities
 are the negated cross-entropy of ``lmlab.objectives.lm.causal_lm_loss``, kept per document.
 
 Detection quality is the AUROC with the in-domain documents as positives: the Mann–Whitney U statistic
@@ -72,11 +72,11 @@ class Auroc:
 
 
 def encode_documents(tokenizer, documents: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids to score per document — the EOS (as BOS, when the tokenizer has one) and the document's first
+    """Token ids to score per document — the document prefix (lmlab's EOS, or a BOS) and the document's first
     ``max_tokens`` tokens — and whether each document was cut."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    start = tokenizer.document_prefix
     encoded = tokenizer.encode_batch(list(documents))
     return [start + ids[:max_tokens] for ids in encoded], [len(ids) > max_tokens for ids in encoded]
 

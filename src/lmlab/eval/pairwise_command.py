@@ -91,7 +91,7 @@ def generate_answers(
     answers, truncated = [], 0
     for prompt in prompts:
         if isinstance(prompt, str):
-            ids, stop = [tokenizer.eos_id, *tokenizer.encode(prompt)], tokenizer.eos_id
+            ids, stop = tokenizer.encode_document(prompt), tokenizer.eos_id
         else:
             ids, stop = render_prompt(tokenizer, prompt), end_of_turn_id(tokenizer)
         if len(ids) + budget > limit:

@@ -116,8 +116,7 @@ def render_problem(row: ProblemRow, path: str | Path, tokenizer, template, promp
     if prompt_format == "text":
         if not isinstance(obj.get("prompt"), str):
             raise DataError(f"{where}: --prompt-format text needs a string 'prompt'")
-        prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        return Problem(prefix + tokenizer.encode(obj["prompt"]), obj)
+        return Problem(tokenizer.encode_document(obj["prompt"]), obj)
     turns = obj.get("messages", obj.get("prompt"))
     if isinstance(turns, str):
         turns = [{"role": "user", "content": turns}]

@@ -32,7 +32,7 @@ def evaluate_recall(
     """``{"accuracy", "by_depth": {"0.0-0.2": acc, …}, "n"}``; ``attention_topk`` as in ``generate``."""
     if not items:
         raise DataError("evaluate_recall got no questions; make them with lmlab.data.synthetic.recall.recall_items")
-    prefix = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    prefix = tokenizer.document_prefix
     correct = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]

@@ -24,7 +24,7 @@ def write_samples(model: torch.nn.Module, tokenizer, cfg: RunConfig, run_dir: Pa
     model.eval()
     blocks = []
     for prompt in s.prompts:
-        ids = [tokenizer.eos_id, *tokenizer.encode(prompt)]
+        ids = tokenizer.encode_document(prompt)
         new = generate(
             model,
             ids,
@@ -32,7 +32,7 @@ def write_samples(model: torch.nn.Module, tokenizer, cfg: RunConfig, run_dir: Pa
             temperature=s.temperature,
             top_k=s.top_k,
             top_p=s.top_p,
-            eos_id=tokenizer.eos_id,
+            eos_id=tokenizer.stop_ids,
             generator=gen,
         )
         blocks.append(prompt + tokenizer.decode(new, skip_special_tokens=True))

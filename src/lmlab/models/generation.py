@@ -11,7 +11,7 @@ Degeneration", arXiv 1904.09751). Both are standalone functions on logits.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -122,18 +122,18 @@ def _generate_batch(
     temperature: float,
     top_k: int,
     top_p: float,
-    eos_id: int | None,
+    eos_ids: frozenset[int] | None,
     generator: torch.Generator | None,
     stop: Callable[[list[int]], bool] | None,
     cache_kind: CacheKind = "dynamic",
     cuda_graphs: bool = False,
     attention_topk: int | None = None,
 ) -> list[list[int]]:
-    """Generate for a batch of prompts of any lengths; each row stops after its ``eos_id`` or when ``stop`` says so.
+    """Generate for a batch of prompts of any lengths; each row stops after one of ``eos_ids`` or when ``stop`` says so.
 
     Prompts of different lengths are left-padded; the cache's key mask hides the padding and every row's
     positions count from its own first token, so a row's tokens do not depend on the others in its batch.
-    Without ``eos_id`` and ``stop`` no row can end early: the new tokens stay on the device until the end
+    Without ``eos_ids`` and ``stop`` no row can end early: the new tokens stay on the device until the end
     (no host synchronisation per step).
     """
     device = next(model.parameters()).device
@@ -163,15 +163,15 @@ def _generate_batch(
         decode = make_step()
         decode.start(width)
     with topk_attention_of(model, attention_topk):  # the prompt was read densely; each new token attends top-k
-        return _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_id,
+        return _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_ids,
                        generator, stop, decode if static else None, padded)  # fmt: skip
 
 
-def _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_id, generator,
+def _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, top_k, top_p, eos_ids, generator,
             stop, decode, padded) -> list[list[int]]:  # fmt: skip
     """The decoding loop of ``_generate_batch``, after the prompt's forward gave ``logits``."""
     static = decode is not None
-    check = eos_id is not None or stop is not None
+    check = eos_ids is not None or stop is not None
     outputs: list[list[int]] = [[] for _ in range(batch)]
     kept: list[torch.Tensor] = []  # new tokens [B] per step, when no row can end early
     finished = [False] * batch
@@ -181,7 +181,7 @@ def _decode(model, logits, cache, batch, lengths, max_new_tokens, temperature, t
             for row, token in enumerate(tokens.tolist()):
                 if not finished[row]:
                     outputs[row].append(token)
-                    ended = eos_id is not None and token == eos_id
+                    ended = eos_ids is not None and token in eos_ids
                     finished[row] = ended or (stop is not None and stop(outputs[row]))
             if all(finished):
                 break
@@ -208,7 +208,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     stop: Callable[[list[int]], bool] | None = None,
     *,
@@ -220,8 +220,8 @@ def generate(
 
     ``prompt_ids``: one prompt (a list of ids or a 1-D tensor) returns one list of new ids;
     a batch (a list of lists, or a 2-D tensor) returns one list per prompt, generated together
-    (prompts of different lengths are left-padded). Generation of a row stops after ``eos_id``
-    (which is included in the output) or once ``stop(new_ids_so_far)`` is true. ``temperature=0``
+    (prompts of different lengths are left-padded). Generation of a row stops after ``eos_id``, one id or
+    several (an instruct model's end of text and end of turn; it is included in the output) or once ``stop(new_ids_so_far)`` is true. ``temperature=0``
     is greedy decoding. ``model`` needs ``forward(ids, position_ids=..., kv_cache=...)`` and
     ``new_kv_cache()`` (``lmlab.models.decoder.Decoder``).
 
@@ -262,6 +262,7 @@ def generate(
     if max_new_tokens <= 0:
         outputs = [[] for _ in prompts]
         return outputs[0] if single else outputs
+    stops = None if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
     was_training = model.training
     model.eval()
     try:
@@ -272,7 +273,7 @@ def generate(
             temperature,
             top_k,
             top_p,
-            eos_id,
+            stops,
             generator,
             stop,
             cache,

@@ -295,8 +295,8 @@ def _rope_theta(hf: dict[str, Any], source: str) -> float:
     any scaling (linear, dynamic, YaRN, Llama-3 …) is refused: our RoPE is the plain one."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
-    for source in (params, scaling or {}):
-        kind = source.get("rope_type", source.get("type", "default"))
+    for settings in (params, scaling or {}):
+        kind = settings.get("rope_type", settings.get("type", "default"))
         if kind != "default":
             raise UserError(f"{source}: unsupported RoPE scaling '{kind}'; only plain RoPE is supported")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))

@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import save_file
 
 from lmlab.config import RunConfig, TokenizerConfig, TrainConfig, save_config, validate
-from lmlab.data.tokenizer import TextTokenizer
+from lmlab.data.chat import BUILTIN_TEMPLATE
+from lmlab.data.tokenizer import TextTokenizer, read_backend
+from lmlab.data.tokenizer_files import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TOKENIZER_CONFIG, read_declared
 from lmlab.errors import CheckpointError, DataError, UserError
 from lmlab.models import hf
 from lmlab.models.decoder import Decoder
@@ -34,12 +36,6 @@ from lmlab.safe_io import write_bytes_atomic
 from lmlab.train.checkpoint import model_state_dict, save_checkpoint
 from lmlab.train.pretrained import load_model
 
-# The chat layout written by export when the tokenizer has lmlab's chat tokens: each message is
-# <|role|> content <|end|>, and a generation prompt opens an assistant turn.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 _CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,7 +62,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
             f"{src} has no tokenizer.json; save the fast tokenizer first "
             "(AutoTokenizer.from_pretrained(dir).save_pretrained(dir))"
         )
-    tokenizer = TextTokenizer.load(tok_src)
+    tokenizer = declared_tokenizer(src, tok_src, hf_config)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise DataError(
             f"{tok_src} has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}"
@@ -85,9 +81,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
 
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / "tokenizer.json", tok_src.read_bytes())
-    if (src / "tokenizer_config.json").is_file():  # kept for export (chat template, special tokens)
-        tok_cfg = hf.shard_path(src, "tokenizer_config.json", src)
-        write_bytes_atomic(out / "tokenizer_config.json", tok_cfg.read_bytes())
+    for file_name, text in tokenizer.companion_files().items():  # declared tokens, stop tokens, chat template
+        write_bytes_atomic(out / file_name, text.encode())
     save_checkpoint(
         out,
         0,
@@ -101,6 +96,45 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
     )
     save_config(cfg, out / "config.yaml")
     return cfg
+
+
+def declared_tokenizer(src: Path, tok_src: Path, hf_config: dict[str, Any]) -> TextTokenizer:
+    """The model's tokenizer with the special tokens its files declare: ``tokenizer_config.json`` (and
+    ``chat_template.jinja``, ``generation_config.json``) beside it, else the ids of ``config.json``. A model
+    that declares no end-of-sequence token anywhere is refused rather than guessed."""
+    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG):
+        if (src / name).exists():
+            hf.shard_path(src, name, src)  # a symlink out of the model directory is refused
+    declared = read_declared(src)
+    raw = read_backend(tok_src)
+    by_id = {role: hf_config.get(f"{role}_token_id") for role in ("bos", "eos", "pad")}
+    fallback: dict[str, str | None] = {}
+    for role, tid in by_id.items():
+        if isinstance(tid, list):
+            tid = tid[0] if tid else None
+        fallback[role] = raw.id_to_token(tid) if isinstance(tid, int) else None
+    eos = declared.eos or (raw.id_to_token(declared.stop_ids[0]) if declared.stop_ids else None) or fallback["eos"]
+    if eos is None:
+        raise DataError(
+            f"{src} declares no end-of-sequence token (eos_token in {TOKENIZER_CONFIG}, eos_token_id in "
+            f"{GENERATION_CONFIG} or config.json); add one so generation knows where to stop"
+        )
+    config_ids = by_id["eos"] if isinstance(by_id["eos"], list) else []
+    try:
+        return TextTokenizer(
+            raw,
+            bos=declared.bos or fallback["bos"],
+            eos=eos,
+            pad=declared.pad or fallback["pad"],
+            extra_stop_ids=[*declared.stop_ids, *config_ids],
+            chat_template=declared.chat_template,
+            template_origin=declared.template_origin,
+            guess_missing=False,
+            source=str(tok_src),
+        )
+    except DataError as err:
+        where = f"{src / TOKENIZER_CONFIG}, {GENERATION_CONFIG} or config.json"
+        raise DataError(f"{err} (as declared by {where})") from None
 
 
 def import_main(argv: list[str]) -> int:
@@ -127,34 +161,26 @@ def import_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- export
 
 
-def _tokenizer_config(tokenizer: Any, run_dir: Path, max_seq_len: int) -> dict[str, Any]:
-    """``tokenizer_config.json`` for ``PreTrainedTokenizerFast``: special tokens and a chat template."""
-    imported = run_dir / "tokenizer_config.json"
-    base: dict[str, Any] = json.loads(imported.read_text()) if imported.is_file() else {}
+def _tokenizer_config(tokenizer: TextTokenizer, max_seq_len: int) -> dict[str, Any]:
+    """``tokenizer_config.json`` for ``PreTrainedTokenizerFast``: the special tokens and the chat template
+    (the run's own, else lmlab's built-in one, with ``{% generation %}`` markers, when the vocabulary has
+    lmlab's chat tokens)."""
     out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len}
-    for role, tid in (
-        ("bos_token", tokenizer.bos_id),
-        ("eos_token", tokenizer.eos_id),
-        ("pad_token", tokenizer.pad_id),
-    ):
-        if tid is not None:
-            out[role] = tokenizer.id_to_token(tid)
-    if base.get("chat_template"):
-        out["chat_template"] = base["chat_template"]
-    elif all(tokenizer.token_to_id(t) is not None for t in _CHAT_TOKENS):
-        out["chat_template"] = CHAT_TEMPLATE
+    out.update(json.loads(tokenizer.companion_files()[TOKENIZER_CONFIG]))
+    if "chat_template" not in out and all(tokenizer.token_to_id(t) is not None for t in _CHAT_TOKENS):
+        out["chat_template"] = BUILTIN_TEMPLATE
     return out
 
 
-def _generation_config(cfg: RunConfig, tokenizer: Any) -> dict[str, Any]:
-    s = cfg.sample
-    out: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+def _generation_config(tokenizer: TextTokenizer) -> dict[str, Any]:
+    """The token ids generation needs (every stop token as ``eos_token_id``), and no sampling settings: a
+    user's ``generate`` call decides those."""
+    out: dict[str, Any] = {
+        "bos_token_id": tokenizer.bos_id,
+        **json.loads(tokenizer.companion_files()[GENERATION_CONFIG]),
+    }
     if tokenizer.pad_id is not None:
         out["pad_token_id"] = tokenizer.pad_id
-    if s.temperature > 0:
-        out.update(do_sample=True, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    else:
-        out["do_sample"] = False
     return out
 
 
@@ -216,9 +242,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32
         weights = {k: v.to(_DTYPES[dtype]) for k, v in state.items()}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(cfg, tokenizer), indent=2))
-        (tmp / "tokenizer.json").write_text(tokenizer.to_json())
-        tok_cfg = _tokenizer_config(tokenizer, run_root, cfg.model.max_seq_len)
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(tokenizer), indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer.json_with_prefix())  # adds lmlab's document prefix
+        tok_cfg = _tokenizer_config(tokenizer, cfg.model.max_seq_len)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         _publish_dir(tmp, target)
     finally:

@@ -12,7 +12,6 @@ teacher, each logged per component). ``init_from`` gives the architecture, the w
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from pathlib import Path
@@ -111,18 +110,16 @@ def steps_for_epochs(cfg: RunConfig, n_rows: int, world_size: int = 1) -> RunCon
     return cfg
 
 
-def tokenizer_config(tokenizer: TextTokenizer, cfg: RunConfig) -> dict[str, Any]:
-    """The run's ``tokenizer_config.json``: the source's, with the chat template the run used when it is not
-    the built-in one, so generation, evaluation and export use the same template."""
-    source = Path(tokenizer.source).parent / "tokenizer_config.json" if not tokenizer.source.startswith("<") else None
-    config: dict[str, Any] = json.loads(source.read_text()) if source is not None and source.is_file() else {}
-    if cfg.sft.chat_template is not None:
-        template = resolve_template(tokenizer, cfg.sft.chat_template)
-        if template.origin == "builtin":
-            config.pop("chat_template", None)
-        else:
-            config["chat_template"] = template.source
-    return config
+def with_run_template(tokenizer: TextTokenizer, cfg: RunConfig) -> TextTokenizer:
+    """The tokenizer carrying the chat template the run uses (``sft.chat_template`` when set; the built-in one
+    is carried as none), so the run directory's tokenizer files, and generation, evaluation and export after
+    it, use the same template."""
+    if cfg.sft.chat_template is None:
+        return tokenizer
+    template = resolve_template(tokenizer, cfg.sft.chat_template)
+    if template.origin == "builtin":
+        return tokenizer.with_chat_template(None)
+    return tokenizer.with_chat_template(template.source, template.origin)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -172,6 +169,7 @@ class SFTRecipe:
             TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
         )
         cfg = fit_vocabulary(cfg, tokenizer)
+        tokenizer = with_run_template(tokenizer, cfg)
         s, t, ctx = cfg.sft, cfg.train, job.ctx
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         pad_to = t.seq_len if s.packing else None
@@ -196,7 +194,6 @@ class SFTRecipe:
 
         self.cfg, self.tokenizer, self.chat = cfg, tokenizer, any(r.text is None for r in train_records)
         data = {**stats.as_dict("train_"), **val_stats.as_dict("val_")}
-        tok_cfg = tokenizer_config(tokenizer, cfg)
         return Plan(
             cfg,
             model,
@@ -206,7 +203,6 @@ class SFTRecipe:
             eval_fn=eval_fn if val_rows else None,
             summary={"data": data, "teacher_topk_cache": cache, "unigram_entropy": None},
             first_records=[{"kind": "data", "step": 0, **data}],
-            files={"tokenizer_config.json": json.dumps(tok_cfg, indent=1)} if tok_cfg else {},
             headline=_data_report(job.run.path, cfg, stats, val_stats),
         )
 

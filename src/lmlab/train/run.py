@@ -242,8 +242,10 @@ class Run:
         self.started = True
         if self.ctx.is_main:
             save_config(cfg, self._file("config.yaml"))
-            if tokenizer is not None:
+            if tokenizer is not None:  # with its declared special tokens, stop tokens and chat template
                 write_text_atomic(self._file("tokenizer.json"), tokenizer.to_json())
+                for name, text in tokenizer.companion_files().items():
+                    write_text_atomic(self._file(name), text)
             for name, text in (files or {}).items():
                 write_text_atomic(self._file(name), text)
             env = environment(self.ctx.device)

@@ -44,6 +44,7 @@ def test_accuracy_by_depth_with_a_scripted_model(monkeypatch):
 
     class Tok:
         eos_id = None
+        document_prefix: list[int] = []
 
         def encode(self, text):
             return [ord(c) for c in text]

@@ -57,15 +57,18 @@ def _responses(results, task):
 
 
 def test_parity_with_lm_eval_hf_on_the_exported_model(run, exported, manager):
-    """Same per-choice log-likelihoods (1e-4), same accuracy, same rolling log-likelihoods and greedy answers.
-
-    lmlab's documents follow an EOS token; lm-eval's hf model is told so with prefix_token_id=EOS (it would use the
-    exported tokenizer's BOS otherwise), and lmlab's side runs without its default context prefix (as hf does)."""
-    tasks = ["lmlab_facts_mc", "lmlab_stories_ppl", "lmlab_facts_qa"]
-    ours_lm = LmlabLM(run=str(run), add_bos_token=False, batch_size=4)
+    """Same per-choice log-likelihoods (1e-4), same accuracy, same rolling log-likelihoods and greedy answers,
+    with both models' defaults: the exported tokenizer puts lmlab's document prefix (EOS) in front of every
+    context, as lmlab does. lm-eval's hf model is told the prefix token of empty contexts (it would take the
+    tokenizer's BOS otherwise); for rolling windows, which start with that token, it adds no special tokens."""
+    tasks = ["lmlab_facts_mc", "lmlab_facts_qa"]
+    ours_lm = LmlabLM(run=str(run), batch_size=4)
     hf_args = f"pretrained={exported},dtype=float32,prefix_token_id={ours_lm.eot_token_id}"
     hf = _evaluate(manager, "hf", tasks, 12, model_args=hf_args, device="cpu", batch_size=4)
-    ours = _evaluate(manager, ours_lm, tasks, 12)
+    ours = _evaluate(manager, ours_lm, [*tasks, "lmlab_stories_ppl"], 12)
+    hf_rolling = _evaluate(
+        manager, "hf", ["lmlab_stories_ppl"], 12, model_args=f"{hf_args},add_bos_token=False", device="cpu"
+    )
 
     ref, got = _responses(hf, "lmlab_facts_mc"), _responses(ours, "lmlab_facts_mc")
     assert len(ref) == 12 and all(len(choices) == 4 for choices in ref)
@@ -77,7 +80,7 @@ def test_parity_with_lm_eval_hf_on_the_exported_model(run, exported, manager):
     assert ours["results"]["lmlab_facts_mc"]["acc_norm,none"] == hf["results"]["lmlab_facts_mc"]["acc_norm,none"]
 
     # whole stories are longer than the 64-token context: several rolling windows each
-    for ref_doc, got_doc in zip(_responses(hf, "lmlab_stories_ppl"), _responses(ours, "lmlab_stories_ppl")):
+    for ref_doc, got_doc in zip(_responses(hf_rolling, "lmlab_stories_ppl"), _responses(ours, "lmlab_stories_ppl")):
         assert got_doc[0][0] == pytest.approx(ref_doc[0][0], abs=1e-3)
     assert _responses(ours, "lmlab_facts_qa") == _responses(hf, "lmlab_facts_qa")
 
@@ -170,7 +173,8 @@ def test_apply_chat_template_renders_prompts_with_the_runs_template(run, tmp_pat
 
 def test_cli_parity_lmlab_eval_harness_vs_lm_eval_hf(run, exported, tmp_path):
     """The issue's check, through both command lines: ``lmlab eval harness`` on the run and ``lm_eval --model hf`` on
-    its export write the same per-choice log-likelihoods (1e-4) and the same accuracy in their samples files."""
+    its export write the same per-choice log-likelihoods (1e-4) and the same accuracy in their samples files, each
+    with its defaults (the export's tokenizer adds lmlab's document prefix, as ``lmlab eval harness`` does)."""
     eos = LmlabLM(run=str(run)).eot_token_id
     hf_out, ours_out = tmp_path / "hf", tmp_path / "ours"
     lm_eval = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--device", "cpu", "--limit", "12"]
@@ -179,7 +183,7 @@ def test_cli_parity_lmlab_eval_harness_vs_lm_eval_hf(run, exported, tmp_path):
     lm_eval += ["--output_path", str(hf_out), "--metadata", json.dumps(META)]
     proc = subprocess.run(lm_eval, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    argv = ["eval", "harness", str(run), "--tasks", "lmlab_facts_mc", "--limit", "12", "--no-bos", "--log-samples"]
+    argv = ["eval", "harness", str(run), "--tasks", "lmlab_facts_mc", "--limit", "12", "--log-samples"]
     assert lmlab_main(argv + ["--output-path", str(ours_out), "--metadata", json.dumps(META)]) == 0
 
     def samples(root):

@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from unit.models.conftest import HF_VOCAB  # noqa: E402
+from unit.models.conftest import HF_VOCAB, write_hf_tokenizer  # noqa: E402
 
 from lmlab.cli import main as cli_main  # noqa: E402
 from lmlab.config import RunConfig, TokenizerConfig, load_config, save_config  # noqa: E402
@@ -64,7 +64,7 @@ def _hf_dir(root: Path, family: str, tokenizer_file: Path, **save_kwargs) -> tup
     _randomize(model, seed=1)
     path = root / family
     model.save_pretrained(path, **save_kwargs)
-    (path / "tokenizer.json").write_text(tokenizer_file.read_text())
+    write_hf_tokenizer(path, tokenizer_file)
     return path, model
 
 
@@ -102,7 +102,10 @@ def test_import_export_round_trip(family, tmp_path, tokenizer_file):
     assert set(exported) == set(original)
     assert all(torch.equal(exported[k], original[k]) for k in original)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "export")
-    assert hf_tok("the lazy fox")["input_ids"] == tokenizer.encode("the lazy fox")
+    # a bare text gets lmlab's document prefix (EOS) in transformers too; without special tokens the bare ids
+    assert hf_tok("the lazy fox")["input_ids"] == tokenizer.encode_document("the lazy fox")
+    assert hf_tok("the lazy fox")["input_ids"][0] == tokenizer.eos_id
+    assert hf_tok("the lazy fox", add_special_tokens=False)["input_ids"] == tokenizer.encode("the lazy fox")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -156,7 +159,9 @@ def test_export_of_an_lmlab_run_with_chat_template(tmp_path, tokenizer_file):
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|user|>hi<|end|><|assistant|>"
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == hf_tok.eos_token_id and gen["do_sample"] is True
+    # every token that ends a generation (EOS and the end of a chat turn), and no invented sampling settings
+    assert gen["eos_token_id"] == [hf_tok.eos_token_id, hf_tok.convert_tokens_to_ids("<|end|>")]
+    assert not {"do_sample", "temperature", "top_k", "top_p"} & set(gen)
 
 
 def test_export_bf16_and_qk_norm_with_bias_refused(tmp_path, tokenizer_file):

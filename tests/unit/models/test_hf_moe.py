@@ -15,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from unit.models.conftest import write_hf_tokenizer  # noqa: E402
 from unit.models.test_hf import COMMON as HF_COMMON  # noqa: E402
 from unit.models.test_hf import VOCAB, _ids, _randomize  # noqa: E402
 
@@ -71,7 +72,7 @@ def _hf_dir(root: Path, family: str, tokenizer_file: Path, **save_kwargs) -> tup
     model = _hf_model(family)
     path = root / family
     model.save_pretrained(path, **save_kwargs)
-    (path / "tokenizer.json").write_text(tokenizer_file.read_text())
+    write_hf_tokenizer(path, tokenizer_file)
     return path, model
 
 

@@ -47,10 +47,14 @@ def test_loss_on_all_marks_every_token_but_the_first(sft_tokenizer):
     assert mask == [False] + [True] * (len(ids) - 1)
 
 
-def test_builtin_template_matches_the_export_template():
-    from lmlab.recipes.hf_commands import CHAT_TEMPLATE
-
-    assert BUILTIN_TEMPLATE == CHAT_TEMPLATE
+def test_builtin_template_marks_what_an_assistant_turn_learns():
+    """The ``{% generation %}`` markers (HF's convention) render as their content and surround exactly the
+    text lmlab supervises: the reply and its end-of-turn marker."""
+    assert BUILTIN_TEMPLATE.count("{% generation %}") == 1
+    text = ChatTemplate.builtin().render(CONV)
+    assert "generation" not in text and text.endswith("<|assistant|>there<|end|>")
+    marked = BUILTIN_TEMPLATE.split("{% generation %}")[1].split("{% endgeneration %}")[0]
+    assert marked == "{{ message['content'] }}<|end|>"
 
 
 def test_render_prompt_opens_an_assistant_turn(sft_tokenizer):
