@@ -32,6 +32,7 @@ from lmlab.models.component import NOT_IN_WEIGHTS
 from lmlab.models.mlp import SwiGLUConfig
 from lmlab.models.moe import MoEConfig
 from lmlab.models.recurrent import RecurrenceConfig
+from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sizes import SIZES
 from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig
 from lmlab.safe_io import write_text_atomic
@@ -68,11 +69,13 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (multi-head attention)
+    head_size: int | None = None  # width of one attention head; None: d_model / n_heads (Qwen3 decouples them)
     max_seq_len: int = field(default=256, metadata=NOT_IN_WEIGHTS)
     # rotary position embedding on q/k (rope), or none: NoPE, positions only through the causal mask (and
     # Abacus digit places), as in length-generalisation work (Kazemnejad et al. 2023; McLeish et al. 2024)
     position: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3.1's long-context RoPE
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = field(default=0.02, metadata=NOT_IN_WEIGHTS)
@@ -94,7 +97,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -119,8 +122,12 @@ class ModelConfig:
     def validate(self) -> None:
         for key in ("d_model", "n_layers", "n_heads", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
             _positive(f"model.{key}", getattr(self, key))
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model}")
+        if self.head_size is not None:
+            _positive("model.head_size", self.head_size)
+        elif self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} must divide model.d_model={self.d_model} (or set model.head_size)"
+            )
         if self.n_kv_heads is not None:
             _positive("model.n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:
@@ -129,6 +136,7 @@ class ModelConfig:
             raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0 (0: from the tokenizer)")
         self.attention.validate(self, "model.attention")
         self.ffn.validate(self, "model.ffn")
+        self.rope_scaling.validate(self, "model.rope_scaling")
         self.abacus.validate(self, "model.abacus")
         self.recurrence.validate(self, "model.recurrence")
 
@@ -365,9 +373,17 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 2
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as listing tensorboard in trackers
+    # mirror metrics, the resolved config and the summary to experiment trackers (lmlab.train.trackers)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    tracker_project: str = "lmlab"  # W&B project / MLflow experiment (WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME win)
     progress: bool = True
     evals: list[EvalTaskConfig] = field(default_factory=list)  # downstream tasks during training
+
+    @property
+    def tracker_names(self) -> list[str]:
+        """The trackers to start: ``trackers``, with ``tensorboard: true`` as one of them."""
+        return list(dict.fromkeys([*self.trackers, *(["tensorboard"] if self.tensorboard else [])]))
 
     def validate(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_every", "eval_tokens"):

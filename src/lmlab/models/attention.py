@@ -45,13 +45,14 @@ class GQAConfig:
 
     def validate(self, model: ModelConfig, key: str) -> None:
         if model.head_dim % 2:
-            raise ConfigError(f"head dimension d_model/n_heads={model.head_dim} must be even for RoPE")
+            raise ConfigError(f"head dimension {model.head_dim} (d_model/n_heads or head_size) must be even for RoPE")
 
     def build(self, model: ModelConfig, layer: int) -> Attention:
         return Attention(
             model.d_model,
             model.n_heads,
             model.kv_heads,
+            head_dim=model.head_dim,
             qk_norm=self.qk_norm,
             qkv_bias=self.qkv_bias,
             norm_eps=model.norm_eps,
@@ -190,6 +191,7 @@ class Attention(nn.Module):
         n_heads: int,
         n_kv_heads: int,
         *,
+        head_dim: int | None = None,
         qk_norm: bool = False,
         qkv_bias: bool = False,
         norm_eps: float = 1e-5,
@@ -203,7 +205,7 @@ class Attention(nn.Module):
         self._mask_cache: dict[tuple, torch.Tensor] = {}  # full_mask's last causal + pattern mask
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.init_std = init_std
         self.out_std = out_std
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=qkv_bias)

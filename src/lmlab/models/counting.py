@@ -8,7 +8,7 @@ Conventions (used by ``summary.json`` and the scaling-law fitters):
   ``2·N_matmul + 2·n_layers·seq_len·d_attn + 2·d_model·V``, where N_matmul counts the
   weights of the q/k/v/o and MLP projections (biases and norms are negligible and left
   out), ``2·n_layers·seq_len·d_attn`` is Kaplan's attention term (d_attn = n_heads·head_dim
-  = d_model) with the causal mask *not* halving it, and ``2·d·V`` is the lm_head matmul.
+  = d_model unless ``head_size`` is set) with the causal mask *not* halving it, and ``2·d·V`` is the lm_head matmul.
   Each component contributes its own share (``ComponentCount`` from ``cfg.attention.count`` and
   ``cfg.ffn.count``), so a sparse variant counts only its active weights.
   Chinchilla (Hoffmann et al. 2022, App. F) counts the logits and the weighted sum of

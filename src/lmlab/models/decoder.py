@@ -99,7 +99,9 @@ class Decoder(nn.Module):
         # digit-place embeddings (lmlab.models.abacus) and recurrent depth (lmlab.models.recurrent), when enabled
         self.abacus = AbacusEmbedding(cfg.abacus, cfg.d_model, cfg.init_std) if cfg.abacus.enabled else None
         self.recurrence = Recurrence(cfg.recurrence, cfg.d_model, cfg.init_std) if cfg.recurrence.enabled else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, enabled=cfg.position == "rope")
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, enabled=cfg.position == "rope", scaling=cfg.rope_scaling
+        )
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))  # blocks initialise themselves
         self.patterned = any(pattern_of(block) is not None for block in self.layers)  # sliding / S2 layers
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

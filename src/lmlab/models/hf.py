@@ -7,13 +7,20 @@ Supported architectures (all Llama-style: RMSNorm, rotate-half RoPE, SwiGLU, GQA
   with that window in every layer: both attend to the last ``window`` positions, the query's own included;
   a sliding-window model without global layers, qk-norm or bias exports as Mistral),
 - ``Qwen2ForCausalLM`` (bias on the q/k/v projections: ``model.attention.qkv_bias``),
-- ``Qwen3ForCausalLM`` (RMSNorm on q and k over the head dimension before RoPE: ``model.attention.qk_norm``),
+- ``Qwen3ForCausalLM`` (RMSNorm on q and k over the head dimension before RoPE: ``model.attention.qk_norm``;
+  its heads are wider than hidden/heads: ``model.head_size``),
+- ``Phi3ForCausalLM`` (Llama with fused ``qkv_proj`` and ``gate_up_proj``, split on import; a ``sliding_window``
+  as Mistral's; exports as Llama, the same function; LongRoPE and partial rotary are refused),
 - ``MixtralForCausalLM`` (``model.ffn.kind=moe`` in every block: softmax router, top-k gates renormalised to
   sum to 1; its sliding window as Mistral's),
 - ``Qwen3MoeForCausalLM`` (qk-norm; MoE with ``renormalize = norm_topk_prob``; the blocks that
   ``mlp_only_layers`` / ``decoder_sparse_step`` make dense are ``model.ffn.layers``' complement, ``intermediate_size``
   wide; the experts are ``moe_intermediate_size`` wide). Qwen's per-layer windows (``use_sliding_window``) are
   exact on sequences no longer than the window, so ``max_seq_len`` is capped at it.
+
+Llama 3.1/3.2's RoPE frequency scaling (``rope_type: llama3``) is ``model.rope_scaling`` (``lmlab.models.rope``);
+other scalings (linear, dynamic, YaRN, LongRoPE) are refused. Gemma's families are refused with the reasons
+(``_REFUSED_ARCHITECTURES``): they need components lmlab's decoder does not have.
 
 Digit-place embeddings and recurrent depth have no Hugging Face architecture: such models do not export.
 
@@ -58,6 +65,7 @@ from lmlab.errors import CheckpointError, UserError
 from lmlab.models.attention import GQAConfig
 from lmlab.models.mlp import SwiGLUConfig, ffn_hidden_size
 from lmlab.models.moe import MoEConfig
+from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sparse_attention import SlidingWindowConfig
 
 SUPPORTED_ARCHITECTURES = (
@@ -67,6 +75,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
 )
 _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -75,9 +84,21 @@ _MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 # Mixture-of-experts families lmlab knows but cannot represent, with the reason (model_type -> architecture).
-_REFUSED_MODEL_TYPES = {"qwen2_moe": "Qwen2MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+_REFUSED_MODEL_TYPES = {
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "gemma3": "Gemma3ForConditionalGeneration",
+}
+_GEMMA = (
+    "it scales the embeddings by sqrt(hidden_size), its RMSNorm multiplies by (1 + weight) and its MLP is GeGLU "
+    "(gelu_pytorch_tanh), none of which lmlab's decoder has"
+)
 _REFUSED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": (
         "its shared expert is scaled by a learned sigmoid gate (shared_expert_gate), which lmlab's shared experts "
@@ -87,6 +108,17 @@ _REFUSED_ARCHITECTURES = {
         "its q/k RMSNorm spans the whole projection (all heads at once, OLMo style), while lmlab's "
         "model.attention.qk_norm normalises each head (Qwen3 style); it also may clip q/k/v (clip_qkv)"
     ),
+    "GemmaForCausalLM": _GEMMA,
+    "Gemma2ForCausalLM": (
+        f"{_GEMMA}; it also soft-caps attention scores and final logits, normalises after each sublayer as well "
+        "as before (sandwich norms) and alternates sliding-window and global layers"
+    ),
+    "Gemma3ForCausalLM": (
+        f"{_GEMMA}; it also normalises after each sublayer as well as before (sandwich norms), interleaves "
+        "sliding-window layers with their own RoPE base, and scales its queries by query_pre_attn_scalar"
+    ),
+    "Gemma3ForConditionalGeneration": "a vision-language model; lmlab trains text-only decoders (and Gemma 3's "
+    "text decoder needs components lmlab does not have: see Gemma3ForCausalLM)",
 }
 
 # --------------------------------------------------------------------------- names
@@ -122,6 +154,9 @@ _EXPERT = re.compile(r"^experts\.(\d+)\.(\w+)\.weight$")
 _HF_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
 # Our DeepSeek-V3 selection bias: a buffer with no HF counterpart (dropped on export if it changes nothing).
 _EXPERT_BIAS = re.compile(r"^layers\.(\d+)\.mlp\.expert_bias$")
+# Phi-3's fused projections: [q; k; v] rows and [gate; up] rows.
+_FUSED_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight$")
+_FUSED_GATE_UP = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight$")
 # Buffers some older HF checkpoints carry; they are recomputed, never weights.
 _HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -217,6 +252,30 @@ def _unfuse_experts(state: dict[str, torch.Tensor], arch: str) -> dict[str, torc
     return out
 
 
+def _unfuse_dense(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's ``qkv_proj`` ([q; k; v] rows) and ``gate_up_proj`` ([gate; up] rows) as separate projections."""
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        qkv, gate_up = _FUSED_QKV.match(name), _FUSED_GATE_UP.match(name)
+        if qkv and tensor.shape[0] == q_rows + 2 * kv_rows:
+            prefix = f"model.layers.{qkv.group(1)}.self_attn"
+            q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+            out.update({f"{prefix}.q_proj.weight": q, f"{prefix}.k_proj.weight": k, f"{prefix}.v_proj.weight": v})
+        elif gate_up and tensor.dim() == 2 and tensor.shape[0] % 2 == 0:
+            gate, up = tensor.chunk(2, dim=0)  # transformers: gate_up_proj(x).chunk(2, dim=-1) -> gate, up
+            out[f"model.layers.{gate_up.group(1)}.mlp.gate_proj.weight"] = gate
+            out[f"model.layers.{gate_up.group(1)}.mlp.up_proj.weight"] = up
+        elif qkv or gate_up:
+            raise CheckpointError(
+                f"Hugging Face weight '{name}' has shape {tuple(tensor.shape)}, which does not split into the "
+                f"projections of config.json ({q_rows} + 2 x {kv_rows} rows for qkv_proj, 2 x hidden for gate_up_proj)"
+            )
+        else:
+            out[name] = tensor
+    return out
+
+
 def _moe_family(cfg: ModelConfig) -> str | None:
     """The mixture-of-experts family whose weight names ``cfg`` uses (None: a dense model)."""
     if not isinstance(cfg.ffn, MoEConfig):
@@ -232,6 +291,8 @@ def hf_state_dict_to_lmlab(
     arch = arch if arch in _MOE_BLOCKS else _moe_family(cfg)
     if arch in _MOE_BLOCKS:
         state = _unfuse_experts(state, arch)
+    else:
+        state = _unfuse_dense(state, cfg)
     out = {}
     for name, tensor in state.items():
         if _HF_IGNORED.search(name):
@@ -290,16 +351,37 @@ def hf_architecture(hf: dict[str, Any], source: str = "config.json") -> str:
     return arch
 
 
-def _rope_theta(hf: dict[str, Any], source: str) -> float:
-    """RoPE base from ``rope_theta`` (transformers 4) or ``rope_parameters`` (transformers 5);
-    any scaling (linear, dynamic, YaRN, Llama-3 …) is refused: our RoPE is the plain one."""
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScalingConfig]:
+    """RoPE base and scaling from ``rope_theta`` + ``rope_scaling`` (transformers 4) or ``rope_parameters``
+    (transformers 5). Llama 3's scaling is ``model.rope_scaling``; any other (linear, dynamic, YaRN, LongRoPE …)
+    and partial rotary (RoPE on part of each head) are refused: our RoPE rotates whole heads."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    for settings in (params, scaling or {}):
+    scaling = hf.get("rope_scaling") or {}
+    rope = RopeScalingConfig()
+    for settings in (params, scaling):
         kind = settings.get("rope_type", settings.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"{source}: unsupported RoPE scaling '{kind}'; only plain RoPE is supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        if kind == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if k not in settings]
+            if missing:
+                raise UserError(f"{source}: rope_scaling of type 'llama3' needs {', '.join(missing)}")
+            rope = RopeScalingConfig(
+                kind="llama3",
+                factor=float(settings["factor"]),
+                low_freq_factor=float(settings["low_freq_factor"]),
+                high_freq_factor=float(settings["high_freq_factor"]),
+                original_max_seq_len=int(settings["original_max_position_embeddings"]),
+            )
+        elif kind != "default":
+            raise UserError(
+                f"{source}: unsupported RoPE scaling '{kind}'; lmlab supports plain RoPE and Llama 3's 'llama3'"
+            )
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) or 1.0)
+    if partial != 1.0:
+        raise UserError(f"{source}: unsupported partial_rotary_factor={partial}; lmlab rotates every channel of a head")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), rope
 
 
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
@@ -324,11 +406,9 @@ def hf_config_to_model_config(hf: dict[str, Any], source: str = "config.json") -
     if act != "silu":
         raise UserError(f"{source}: unsupported hidden_act '{act}'; only 'silu' (SwiGLU) is supported")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) * n_heads != d_model:
-        raise UserError(
-            f"{source}: unsupported head_dim={head_dim}; lmlab needs head_dim = hidden_size / "
-            f"num_attention_heads = {d_model // n_heads}"
-        )
+    head_size = int(head_dim) if head_dim is not None and int(head_dim) * n_heads != d_model else None
+    if head_size is None and d_model % n_heads:
+        raise UserError(f"{source}: hidden_size={d_model} is not a multiple of num_attention_heads={n_heads}")
     if hf.get("mlp_bias"):
         raise UserError(f"{source}: unsupported mlp_bias=true; lmlab's MLP has no biases")
     attn_bias = arch == "Qwen2ForCausalLM"
@@ -339,7 +419,7 @@ def hf_config_to_model_config(hf: dict[str, Any], source: str = "config.json") -
     window = hf.get("sliding_window")
     layer_types = hf.get("layer_types") or []
     uses_window = (
-        arch in ("MistralForCausalLM", "MixtralForCausalLM")  # a window whenever sliding_window is set
+        arch in _ONE_WINDOW  # a window whenever sliding_window is set
         or hf.get("use_sliding_window", False)
         or "sliding_attention" in layer_types
     )
@@ -347,24 +427,31 @@ def hf_config_to_model_config(hf: dict[str, Any], source: str = "config.json") -
         qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"), qkv_bias=attn_bias
     )
     if uses_window and window is not None and int(window) < max_seq_len:
-        if arch in ("MistralForCausalLM", "MixtralForCausalLM"):  # one window in every layer: lmlab's own
+        if arch in _ONE_WINDOW:  # one window in every layer: lmlab's own
             attention = SlidingWindowConfig(window=int(window))
         else:  # Qwen's per-layer windows: equal to full causal attention on sequences no longer than the window
             max_seq_len = int(window)
+    theta, rope_scaling = _rope(hf, source)
     return ModelConfig(
         vocab_size=int(_require(hf, "vocab_size", source)),
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
+        head_size=head_size,
         max_seq_len=max_seq_len,
-        rope_theta=_rope_theta(hf, source),
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
         attention=attention,
         ffn=_hf_ffn(hf, arch, n_layers, source),
     )
+
+
+# Families whose sliding_window applies to every layer whenever it is set.
+_ONE_WINDOW = ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
 
 
 def _hf_ffn(hf: dict[str, Any], arch: str, n_layers: int, source: str) -> SwiGLUConfig | MoEConfig:
@@ -432,6 +519,11 @@ def export_architecture(cfg: ModelConfig) -> str:
         return _moe_export_architecture(cfg, ffn)
     if attn.qk_norm:
         return "Qwen3ForCausalLM"
+    if attn.qkv_bias and cfg.head_size is not None:
+        raise UserError(
+            "cannot export model.attention.qkv_bias with model.head_size: Qwen2, the family with q/k/v bias, "
+            "has no head_dim setting (its heads are hidden_size / num_attention_heads wide)"
+        )
     return "Qwen2ForCausalLM" if attn.qkv_bias else "LlamaForCausalLM"
 
 
@@ -520,6 +612,7 @@ def model_config_to_hf_config(
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        **_rope_scaling_config(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
@@ -557,6 +650,22 @@ def model_config_to_hf_config(
                 mlp_only_layers=[i for i in range(cfg.n_layers) if not ffn.is_sparse(i)],
             )
     return out
+
+
+def _rope_scaling_config(cfg: ModelConfig) -> dict[str, Any]:
+    """``rope_scaling`` as transformers 4 writes it (transformers 5 reads it into ``rope_parameters``)."""
+    r = cfg.rope_scaling
+    if r.kind == "none":
+        return {}
+    return {
+        "rope_scaling": {
+            "rope_type": r.kind,
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_seq_len,
+        }
+    }
 
 
 # --------------------------------------------------------------------------- files

@@ -4,12 +4,63 @@ Pairs of channels of q and k are rotated by an angle ``position · theta^(-2i/d)
 dot product <q_m, k_n> depends on positions only through m − n. We use the *rotate-half*
 layout of Hugging Face Llama: channel i is paired with channel i + d/2 (not 2i with
 2i+1), so HF checkpoints load without permuting the q/k projection rows.
+
+``RopeScalingConfig(kind="llama3")`` is the frequency scaling Llama 3.1 and 3.2 ship with (Meta's
+"Llama 3 herd of models", Dubey et al. 2024, arXiv 2407.21783; ``rope_type: llama3`` in Hugging Face
+configs): with L the original context, a frequency whose wavelength 2π/f is shorter than
+L/high_freq_factor is kept, one longer than L/low_freq_factor is divided by ``factor``, and those in
+between are interpolated, s = (L/wavelength − low)/(high − low), f' = (1 − s)·f/factor + s·f.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 from torch import nn
+
+from lmlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmlab.config import ModelConfig
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for long contexts: ``none``, or Llama 3.1's ``llama3`` (module docstring)."""
+
+    kind: Literal["none", "llama3"] = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192  # the context the model was pretrained with before scaling
+
+    def validate(self, model: ModelConfig, key: str) -> None:
+        if self.kind == "none":
+            return
+        if not self.factor >= 1.0:
+            raise ConfigError(f"{key}.factor={self.factor} must be >= 1")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(
+                f"{key}.low_freq_factor={self.low_freq_factor} must be > 0 and below "
+                f"{key}.high_freq_factor={self.high_freq_factor}"
+            )
+        if self.original_max_seq_len <= 0:
+            raise ConfigError(f"{key}.original_max_seq_len={self.original_max_seq_len} must be > 0")
+
+    def scale(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """The scaled frequencies (fp32 [D/2]); unchanged for ``kind: none``."""
+        if self.kind == "none":
+            return inv_freq
+        wavelength = 2 * math.pi / inv_freq
+        context = float(self.original_max_seq_len)
+        smooth = (context / wavelength - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        interpolated = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        low = wavelength > context / self.low_freq_factor  # long wavelengths: slowed down by the factor
+        high = wavelength < context / self.high_freq_factor  # short ones: kept
+        return torch.where(low, inv_freq / self.factor, torch.where(high, inv_freq, interpolated))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +87,14 @@ class RotaryEmbedding(nn.Module):
     identity rotation (cos 1, sin 0), so q and k carry no position and every attention path stays the same.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        theta: float = 10000.0,
+        enabled: bool = True,
+        scaling: RopeScalingConfig | None = None,
+    ) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
@@ -44,13 +102,14 @@ class RotaryEmbedding(nn.Module):
         self.max_seq_len = max_seq_len
         self.theta = theta
         self.enabled = enabled
+        self.scaling = scaling or RopeScalingConfig()
         self._cos: torch.Tensor | None = None  # [L, D] fp32
         self._sin: torch.Tensor | None = None
 
     def inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
-        """theta^(-2i/d) for i = 0 .. d/2 − 1, fp32 [D/2]."""
+        """theta^(-2i/d) for i = 0 .. d/2 − 1, fp32 [D/2], after the configured scaling."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exponents)
+        return self.scaling.scale(1.0 / (self.theta**exponents))
 
     def _build(self, length: int, device: torch.device) -> None:
         positions = torch.arange(length, dtype=torch.int64, device=device).float()  # [L]
@@ -78,4 +137,5 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         if not self.enabled:
             return f"head_dim={self.head_dim}, enabled=False (NoPE)"
-        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"
+        scaled = "" if self.scaling.kind == "none" else f", scaling={self.scaling.kind}"
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}{scaled}"

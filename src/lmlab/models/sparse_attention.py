@@ -36,6 +36,7 @@ def _attention(model: ModelConfig, qk_norm: bool, qkv_bias: bool, pattern: MaskF
         model.d_model,
         model.n_heads,
         model.kv_heads,
+        head_dim=model.head_dim,
         qk_norm=qk_norm,
         qkv_bias=qkv_bias,
         norm_eps=model.norm_eps,

@@ -6,7 +6,9 @@ Import writes ``config.yaml`` (a ``RunConfig`` whose model section describes the
 eval, sft, align, a teacher for distillation) can use the model. Export writes
 ``config.json``, ``model.safetensors``, ``generation_config.json``, ``tokenizer.json`` and
 ``tokenizer_config.json`` that ``transformers`` loads with ``AutoModelForCausalLM`` /
-``AutoTokenizer``. Both are local-only: nothing is downloaded. Export writes into a fresh or empty
+``AutoTokenizer``. Import reads a local directory, or a Hub id (``org/name``) through ``huggingface_hub``:
+its cache first, and the network only when ``HF_HUB_OFFLINE`` is not set (``resolve_hf_source``); export is
+local-only. Export writes into a fresh or empty
 directory; a non-empty one is replaced only with ``--overwrite``, and then wholly (its old files are
 removed), so no file of another model (say a ``modeling_*.py`` that ``auto_map`` would run) is left
 beside the new weights.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -43,11 +46,45 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # --------------------------------------------------------------------------- import
 
 
-def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = None) -> RunConfig:
-    """Turn a local HF model directory into an lmlab run directory; return its ``RunConfig``."""
-    src, out = Path(hf_dir), Path(run_dir)
-    if not src.is_dir():
-        raise UserError(f"Hugging Face directory not found: {src}")
+# The files import reads (weights, configs, tokenizer, chat template): what a Hub download fetches.
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_hf_source(source: str | Path, revision: str | None = None) -> Path:
+    """A local model directory as given, or the snapshot of a Hub id (``org/name``) from ``huggingface_hub``'s
+    cache (``HF_HUB_CACHE``), downloaded only when it is missing there and ``HF_HUB_OFFLINE`` is not set."""
+    path = Path(source)
+    local = path.is_dir() or not _HUB_ID.match(str(source)) or path.parent.is_dir()  # "runs/x": a local path
+    if local:
+        if not path.is_dir():
+            raise UserError(f"Hugging Face directory not found: {path} (nor is it a Hub id like org/name)")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise UserError(
+            f"{source} is not a local directory; reading a Hub id needs huggingface_hub (pip install 'lmlab[hf]')"
+        ) from None
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{source}: directory not found, and as a Hub id it is not in the Hugging Face cache while downloading "
+            "is off (HF_HUB_OFFLINE) or the Hub is unreachable; download it once with HF_HUB_OFFLINE=0, or give "
+            "a local directory"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise UserError(f"{source}: could not be fetched from the Hugging Face Hub ({err})") from None
+
+
+def import_hf(
+    hf_dir: str | Path, run_dir: str | Path, *, name: str | None = None, revision: str | None = None
+) -> RunConfig:
+    """Turn a local HF model directory, or a Hub id (``resolve_hf_source``), into an lmlab run directory;
+    return its ``RunConfig``."""
+    src, out = resolve_hf_source(hf_dir, revision), Path(run_dir)
     if (out / "config.yaml").exists():
         raise UserError(f"{out} already holds a run (config.yaml); choose a new --out directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -71,8 +108,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, name: str | None = Non
     with torch.device("meta"):  # check names and shapes without allocating the model
         skeleton = Decoder(model_cfg)
     hf.check_state_dict(skeleton, state, source=str(src))
+    hub_name = str(hf_dir).split("/")[-1] if not Path(hf_dir).is_dir() else None
     cfg = RunConfig(
-        name=name or src.resolve().name,
+        name=name or hub_name or src.resolve().name,
         model=model_cfg,
         tokenizer=TokenizerConfig(path=str((out / "tokenizer.json").resolve())),
         train=replace(TrainConfig(), seq_len=min(TrainConfig().seq_len, model_cfg.max_seq_len)),
@@ -141,15 +179,20 @@ def import_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmlab import-hf",
         description=(
-            "Import a local Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE; "
+            "Import a Hugging Face checkpoint (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Phi-3, Mixtral, Qwen3-MoE; "
             "safetensors) as a run."
         ),
     )
-    parser.add_argument("hf_dir", help="directory with config.json, model.safetensors[.index.json], tokenizer.json")
+    parser.add_argument(
+        "hf_dir",
+        help="directory with config.json, model.safetensors[.index.json], tokenizer.json; or a Hub id (org/name), "
+        "read from the Hugging Face cache (downloaded only when HF_HUB_OFFLINE is not set)",
+    )
+    parser.add_argument("--revision", default=None, help="a Hub id's branch, tag or commit (default: main)")
     parser.add_argument("--out", required=True, help="run directory to create")
     parser.add_argument("--name", default=None, help="run name (default: the HF directory's name)")
     args = parser.parse_args(argv)
-    cfg = import_hf(args.hf_dir, args.out, name=args.name)
+    cfg = import_hf(args.hf_dir, args.out, name=args.name, revision=args.revision)
     m = cfg.model
     print(
         f"imported {args.hf_dir} -> {args.out}: {m.n_layers} layers, d_model {m.d_model}, "

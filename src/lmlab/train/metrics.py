@@ -1,34 +1,28 @@
-"""Run metrics: ``metrics.jsonl`` (always), TensorBoard (optional), console progress bar."""
+"""Run metrics: ``metrics.jsonl`` (always), mirrored to experiment trackers (optional), console progress bar."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import ConfigError
 from lmlab.safe_io import open_append, refuse_symlink, write_text_atomic
+from lmlab.train.trackers import Tracker, scalars
 
 
 class MetricsLogger:
-    """Appends one JSON object per record to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to ``metrics.jsonl``; mirrors its numbers to the run's trackers
+    (``lmlab.train.trackers``, started and finished by the run)."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, *, trackers: Sequence[Tracker] = (), resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         refuse_symlink(self.path)  # neither read nor written through a link out of the run directory
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
         self._file = open_append(self.path)
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ConfigError(
-                    "train.tensorboard=true needs the tensorboard package: pip install 'lmlab[tensorboard]'"
-                ) from err
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.trackers = list(trackers)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint so the log has no duplicate steps."""
@@ -46,17 +40,13 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            step = record.get("step", 0)
-            kind = record.get("kind", "train")
-            for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        values = scalars(record)
+        if values:
+            for tracker in self.trackers:
+                tracker.log(int(record.get("step", 0)), values)
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -41,12 +41,18 @@ from lmlab.train.metrics import MetricsLogger, read_metrics
 from lmlab.train.plots import plot_loss
 from lmlab.train.runtime import environment
 from lmlab.train.signals import StopRequest
+from lmlab.train.trackers import Tracker, start_trackers
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 # Settings that change how a run is watched, not what it computes: ignored when deciding whether a
 # directory holds "the same run".
-RUNTIME_ONLY = {("train", "progress"), ("train", "tensorboard")}
+RUNTIME_ONLY = {
+    ("train", "progress"),
+    ("train", "tensorboard"),
+    ("train", "trackers"),
+    ("train", "tracker_project"),
+}
 
 
 @dataclass
@@ -91,6 +97,7 @@ class Run:
         self.summary = RunSummary(kind, world_size=ctx.world_size)
         self.stop = StopRequest()
         self.started = False
+        self.trackers: list[Tracker] = []  # started by ``fit``, finished with the summary by ``finish``
         self._lock: RunLock | None = None
         self._created = False
         self._record: dict[str, Any] = {}
@@ -305,10 +312,17 @@ class Run:
         """``trainer.fit`` with ``metrics.jsonl`` (cut back to the resumed step), trackers and stop signals."""
         logger = None
         if self.ctx.is_main:
-            logger = MetricsLogger(
+            cfg = trainer.cfg
+            self.trackers = start_trackers(
+                cfg.train.tracker_names,
                 self.path,
-                tensorboard=trainer.cfg.train.tensorboard,
-                resume_step=trainer.step if self.resuming else None,
+                project=cfg.train.tracker_project,
+                run_name=cfg.name or self.path.resolve().name,
+                run_id=self.run_id,
+                config=to_dict(cfg),
+            )
+            logger = MetricsLogger(
+                self.path, trackers=self.trackers, resume_step=trainer.step if self.resuming else None
             )
             if not self.resuming:
                 for record in first_records:
@@ -342,12 +356,18 @@ class Run:
         return {k: v for k, v in record.items() if k not in ("kind", "step", "tokens")}
 
     def finish(self, *, unigram_entropy: float | None = None) -> RunSummary:
-        """Write the final summary and the loss plot; print how the run ended."""
+        """Write the final summary and the loss plot (and hand the summary to the trackers)."""
         self.write_summary()
+        self._end_trackers()
         if self.ctx.is_main:
             plot_loss(self.path, unigram_entropy)
         self.ctx.barrier()
         return self.summary
+
+    def _end_trackers(self) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish(self.summary.as_json())
 
     def _on_error(self, err: BaseException) -> None:
         """Mark a started run ``failed`` (with the error); remove a directory created for a run that never started."""
@@ -362,6 +382,8 @@ class Run:
             self._lock.release()
             self._lock = None
             shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(Exception):  # a tracker's own failure must not hide the run's error
+            self._end_trackers()
 
 
 def _comparable(config: dict | None) -> dict | None:

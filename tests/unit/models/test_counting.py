@@ -25,6 +25,7 @@ BASE = model_cfg(vocab_size=101, d_model=48, n_layers=3, n_heads=4, ffn_multiple
         {"n_kv_heads": 1, "qk_norm": True},
         {"attn_bias": True, "tie_embeddings": False},
         {"ffn_hidden": 100, "qk_norm": True, "attn_bias": True, "n_kv_heads": 2},
+        {"head_size": 20, "qk_norm": True, "n_kv_heads": 2},  # heads wider than d_model / n_heads (Qwen3)
     ],
 )
 def test_count_params_matches_the_built_model(overrides):

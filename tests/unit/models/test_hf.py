@@ -4,7 +4,10 @@ weight-exact round trips, greedy generation), plus the user errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from lmlab.errors import CheckpointError, UserError  # noqa: E402
 from lmlab.models import hf  # noqa: E402
 from lmlab.models.decoder import Decoder  # noqa: E402
 from lmlab.models.generation import generate  # noqa: E402
+from lmlab.models.rope import RopeScalingConfig  # noqa: E402
 from lmlab.recipes.hf_commands import export_main, import_main  # noqa: E402
 from lmlab.train.checkpoint import save_checkpoint  # noqa: E402
 from lmlab.train.pretrained import load_model  # noqa: E402
@@ -38,6 +42,11 @@ COMMON = dict(
     max_position_embeddings=128,
     rms_norm_eps=1e-6,
 )
+LLAMA3_SCALING = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}  # fmt: skip
+PHI3_IDS = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)  # its defaults (32000 …) exceed the test vocabulary
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, rope_theta=500.0, tie_word_embeddings=False),
     "smollm_tied": lambda: transformers.LlamaConfig(**{**COMMON, "num_key_value_heads": 1}, tie_word_embeddings=True),
@@ -46,6 +55,26 @@ FAMILIES = {
     "mistral_window": lambda: transformers.MistralConfig(**COMMON, head_dim=16, sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, rope_theta=1e6, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False),
+    # Qwen3's real shapes: heads wider than hidden / heads (0.6B: 16 heads of 128 on a 1024-wide stream)
+    "qwen3_wide_heads": lambda: transformers.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True),
+    # Llama 3.1/3.2: RoPE frequency scaling; an original context shorter than the test sequences uses all its bands
+    "llama3_scaled": lambda: transformers.LlamaConfig(
+        **COMMON,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling=dict(LLAMA3_SCALING),  # transformers adds keys to it
+    ),
+    # Phi-3: fused qkv_proj and gate_up_proj; its window as Mistral's
+    "phi3": lambda: transformers.Phi3Config(**COMMON, **PHI3_IDS, tie_word_embeddings=False, sliding_window=None),
+    "phi3_window": lambda: transformers.Phi3Config(**COMMON, **PHI3_IDS, tie_word_embeddings=False, sliding_window=8),
+}
+EXPORTED_AS = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_wide_heads": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mistral_window": "MistralForCausalLM",
+    "phi3_window": "MistralForCausalLM",  # Phi-3 is Llama / Mistral with fused projections: exported unfused
 }
 
 
@@ -90,12 +119,12 @@ def test_import_export_round_trip(family, tmp_path, tokenizer_file):
     # export: transformers loads it and gives the same logits; weights are bit-identical
     assert export_main([str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    exported_as = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-                   "mistral_window": "MistralForCausalLM"}  # fmt: skip
-    assert type(reloaded).__name__ == exported_as.get(family, "LlamaForCausalLM")
+    assert type(reloaded).__name__ == EXPORTED_AS.get(family, "LlamaForCausalLM")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, expected, atol=1e-4, rtol=0)
     original = hf.load_hf_state_dict(hf_path)
+    if family.startswith("phi3"):  # its fused projections, as the exported family writes them
+        original = hf._unfuse_dense(original, cfg.model)
     exported = hf.load_hf_state_dict(tmp_path / "export")
     if cfg.model.tie_embeddings:
         original.pop("lm_head.weight", None)
@@ -190,17 +219,41 @@ def test_config_mapping_details():
     assert qwen2.attention.qkv_bias and qwen2.tie_embeddings and qwen2.rope_theta == 1e6 and not qwen2.attention.qk_norm
     legacy = {"architectures": ["LlamaForCausalLM"], **COMMON, "rope_theta": 123.0, "rope_scaling": None}
     assert hf.hf_config_to_model_config(legacy).rope_theta == 123.0  # transformers 4 layout
+    llama3 = hf.hf_config_to_model_config({**legacy, "rope_scaling": LLAMA3_SCALING})  # transformers 4 layout
+    assert llama3.rope_scaling == RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16)
+    v5 = FAMILIES["llama3_scaled"]().to_dict() | {"architectures": ["LlamaForCausalLM"]}  # rope_parameters
+    assert "rope_parameters" in v5 and hf.hf_config_to_model_config(v5).rope_scaling == llama3.rope_scaling
+    assert hf.model_config_to_hf_config(llama3)["rope_scaling"] == {**LLAMA3_SCALING}
+    wide = hf.hf_config_to_model_config(FAMILIES["qwen3_wide_heads"]().to_dict())
+    assert (wide.head_size, wide.head_dim, wide.d_model // wide.n_heads) == (32, 32, 16)
+    with pytest.raises(UserError, match="Qwen2, the family with q/k/v bias, has no head_dim"):
+        hf.model_config_to_hf_config(dataclasses.replace(wide, attention=dataclasses.replace(
+            wide.attention, qk_norm=False, qkv_bias=True)))  # fmt: skip
+
+
+def test_llama3_rope_scaling_by_hand():
+    """Llama 3's bands for an original context L = 16, factor 8, low 1, high 4: wavelengths below L/4 = 4 are
+    kept, above L/1 = 16 divided by 8, and λ = 8 interpolated with s = (16/8 − 1)/(4 − 1) = 1/3:
+    f' = (1 − 1/3)·f/8 + (1/3)·f = (5/12)·f."""
+    scaling = RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 16)
+    f = 2 * math.pi / torch.tensor([2.0, 8.0, 32.0])
+    expected = torch.stack([f[0], f[1] * 5 / 12, f[2] / 8])
+    torch.testing.assert_close(scaling.scale(f), expected)
+    assert torch.equal(RopeScalingConfig().scale(f), f)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "RoPE scaling 'longrope'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling of type 'llama3' needs"),
+        ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"head_dim": 32}, "head_dim=32"),
+        ({"architectures": ["Gemma2ForCausalLM"]}, "soft-caps attention scores and final logits"),
+        ({"architectures": [], "model_type": "gemma3_text"}, "sandwich norms"),
     ],
 )
 def test_unsupported_configs_are_user_errors(change, message):
@@ -260,3 +313,27 @@ def test_what_no_hugging_face_family_has_does_not_export(settings, message):
     cfg = model_cfg(**{"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, **settings})
     with pytest.raises(UserError, match=message):
         hf.export_architecture(cfg)
+
+
+def test_import_from_a_hub_id_reads_the_cache(tmp_path, tokenizer_file, monkeypatch):
+    """``import-hf org/name`` resolves through huggingface_hub: a snapshot already in the cache (laid out as the
+    hub client writes it) is used with HF_HUB_OFFLINE=1 and nothing is downloaded; a missing one is one message."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    hf_path, hf_model = _hf_dir(tmp_path, "llama", tokenizer_file)
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--lmlab-test--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(hf_path, repo / "snapshots" / commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert import_main(["lmlab-test/tiny-llama", "--out", str(tmp_path / "run")]) == 0
+    model, cfg, _ = load_model(tmp_path / "run")
+    assert cfg.name == "tiny-llama"
+    x = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf_model(x).logits, atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="not in the Hugging Face cache while downloading is off"):
+        import_main(["lmlab-test/absent", "--out", str(tmp_path / "run2")])
+    with pytest.raises(UserError, match="directory not found: nowhere .nor is it a Hub id"):
+        import_main(["./nowhere", "--out", str(tmp_path / "run3")])
