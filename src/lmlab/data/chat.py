@@ -1,10 +1,14 @@
 """Chat data: reading SFT records, rendering conversations with a chat template, and the assistant mask.
 
-Records (one JSON object per line of a ``.jsonl`` file) come in three shapes:
+Records (one JSON object per line of a ``.jsonl`` file) come in the shapes fine-tuning datasets use:
 
 - conversations: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+- ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`` (``user`` and
+  ``assistant`` are accepted as ``from`` too), read as the same conversation;
 - prompt/completion pairs: ``{"prompt": str | [messages], "completion": str | [messages]}``, optionally
   with ``"system": str``; a string prompt is one user turn and a string completion one assistant turn;
+- Alpaca: ``{"instruction": str, "input": str (optional), "output": str}``: one user turn (the instruction,
+  then a blank line and the input when there is one) and the output as the learned assistant turn;
 - plain documents: ``{"text": str}`` (continued pretraining with packing; every token is a target).
 
 A chat template turns messages into text. The template is the tokenizer's own (``chat_template.jinja``
@@ -279,6 +283,10 @@ def parse_record(obj: Any, where: str) -> SFTRecord:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
         return SFTRecord(where, tuple(validate_messages(obj["messages"], where)))
+    if "conversations" in obj:
+        return SFTRecord(where, tuple(validate_messages(_sharegpt_messages(obj["conversations"], where), where)))
+    if "instruction" in obj:
+        return _alpaca_record(obj, where)
     if "prompt" in obj or "completion" in obj:
         if "prompt" not in obj or "completion" not in obj:
             raise DataError(f"{where}: a prompt/completion record needs both 'prompt' and 'completion'")
@@ -297,8 +305,40 @@ def parse_record(obj: Any, where: str) -> SFTRecord:
             raise DataError(f"{where}: 'text' must be a non-empty string")
         return SFTRecord(where, text=obj["text"])
     raise DataError(
-        f"{where}: unknown record; expected 'messages', 'prompt' + 'completion' or 'text' (keys: {', '.join(obj)})"
+        f"{where}: unknown record; expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'completion', "
+        f"'instruction' + 'output' (Alpaca) or 'text' (keys: {', '.join(obj)})"
     )
+
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _sharegpt_messages(turns: Any, where: str) -> list[Message]:
+    """ShareGPT's ``[{"from", "value"}]`` turns as ``{"role", "content"}`` messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns (ShareGPT)")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: ShareGPT turn {i} needs 'from' and 'value'")
+        if turn["from"] not in _SHAREGPT_ROLES:
+            raise DataError(
+                f"{where}: ShareGPT turn {i} has unknown 'from' {turn['from']!r}; valid: {', '.join(_SHAREGPT_ROLES)}"
+            )
+        out.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return out
+
+
+def _alpaca_record(obj: dict, where: str) -> SFTRecord:
+    """Alpaca's instruction (+ input) as the user turn, its output as the learned assistant turn."""
+    if "output" not in obj:
+        raise DataError(f"{where}: an Alpaca record needs 'output' besides 'instruction' (keys: {', '.join(obj)})")
+    for key in ("instruction", "input", "output"):
+        if key in obj and not isinstance(obj[key], str):
+            raise DataError(f"{where}: Alpaca field '{key}' must be a string")
+    user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+    return SFTRecord(where, tuple(validate_messages(messages, where)), n_context=1)
 
 
 def _as_turns(value: Any, role: str, where: str, key: str) -> list[Any]:

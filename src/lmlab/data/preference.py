@@ -1,7 +1,9 @@
 """Pairwise preference data: JSONL of ``prompt`` / ``chosen`` / ``rejected`` -> padded pair batches.
 
-Each line is one pair. ``prompt`` is text or a list of chat messages (``{"role", "content"}``);
-``chosen`` and ``rejected`` are the two answer texts. A text prompt is read as the start of a new
+Each line is one pair, in any of TRL's three formats: an explicit ``prompt`` (text or a list of chat
+messages ``{"role", "content"}``) with ``chosen`` and ``rejected`` answers (texts, or conversational: a list
+holding one assistant message); an implicit prompt, where ``chosen`` and ``rejected`` are whole texts or
+whole conversations and the prompt is their common beginning (``split_implicit_prompt``, TRL's convention). A text prompt is read as the start of a new
 document (prefixed with EOS, the separator the model saw in pretraining, as ``write_samples`` does)
 and each answer ends with EOS. A messages prompt is rendered with the fine-tuning chat template
 (``lmlab.data.chat``) and each answer becomes the assistant turn; the template's assistant mask marks
@@ -85,6 +87,34 @@ class PreferenceData:
 # --------------------------------------------------------------------------- tokenization
 
 
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of an implicit-prompt pair: the prompt is the longest common beginning of the
+    two (messages of conversations; characters of texts). For texts the cut moves back to the start of the word
+    where they differ, and the space before it stays with the answers (TRL keeps the space too, but cuts inside a
+    word: "four" / "five" would become "our" / "ive" after a prompt ending in "f")."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and n < min(len(chosen), len(rejected)):
+        while n > 0 and not chosen[n - 1].isspace():
+            n -= 1
+        if n > 0 and chosen[n - 1] == " ":
+            n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _answer_text(value: Any, name: str, where: str) -> str:
+    """An answer: a text, or (conversational) a list of exactly one assistant message."""
+    if isinstance(value, list) and len(value) == 1 and _is_messages(value) and value[0]["role"] == "assistant":
+        value = value[0]["content"]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {name!r} must be a string or one assistant message, got "
+            f"{type(value).__name__ if not isinstance(value, list) else f'{len(value)} messages'}"
+        )
+    return value
+
+
 def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
@@ -152,13 +182,12 @@ def load_preference_file(
         where = f"{p}:{number}"
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)}")
+        record = _with_prompt(record, where)
         missing = [k for k in REQUIRED_FIELDS if k not in record or record[k] in (None, "", [])]
         if missing:
             raise DataError(f"{where}: missing field {', '.join(repr(m) for m in missing)} (need {REQUIRED_FIELDS})")
-        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
-        for name, value in (("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(value, str):
-                raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        prompt = record["prompt"]
+        chosen, rejected = (_answer_text(record[k], k, where) for k in ("chosen", "rejected"))
         if isinstance(prompt, str):
             c_ids, c_start, prompt_ids = _render_text(tokenizer, prompt, chosen)
             r_ids, r_start, _ = _render_text(tokenizer, prompt, rejected)
@@ -188,6 +217,19 @@ def load_preference_file(
     if not data.pairs:
         raise DataError(f"{p}: no usable preference pairs ({data.lines} lines, {data.identical} identical skipped)")
     return data
+
+
+def _with_prompt(record: dict, where: str) -> dict:
+    """An implicit-prompt record (no ``prompt``) with its prompt split off; others as they are."""
+    if "prompt" in record or not all(isinstance(record.get(k), (str, list)) for k in ("chosen", "rejected")):
+        return record
+    prompt, chosen, rejected = split_implicit_prompt(record["chosen"], record["rejected"])
+    if not prompt:
+        raise DataError(
+            f"{where}: missing field 'prompt', and chosen and rejected share no beginning to read it from "
+            "(TRL's implicit-prompt format)"
+        )
+    return {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 # --------------------------------------------------------------------------- batches
