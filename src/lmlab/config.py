@@ -195,7 +195,12 @@ class DataConfig:
     mixture: list[MixtureSourceConfig] = field(default_factory=list)
     mixture_temperature: float = 1.0  # sampling ratio p_i ∝ weight_i^(1/T)
     files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)  # the validation split (else val_fraction of files)
     text_field: str = "text"
+    # how a .txt file becomes documents: at blank lines, at a separator line, in chunks, or whole
+    txt_documents: Literal["paragraphs", "separator", "chunks", "file"] = "paragraphs"
+    txt_separator: str = ""
+    txt_chunk_chars: int = 4096
     prepared_dir: str | None = None
     val_fraction: float = 0.05
     num_workers: int = 2
@@ -205,6 +210,11 @@ class DataConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _positive("data.txt_chunk_chars", self.txt_chunk_chars)
+        if self.txt_documents == "separator" and not self.txt_separator.strip():
+            raise ConfigError("data.txt_documents=separator needs data.txt_separator (the line that ends a document)")
+        if self.val_files and self.source != "files":
+            raise ConfigError(f"data.val_files is for data.source=files (it is {self.source})")
         if self.source == "files" and not self.files:
             raise ConfigError("data.source=files needs data.files (a list of .txt/.jsonl/.parquet paths)")
         if self.source == "prepared" and not self.prepared_dir:

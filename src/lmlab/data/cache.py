@@ -24,6 +24,7 @@ from lmlab.data.prepare import (
     FORMAT_VERSION,
     MANIFEST,
     Document,
+    TextSplit,
     expand_paths,
     file_sha256,
     prepare_shards,
@@ -134,32 +135,46 @@ def prepare_files(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
     """The cached shards of the run's local files (``data.files``) and their tokenizer."""
     d = cfg.data
     files = expand_paths(d.files)
-    hashes = {str(f): file_sha256(f) for f in files}
+    val_files = expand_paths(d.val_files) if d.val_files else []
+    hashes = {str(f): file_sha256(f) for f in [*files, *val_files]}
     tok_key, tok = _tokenizer_settings(cfg)
-    key = cache_key(
-        {
-            "source": "files",
-            "files": sorted(hashes.items()),
-            "text_field": d.text_field,
-            "split_seed": d.seed,
-            "val_fraction": d.val_fraction,
-            "tokenizer": tok_key,
-        }
-    )
+    parts = {
+        "source": "files",
+        "files": sorted(hashes.items()),
+        "text_field": d.text_field,
+        "split_seed": d.seed,
+        "val_fraction": d.val_fraction,
+        "tokenizer": tok_key,
+    }
+    if any(f.suffix == ".txt" for f in [*files, *val_files]):
+        parts["txt"] = [d.txt_documents, d.txt_separator, d.txt_chunk_chars]
+    if val_files:
+        parts["val_files"] = [str(f) for f in val_files]
+    key = cache_key(parts)
+    split = TextSplit(d.txt_documents, d.txt_separator, d.txt_chunk_chars)
+
+    def documents():
+        if not val_files:
+            return read_documents(files, d.text_field, split)
+        train = read_documents(files, d.text_field, split, split="train")
+        return itertools.chain(train, read_documents(val_files, d.text_field, split, split="val"))
+
     entry = cache_root() / "data" / f"files-{key[:16]}"
     hit = _cached(entry, tok)
     if hit:
         return hit
     if tok is None:
-        texts = (doc.text for doc in itertools.islice(read_documents(files, d.text_field), cfg.tokenizer.train_docs))
+        texts = (
+            doc.text for doc in itertools.islice(read_documents(files, d.text_field, split), cfg.tokenizer.train_docs)
+        )
         tok = TextTokenizer.train_bpe(
             texts, cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency, split_digits=cfg.tokenizer.split_digits
         )
     prepare_shards(
-        read_documents(files, d.text_field),
+        documents(),
         tok,
         entry,
-        val_fraction=d.val_fraction,
+        val_fraction=0.0 if val_files else d.val_fraction,
         seed=d.seed,
         num_workers=d.num_workers,
         source_hashes=hashes,

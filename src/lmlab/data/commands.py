@@ -13,7 +13,14 @@ import itertools
 import json
 from pathlib import Path
 
-from lmlab.data.prepare import DEFAULT_SHARD_TOKENS, expand_paths, file_sha256, prepare_shards, read_documents
+from lmlab.data.prepare import (
+    DEFAULT_SHARD_TOKENS,
+    TextSplit,
+    expand_paths,
+    file_sha256,
+    prepare_shards,
+    read_documents,
+)
 from lmlab.data.synthetic import get_world, world_names
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
@@ -28,6 +35,7 @@ def tokenizer_main(argv: list[str]) -> int:
     train.add_argument("--n-docs", type=int, default=20000, help="documents to train on (default 20000)")
     train.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     train.add_argument("--text-field", default="text", help="JSONL field / parquet column (default text)")
+    add_txt_options(train)
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--split-digits", action="store_true", help="give every digit its own token")
@@ -43,7 +51,8 @@ def tokenizer_main(argv: list[str]) -> int:
     if args.world:
         texts = get_world(args.world).documents(args.seed, args.n_docs)
     else:
-        texts = (d.text for d in itertools.islice(read_documents(args.files, args.text_field), args.n_docs))
+        docs = read_documents(args.files, args.text_field, txt_split(args, parser))
+        texts = (d.text for d in itertools.islice(docs, args.n_docs))
     tok = TextTokenizer.train_bpe(texts, args.vocab_size, args.min_frequency, split_digits=args.split_digits)
     path = tok.save(out / "tokenizer.json")
     print(f"wrote {path} (vocab {tok.vocab_size}, hash {tok.hash[:8]})")
@@ -70,6 +79,10 @@ def data_main(argv: list[str]) -> int:
     prep.add_argument("--workers", type=int, default=1)
     prep.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    prep.add_argument(
+        "--val-files", nargs="+", default=[], help="files for the validation split (then FILES are all training data)"
+    )
+    add_txt_options(prep)
     synth = sub.add_parser("synth", help="write a synthetic world's documents as JSONL")
     synth.add_argument("--world", required=True, help=", ".join(world_names()))
     synth.add_argument("--n-docs", type=int, required=True)
@@ -78,22 +91,46 @@ def data_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.action == "prepare":
-        return _prepare(args)
+        return _prepare(args, txt_split(args, parser))
     return _synth(args, parser)
 
 
-def _prepare(args: argparse.Namespace) -> int:
+def add_txt_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--txt-documents",
+        choices=["paragraphs", "separator", "chunks", "file"],
+        default="paragraphs",
+        help="how a .txt file becomes documents: at blank lines (default), at --txt-separator lines, in chunks of "
+        "--txt-chunk-chars characters, or one per file",
+    )
+    parser.add_argument("--txt-separator", default="", help="the line that ends a document (--txt-documents separator)")
+    parser.add_argument("--txt-chunk-chars", type=int, default=4096, help="characters per chunk (default 4096)")
+
+
+def txt_split(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TextSplit:
+    if args.txt_documents == "separator" and not args.txt_separator.strip():
+        parser.error("--txt-documents separator needs --txt-separator")
+    if args.txt_chunk_chars <= 0:
+        parser.error("--txt-chunk-chars must be > 0")
+    return TextSplit(args.txt_documents, args.txt_separator.strip(), args.txt_chunk_chars)
+
+
+def _prepare(args: argparse.Namespace, split: TextSplit) -> int:
     tok = TextTokenizer.load(args.tokenizer)
     files = expand_paths(args.files)
+    val_files = expand_paths(args.val_files) if args.val_files else []
+    documents = read_documents(files, args.text_field, split, split="train" if val_files else None)
+    if val_files:
+        documents = itertools.chain(documents, read_documents(val_files, args.text_field, split, split="val"))
     manifest = prepare_shards(
-        read_documents(files, args.text_field),
+        documents,
         tok,
         args.out,
-        val_fraction=args.val_fraction,
+        val_fraction=0.0 if val_files else args.val_fraction,
         seed=args.seed,
         shard_tokens=args.shard_tokens,
         num_workers=args.workers,
-        source_hashes={str(f): file_sha256(f) for f in files},
+        source_hashes={str(f): file_sha256(f) for f in [*files, *val_files]},
         if_exists="replace" if args.overwrite else "refuse",
     )
     print(f"prepared {args.out} (tokenizer {tok.hash[:8]}, vocab {tok.vocab_size}, {manifest['dtype']})")

@@ -1,7 +1,10 @@
 """Tokenize documents into flat memmap shards with a manifest.
 
-Reading (``read_documents``) streams documents from ``.txt`` (one file = one document), ``.jsonl``
-(one JSON object per line) and ``.parquet`` files; every malformed input, bytes that are not UTF-8
+Reading (``read_documents``) streams documents from ``.txt``, ``.jsonl`` (one JSON object per line) and
+``.parquet`` files. A ``.txt`` file is cut into documents per ``TextSplit``: at blank lines (``paragraphs``, the
+default: one file may hold a whole corpus, and the validation split then samples the whole of it rather than
+holding out whole files), at a separator line, into chunks of about N characters (cut at a line break), or kept
+whole (``file``); every malformed input, bytes that are not UTF-8
 included, is a ``DataError`` naming the file (and line). Writing (``prepare_shards``) tokenizes in a
 process pool over chunks of documents (results are consumed in order, so the output is identical for
 any ``num_workers``; a very long document is encoded in exact pieces, see ``lmlab.data.tokenizer``),
@@ -20,6 +23,7 @@ loss of the best model that ignores context; a trained model's validation loss i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -44,6 +48,46 @@ MANIFEST = "manifest.json"
 IfExists = Literal["refuse", "replace", "keep"]
 
 
+TxtDocuments = Literal["paragraphs", "separator", "chunks", "file"]
+
+
+@dataclass(frozen=True)
+class TextSplit:
+    """How a ``.txt`` file becomes documents (module docstring); ``line`` of a document is where it starts."""
+
+    mode: TxtDocuments = "paragraphs"
+    separator: str = ""  # ``separator``: a line equal to this (stripped) ends a document
+    chunk_chars: int = 4096  # ``chunks``: documents of about this many characters, cut at a line break
+
+    def documents(self, text: str) -> Iterator[tuple[int, str]]:
+        """``(first line, text)`` of each non-blank document of ``text``."""
+        if self.mode == "file":
+            if text.strip():
+                yield 1, text
+            return
+        start, piece, size = 1, [], 0
+        for number, line in enumerate(text.splitlines(keepends=True), 1):
+            ends_here = (self.mode == "paragraphs" and not line.strip()) or (
+                self.mode == "separator" and line.strip() == self.separator
+            )
+            if ends_here or (self.mode == "chunks" and piece and size + len(line) > self.chunk_chars):
+                yield from _document(start, piece)
+                piece, size = [], 0
+                if ends_here:
+                    continue
+            if not piece:
+                start = number
+            piece.append(line)
+            size += len(line)
+        yield from _document(start, piece)
+
+
+def _document(start: int, lines: list[str]) -> Iterator[tuple[int, str]]:
+    text = "".join(lines).strip("\n")
+    if text.strip():
+        yield start, text
+
+
 @dataclass(frozen=True)
 class Document:
     """One document's text and where it came from (``line`` is 1-based for JSONL, the row for parquet)."""
@@ -51,6 +95,7 @@ class Document:
     text: str
     source: str
     line: int | None = None
+    split: Literal["train", "val"] | None = None  # forced (a validation file), else by hash of the index
 
 
 # --------------------------------------------------------------------------- reading
@@ -85,27 +130,36 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_documents(paths: Iterable[str | Path], text_field: str = "text") -> Iterator[Document]:
-    """Stream the documents of ``paths``. Paths are checked now; file contents as they are read."""
+def read_documents(
+    paths: Iterable[str | Path],
+    text_field: str = "text",
+    txt: TextSplit | None = None,
+    split: Literal["train", "val"] | None = None,
+) -> Iterator[Document]:
+    """Stream the documents of ``paths`` (``.txt`` files cut per ``txt``; every document put in ``split`` when
+    given). Paths are checked now; file contents as they are read."""
     files = expand_paths(paths)
+    cutter = txt or TextSplit()
 
     def generate() -> Iterator[Document]:
         for f in files:
             n = 0
-            reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix]
-            for doc in reader(f, text_field):
+            if f.suffix == ".txt":
+                docs = _read_txt(f, cutter)
+            else:
+                docs = {".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix](f, text_field)
+            for doc in docs:
                 n += 1
-                yield doc
+                yield doc if split is None else dataclasses.replace(doc, split=split)
             if n == 0:
                 raise DataError(f"{f}: empty file (no documents)")
 
     return generate()
 
 
-def _read_txt(path: Path, text_field: str) -> Iterator[Document]:
-    text = read_text(path)
-    if text.strip():
-        yield Document(text, str(path))
+def _read_txt(path: Path, split: TextSplit) -> Iterator[Document]:
+    for line, text in split.documents(read_text(path)):
+        yield Document(text, str(path), line if split.mode != "file" else None)
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
@@ -377,7 +431,7 @@ def _write(
         src = sources.setdefault(doc.source, {"path": doc.source, "documents": 0, "tokens": 0})
         src["documents"] += 1
         src["tokens"] += len(tokens)
-        if is_val_doc(seed, index, val_fraction):
+        if doc.split == "val" or (doc.split is None and is_val_doc(seed, index, val_fraction)):
             writers["val"].write(tokens)
         else:
             if held is not None:
@@ -388,7 +442,10 @@ def _write(
     # At least one validation document when one is asked for: the last train document moves to val.
     if val_fraction > 0 and writers["val"].documents == 0:
         if writers["train"].documents == 0:
-            raise DataError(f"only {n_docs} document(s): need at least 2 to make train and val splits")
+            raise DataError(
+                f"only {n_docs} document(s): need at least 2 to make train and val splits (a .txt file is cut at "
+                "blank lines by default; data.txt_documents=chunks cuts one without them)"
+            )
         writers["val"].write(held)
     elif held is not None:
         writers["train"].write(held)

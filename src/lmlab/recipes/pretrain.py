@@ -70,6 +70,9 @@ class PretrainRecipe:
             f"run {job.run.path}: {model.num_params() / 1e6:.2f}M parameters, {t.steps} steps of "
             f"{t.micro_batch_size * t.grad_accum * world}x{t.seq_len} tokens on {where}"
         )
+        splits = data_splits(cfg, data_dir)
+        if splits:
+            headline += "\n" + splits
         return Plan(
             cfg,
             model,
@@ -112,6 +115,24 @@ class PretrainRecipe:
 
     def report(self, job: Job, summary: dict[str, Any]) -> None:
         print_report(job.run.path, summary)
+
+
+def data_splits(cfg: RunConfig, data_dir) -> str | None:
+    """One line naming the train and validation splits and their sizes (None for a mixture)."""
+    if cfg.data.source == "mixture":
+        return None
+    splits = load_manifest(data_dir).get("splits", {})
+    d = cfg.data
+    if d.source == "files" and d.val_files:
+        origin = f"data.val_files: {', '.join(d.val_files)}"
+    else:
+        origin = f"{d.val_fraction:.0%} of the documents (data.val_fraction)"
+
+    def size(name: str) -> str:
+        info = splits.get(name, {})
+        return f"{info.get('documents', 0):,} documents, {info.get('tokens', 0):,} tokens"
+
+    return f"data: train {size('train')}; validation {size('val')} from {origin}"
 
 
 def run_pretraining(cfg: RunConfig, run_dir, **options) -> dict[str, Any]:
