@@ -216,7 +216,9 @@ class DataConfig:
         if self.val_files and self.source != "files":
             raise ConfigError(f"data.val_files is for data.source=files (it is {self.source})")
         if self.source == "files" and not self.files:
-            raise ConfigError("data.source=files needs data.files (a list of .txt/.jsonl/.parquet paths)")
+            raise ConfigError(
+                "data.source=files needs data.files (a list of .txt/.jsonl/.json/.csv/.parquet paths or save_to_disk folders)"
+            )
         if self.source == "prepared" and not self.prepared_dir:
             raise ConfigError("data.source=prepared needs data.prepared_dir")
         self.synthetic.validate()
@@ -544,10 +546,12 @@ class ObjectiveConfig:
 
 @dataclass
 class SFTConfig:
-    """Supervised fine-tuning data: JSONL conversations or prompt/completion pairs."""
+    """Supervised fine-tuning data: conversations (messages, ShareGPT), prompt/completion or Alpaca records in any
+    format ``lmlab.data.rows`` reads (JSONL, JSON, CSV, parquet, a save_to_disk folder, a datasets id)."""
 
     train_file: str | None = None
     val_file: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # the dataset's column -> the name lmlab reads
     loss_on: Literal["assistant", "all"] = "assistant"
     packing: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"
@@ -560,10 +564,12 @@ class SFTConfig:
 
 @dataclass
 class AlignConfig:
-    """Preference optimization (docs/science.md §7)."""
+    """Preference optimization (docs/science.md §7); data in TRL's formats from any source ``lmlab.data.rows``
+    reads."""
 
     train_file: str | None = None
     val_file: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # the dataset's column -> prompt / chosen / rejected
     loss: Literal["dpo", "ipo", "simpo", "ln_dpo", "orpo"] = "dpo"
     beta: float = 0.1
     gamma: float = 0.5  # SimPO target margin

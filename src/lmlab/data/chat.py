@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmlab.data.textio import iter_lines, json_lines, read_text
+from lmlab.data.rows import read_rows
+from lmlab.data.textio import read_text
 from lmlab.data.tokenizer import END_OF_TURN
 from lmlab.errors import DataError
 
@@ -349,14 +350,10 @@ def _as_turns(value: Any, role: str, where: str, key: str) -> list[Any]:
     raise DataError(f"{where}: '{key}' must be a string or a list of messages")
 
 
-def read_records(path: str | Path) -> list[SFTRecord]:
-    """All records of a JSONL file (blank lines skipped); every error names ``file:line``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"SFT data file not found: {p}")
-    records = []
-    for lineno, obj in json_lines(iter_lines(p), p):
-        records.append(parse_record(obj, f"{p}:{lineno}"))
+def read_records(path: str | Path, columns: dict[str, str] | None = None) -> list[SFTRecord]:
+    """All records of a dataset (``lmlab.data.rows``: JSONL, JSON, CSV, parquet, a ``save_to_disk`` folder or a
+    ``datasets`` id), columns renamed per ``columns``; every error names the file and line or row."""
+    records = [parse_record(obj, where) for where, obj in read_rows(path, columns=columns, what="SFT data file")]
     if not records:
-        raise DataError(f"{p}: no records")
+        raise DataError(f"{path}: no records")
     return records

@@ -30,7 +30,9 @@ def tokenizer_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmlab tokenizer", description="Train a byte-level BPE tokenizer.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train on local files or on a synthetic world")
-    train.add_argument("files", nargs="*", help=".txt/.jsonl/.parquet files or directories")
+    train.add_argument(
+        "files", nargs="*", help=".txt/.jsonl/.json/.csv/.parquet files, directories, save_to_disk folders"
+    )
     train.add_argument("--world", help=f"a synthetic world instead of files ({', '.join(world_names())})")
     train.add_argument("--n-docs", type=int, default=20000, help="documents to train on (default 20000)")
     train.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
@@ -70,7 +72,9 @@ def data_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lmlab data", description="Prepare token shards or synthetic text.")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize files into train/val memmap shards")
-    prep.add_argument("files", nargs="+", help=".txt/.jsonl/.parquet files or directories")
+    prep.add_argument(
+        "files", nargs="+", help=".txt/.jsonl/.json/.csv/.parquet files, directories, save_to_disk folders"
+    )
     prep.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory holding one)")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--overwrite", action="store_true", help="replace --out if it already holds prepared data")

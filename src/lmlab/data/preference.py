@@ -23,7 +23,6 @@ which key the cached reference log-probs).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from lmlab.data import chat
-from lmlab.data.textio import json_lines, lines_of_bytes
+from lmlab.data.rows import read_rows, source_sha256
 from lmlab.errors import DataError
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -163,25 +162,22 @@ def load_preference_file(
     identical_pairs: str = "skip",
     chat_template: str | None = None,
     limit: int | None = None,
+    columns: dict[str, str] | None = None,
 ) -> PreferenceData:
-    """Read and tokenize a preference JSONL file.
+    """Read and tokenize a preference dataset (any source ``lmlab.data.rows`` reads; ``columns`` renames its
+    columns, e.g. ``{"question": "prompt"}``); a pair's ``line`` is its position in the dataset.
 
     Raises ``DataError`` naming the file and line for malformed JSON, a missing or empty field, a
     field of the wrong type, or (with ``identical_pairs="error"``) identical chosen and rejected
     answers; a file with no usable pair is also a ``DataError``.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"preference file not found: {p}")
     if identical_pairs not in ("skip", "error"):
         raise ValueError(f"identical_pairs must be 'skip' or 'error', got {identical_pairs!r}")
-    raw = p.read_bytes()
-    data = PreferenceData(path=p, pairs=[], sha256=hashlib.sha256(raw).hexdigest())
-    for number, record in json_lines(lines_of_bytes(raw, p), p):
+    rows = read_rows(p, columns=columns, what="preference file")
+    data = PreferenceData(path=p, pairs=[], sha256=source_sha256(p))
+    for number, (where, record) in enumerate(rows, 1):
         data.lines += 1
-        where = f"{p}:{number}"
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with {', '.join(REQUIRED_FIELDS)}")
         record = _with_prompt(record, where)
         missing = [k for k in REQUIRED_FIELDS if k not in record or record[k] in (None, "", [])]
         if missing:

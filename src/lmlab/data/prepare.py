@@ -37,13 +37,14 @@ from typing import Literal
 import numpy as np
 
 from lmlab.data import tempdirs
+from lmlab.data.rows import is_saved_dataset, read_rows, source_sha256
 from lmlab.data.textio import iter_lines, json_lines, read_text
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 64 * 2**20
-SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 MANIFEST = "manifest.json"
 IfExists = Literal["refuse", "replace", "keep"]
 
@@ -108,7 +109,9 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     if not given:
         raise DataError("no data files given")
     for p in given:
-        if p.is_dir():
+        if is_saved_dataset(p):  # a datasets save_to_disk folder is one source
+            out.append(p)
+        elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
             if not found:
                 raise DataError(f"directory {p} has no {'/'.join(SUPPORTED_SUFFIXES)} files")
@@ -123,6 +126,9 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder source's files (``lmlab.data.rows.source_sha256``)."""
+    if Path(path).is_dir():
+        return source_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -146,8 +152,10 @@ def read_documents(
             n = 0
             if f.suffix == ".txt":
                 docs = _read_txt(f, cutter)
-            else:
+            elif f.suffix in (".jsonl", ".parquet"):
                 docs = {".jsonl": _read_jsonl, ".parquet": _read_parquet}[f.suffix](f, text_field)
+            else:  # .json, .csv, a save_to_disk folder
+                docs = _read_rows(f, text_field)
             for doc in docs:
                 n += 1
                 yield doc if split is None else dataclasses.replace(doc, split=split)
@@ -173,6 +181,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
         yield Document(text, str(path), lineno)
+
+
+def _read_rows(path: Path, text_field: str) -> Iterator[Document]:
+    for index, (where, row) in enumerate(read_rows(path), 1):
+        if text_field not in row:
+            raise DataError(f"{where}: no field {text_field!r} (fields present: {', '.join(map(str, row)) or 'none'})")
+        text = row[text_field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        yield Document(text, str(path), index)
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:

@@ -314,7 +314,9 @@ class AlignRecipe:
         def load_ref() -> nn.Module:
             return load_reference_model(ref_path, tokenizer, device)
 
-        load_args = dict(max_prompt_len=a.max_prompt_len, max_len=a.max_len, identical_pairs=a.identical_pairs)
+        load_args = dict(
+            max_prompt_len=a.max_prompt_len, max_len=a.max_len, identical_pairs=a.identical_pairs, columns=a.columns
+        )
         train = load_preference_file(a.train_file, tokenizer, **load_args)
         val = load_preference_file(a.val_file, tokenizer, **load_args) if a.val_file else None
         reference = load_ref() if needs_ref and not a.precompute_reference else None

@@ -128,7 +128,9 @@ class RewardRecipe:
         # The saved config must reload (train.seq_len <= model.max_seq_len): record the longest pair instead.
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=a.max_len))
         tokenizer = TextTokenizer.load(cfg.tokenizer.path)
-        load_args = dict(max_prompt_len=a.max_prompt_len, max_len=a.max_len, identical_pairs=a.identical_pairs)
+        load_args = dict(
+            max_prompt_len=a.max_prompt_len, max_len=a.max_len, identical_pairs=a.identical_pairs, columns=a.columns
+        )
         train = load_preference_file(a.train_file, tokenizer, **load_args)
         splits = {}
         if a.val_file:

@@ -43,15 +43,17 @@ def load_records(cfg: RunConfig) -> tuple[list[SFTRecord], list[SFTRecord]]:
     """
     s = cfg.sft
     if s.train_file:
-        train = read_records(s.train_file)
+        train = read_records(s.train_file, s.columns)
     elif cfg.data.source == "synthetic" and cfg.data.synthetic.world == "facts":
         train = facts_records(cfg, "train")
         if not s.val_file:
             return train, facts_records(cfg, "heldout")
     else:
-        raise ConfigError("lmlab sft needs sft.train_file (a JSONL file), or data.synthetic.world=facts")
+        raise ConfigError(
+            "lmlab sft needs sft.train_file (a dataset file, folder or id), or data.synthetic.world=facts"
+        )
     if s.val_file:
-        return train, read_records(s.val_file)
+        return train, read_records(s.val_file, s.columns)
     n_val = int(round(len(train) * cfg.data.val_fraction))
     if len(train) < 10 or n_val == 0:
         return train, []

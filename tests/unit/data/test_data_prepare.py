@@ -54,17 +54,17 @@ def test_directory_expands_to_supported_files(tmp_path):
     (tmp_path / "d" / "notes.md").write_text("ignored")
     assert [d.text for d in read_documents([tmp_path / "d"])] == ["one", "two"]
     (tmp_path / "e").mkdir()
-    (tmp_path / "e" / "x.csv").write_text("a,b")
-    with pytest.raises(DataError, match="directory .*e has no .txt/.jsonl/.parquet files"):
+    (tmp_path / "e" / "x.md").write_text("a,b")
+    with pytest.raises(DataError, match="directory .*e has no .txt/.jsonl/.json/.csv/.parquet files"):
         read_documents([tmp_path / "e"])
 
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="data file not found: .*missing.jsonl"):
         read_documents([tmp_path / "missing.jsonl"])  # checked eagerly, before iterating
-    (tmp_path / "x.csv").write_text("a")
-    with pytest.raises(DataError, match=r"x.csv: unsupported file type '.csv'"):
-        read_documents([tmp_path / "x.csv"])
+    (tmp_path / "x.md").write_text("a")
+    with pytest.raises(DataError, match=r"x.md: unsupported file type '.md'"):
+        read_documents([tmp_path / "x.md"])
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="empty.txt: empty file"):
         list(read_documents([tmp_path / "empty.txt"]))
