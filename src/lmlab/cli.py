@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("lmlab.recipes.hf_commands:import_main", "import a local Hugging Face checkpoint as a run"),
     "export-hf": ("lmlab.recipes.hf_commands:export_main", "export a run in Hugging Face format"),
     "export": ("lmlab.train.export:export_main", "consolidate a run's checkpoint into one safetensors file"),
+    "merge": ("lmlab.recipes.merge_command:merge_main", "merge runs: model soups, SLERP, task arithmetic, TIES"),
     "sweep": ("lmlab.science.commands:sweep_main", "run a sweep of configs; collect results"),
     "fit": ("lmlab.science.commands:fit_main", "fit a scaling law to sweep results"),
     "predict": ("lmlab.science.commands:predict_main", "predict from a fitted law"),
