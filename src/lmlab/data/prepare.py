@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 
 from lmlab.data import tempdirs
-from lmlab.data.rows import is_saved_dataset, read_rows, source_sha256
+from lmlab.data.rows import is_saved_dataset, read_rows, source_exists, source_sha256
 from lmlab.data.textio import iter_lines, json_lines, read_text
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
@@ -103,7 +103,8 @@ class Document:
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files to read, in order: a file as given, a directory as its supported files (recursive, sorted)."""
+    """Sources to read, in order: a file as given, a ``save_to_disk`` folder or a datasets id (``org/name``) as
+    one source, another directory as its supported files (recursive, sorted)."""
     out: list[Path] = []
     given = [Path(p) for p in paths]
     if not given:
@@ -120,6 +121,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             if p.suffix not in SUPPORTED_SUFFIXES:
                 raise DataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUPPORTED_SUFFIXES)})")
             out.append(p)
+        elif source_exists(p):  # a datasets id (org/name), streamed by datasets.load_dataset
+            out.append(p)
         else:
             raise DataError(f"data file not found: {p}")
     return out
@@ -127,7 +130,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, or of a folder source's files (``lmlab.data.rows.source_sha256``)."""
-    if Path(path).is_dir():
+    if not Path(path).is_file():  # a folder, or a datasets id (keyed by its name)
         return source_sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:

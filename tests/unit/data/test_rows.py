@@ -108,3 +108,12 @@ def test_pretraining_reads_text_from_json_csv_and_saved_datasets(sources):
         assert [d.text for d in docs] == [r["answer"] for r in ROWS] and docs[1].line == 2
     with pytest.raises(DataError, match=r"d.csv:2: no field 'text'"):
         list(read_documents([sources["csv"]]))
+
+
+def test_a_datasets_id_is_a_pretraining_source_read_by_datasets():
+    """``data.files`` may name a datasets id; offline and not cached, reading it is one message naming it."""
+    from lmlab.data.prepare import expand_paths, read_documents
+
+    assert [str(p) for p in expand_paths(["lmlab-test/no-such-corpus"])] == ["lmlab-test/no-such-corpus"]
+    with pytest.raises(DataError, match="lmlab-test/no-such-corpus: could not be read with datasets.load_dataset"):
+        list(read_documents(["lmlab-test/no-such-corpus"]))
