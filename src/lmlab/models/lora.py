@@ -1,0 +1,141 @@
+"""Low-rank adapters on linear layers: LoRA (Hu et al. 2021, arXiv 2106.09685) and DoRA (Liu et al. 2024,
+arXiv 2402.09353), with rsLoRA's scaling (Kalajdzievski 2023, arXiv 2312.03732), in PEFT's weight layout.
+
+A wrapped ``nn.Linear`` W (frozen) with rank r, ``alpha`` and input dropout computes
+
+- LoRA: y = W x + b + s·B A drop(x), with s = alpha / r (rsLoRA: alpha / √r). A [r, in] starts Kaiming-uniform
+  and B [out, r] at zero, so an adapted model starts equal to its base.
+- DoRA: the direction W' = W + s·B A is renormalised per output row and scaled by a learned magnitude m [out]
+  (initialised to ‖W‖ row-wise): y = (m / ‖W'‖) ⊙ (W x + s·B A drop(x)) + b, with ‖W'‖ treated as a constant in
+  the backward pass (the paper's §4.3, as PEFT does).
+
+``merged_weight`` folds an adapter into its base weight (W + s·B A, or (m / ‖W'‖) ⊙ W'). Parameter names are
+PEFT's (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``), so ``lmlab.models.peft_io`` writes and
+reads adapters that ``peft.PeftModel`` loads. This module is single-device model code: which parameters train is
+decided by the caller (``adapter_parameters``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmlab.errors import ConfigError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AdapterConfig:
+    """Which linear layers get an adapter and its shape. ``targets``: module-name patterns, each matched against
+    the last part of a module's name (``q_proj``) or its whole dotted name (``layers.0.attn.*``)."""
+
+    kind: Literal["lora", "dora"] = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def validate(self, key: str = "adapter") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{key}.rank={self.rank} must be >= 1")
+        if not self.alpha > 0:
+            raise ConfigError(f"{key}.alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{key}.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ConfigError(f"{key}.targets is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a LoRA or DoRA adapter (module docstring)."""
+
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.kind, self.scaling = cfg.kind, cfg.scaling
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, cfg.rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(cfg.rank, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if cfg.kind == "dora":
+            self.lora_magnitude_vector = nn.Parameter(base.weight.detach().norm(dim=1).clone())
+
+    def delta(self) -> torch.Tensor:
+        """s·B A [out, in]."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def _dora_scale(self) -> torch.Tensor:
+        """m / ‖W + s·B A‖ per output row, the norm detached."""
+        norm = (self.base_layer.weight + self.delta()).norm(dim=1).detach()
+        return self.lora_magnitude_vector / norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_rank = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return self.base_layer(x) + low_rank
+        bias = self.base_layer.bias
+        return self._dora_scale() * (F.linear(x, self.base_layer.weight) + low_rank) + (0 if bias is None else bias)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        merged = self.base_layer.weight + self.delta()
+        if self.lora_magnitude_vector is not None:
+            merged = (self.lora_magnitude_vector / merged.norm(dim=1))[:, None] * merged
+        return merged
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(last, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Wrap every ``nn.Linear`` of ``model`` whose name matches ``cfg.targets`` (the output head excepted) in a
+    ``LoRALinear``; returns the wrapped modules' names. A pattern that matches nothing is a ``ConfigError``."""
+    cfg.validate()
+    chosen = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and name != "lm_head"
+        and ".lora_" not in f".{name}" and _matches(name, cfg.targets)
+    ]  # fmt: skip
+    unused = [p for p in cfg.targets if not any(_matches(n, [p]) for n in chosen)]
+    if unused:
+        raise ConfigError(f"adapter.targets {unused} match no linear layer of the model")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), cfg))
+    return chosen
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' parameters by name (what trains; everything else stays frozen)."""
+    return {n: p for n, p in model.named_parameters() if ".lora_" in f".{n}"}
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every ``LoRALinear`` by a plain ``nn.Linear`` holding its merged weight (in place; returns ``model``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            base = module.base_layer
+            base.weight.copy_(module.merged_weight())
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, base)
+    return model
