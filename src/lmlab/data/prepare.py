@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 
 from lmlab.data import tempdirs
-from lmlab.data.rows import is_saved_dataset, read_rows, source_exists, source_sha256
+from lmlab.data.rows import is_saved_dataset, open_parquet, read_rows, source_exists, source_sha256
 from lmlab.data.textio import iter_lines, json_lines, read_text
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
@@ -199,14 +199,7 @@ def _read_rows(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'lmlab[data]')") from None
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid and friends
-        raise DataError(f"{path}: not a readable parquet file ({err})") from None
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DataError(f"{path}: no column {text_field!r} (columns present: {', '.join(names) or 'none'})")

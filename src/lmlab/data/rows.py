@@ -133,15 +133,20 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield where, row
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+def open_parquet(path: Path):
+    """A ``pyarrow.parquet.ParquetFile`` (``DataError`` without pyarrow or for an unreadable file)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'lmlab[data]')") from None
     try:
-        table = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid and friends
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    table = open_parquet(path)
     index = 0
     for batch in table.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
