@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.config import RunConfig, save_config, to_dict
-from lmlab.errors import CheckpointError, UserError
+from lmlab.errors import UserError
 from lmlab.models import merging
 from lmlab.safe_io import write_text_atomic
 from lmlab.train import checkpoint as ckpt_io
@@ -74,6 +74,9 @@ def held_out_score(cfg: RunConfig, tokenizer, val: str, batch_size: int = 8):
 def merge(args: argparse.Namespace) -> dict[str, Any]:
     """Merge per the parsed arguments; write the run directory; return what ``merge.json`` records."""
     out = Path(args.out)
+    for source in [*args.runs, *([args.base] if args.base else [])]:
+        if out.resolve() == Path(source).resolve() or out.resolve() in Path(source).resolve().parents:
+            raise UserError(f"--out {out} is one of the runs being merged ({source}); choose a new directory")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"{out} is not empty; pass --overwrite to replace it, or choose a new --out")
     if args.last:
@@ -166,8 +169,6 @@ def merge_main(argv: list[str]) -> int:
         record = merge(args)
     except ValueError as err:
         raise UserError(str(err)) from None
-    except CheckpointError:
-        raise
     print(f"merged {len(record['inputs'])} models ({record['method']}) -> {args.out}")
     if "chosen" in record:
         print(f"  greedy soup of {len(record['chosen'])}: val loss {record['soup_val_loss']:.4f}")

@@ -143,6 +143,8 @@ def test_bad_merges_are_one_message(runs, tmp_path, capsys):
 
     refused([runs["a"], runs["b"], "--method", "ties", "--out", tmp_path / "x"], "needs --base")
     refused([runs["a"], "--out", tmp_path / "y"], "at least two runs")
+    refused([runs["a"], runs["b"], "--out", runs["b"], "--overwrite"], "is one of the runs being merged")
+    assert (runs["b"] / "config.yaml").is_file()
     other = tmp_path / "other"
     cfg = load_config(None, ["model.d_model=64", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=300"])
     save_checkpoint(other, 1, Decoder(cfg.model), model_cfg=cfg.model)
