@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from lmlab.data.rows import read_rows
 from lmlab.data.textio import read_text
-from lmlab.data.tokenizer import END_OF_TURN
+from lmlab.data.tokenizer import CHAT_TOKENS, END_OF_TURN
 from lmlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -71,7 +71,7 @@ class ChatTemplate:
         """The template's text for ``messages`` (``tokenizer`` supplies ``bos_token``/``eos_token``)."""
         bos = eos = ""
         if tokenizer is not None:
-            bos = tokenizer.id_to_token(tokenizer.bos_id) or "" if tokenizer.bos_id is not None else ""
+            bos = "" if tokenizer.bos_id is None else tokenizer.id_to_token(tokenizer.bos_id) or ""
             eos = tokenizer.id_to_token(tokenizer.eos_id) or ""
         try:
             return _compiled(self.source).render(
@@ -142,9 +142,7 @@ def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> C
         origin = getattr(tokenizer, "template_origin", None) or f"{tokenizer.source} chat_template"
         chosen = ChatTemplate(own, origin) if own else ChatTemplate.builtin()
     if chosen.source == BUILTIN_TEMPLATE:
-        missing = [
-            t for t in ("<|system|>", "<|user|>", "<|assistant|>", END_OF_TURN) if tokenizer.token_to_id(t) is None
-        ]
+        missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
             raise DataError(
                 f"tokenizer {tokenizer.source} has no chat tokens {', '.join(missing)} and no chat_template; "

@@ -129,14 +129,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, or of a folder source's files (``lmlab.data.rows.source_sha256``)."""
-    if not Path(path).is_file():  # a folder, or a datasets id (keyed by its name)
-        return source_sha256(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a source: a file's bytes, a folder's files, a datasets id's name (``rows.source_sha256``)."""
+    return source_sha256(path)
 
 
 def read_documents(

@@ -42,8 +42,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def source_exists(source: str | Path) -> bool:
     """A file or folder here, or something ``datasets`` resolves by name (an ``org/name`` id whose first part is
     no local folder)."""
+    return Path(source).exists() or is_hub_id(source)
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """``org/name`` that is no local path (its first part is no folder here): a Hugging Face Hub id."""
     path = Path(source)
-    return path.exists() or (bool(_HUB_ID.match(str(source))) and not path.parent.is_dir())
+    return not path.exists() and bool(_HUB_ID.match(str(source))) and not path.parent.is_dir()
 
 
 def source_sha256(source: str | Path) -> str:
@@ -52,13 +57,21 @@ def source_sha256(source: str | Path) -> str:
     path = Path(source)
     digest = hashlib.sha256()
     if path.is_file():
-        digest.update(path.read_bytes())
+        _update(digest, path)
     elif path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes())
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+            _update(digest, f)
     else:
         digest.update(str(source).encode())
     return digest.hexdigest()
+
+
+def _update(digest, path: Path) -> None:
+    """Hash a file in 1 MiB blocks (a corpus file need not fit in memory)."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
 
 
 def read_rows(

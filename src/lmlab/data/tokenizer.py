@@ -248,21 +248,27 @@ class TextTokenizer:
     def _token(self, tid: int | None) -> str | None:
         return None if tid is None else self._tok.id_to_token(tid)
 
-    def companion_files(self) -> dict[str, str]:
-        """``tokenizer_config.json`` (the special tokens and chat template) and ``generation_config.json``
-        (the stop tokens) in Hugging Face's format: what a run directory keeps beside ``tokenizer.json``, so
-        ``load`` of the run's tokenizer gets back the same markers and template."""
-        config: dict[str, object] = {
+    def special_tokens_config(self) -> dict[str, str]:
+        """The ``tokenizer_config.json`` entries of the declared special tokens and the chat template."""
+        config = {
             f"{role}_token": self._token(tid)
             for role, tid in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
             if tid is not None
         }
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        generation = {"eos_token_id": list(self.stop_ids) if len(self.stop_ids) > 1 else self.eos_id}
+        return config
+
+    def stop_config(self) -> dict[str, int | list[int]]:
+        """``generation_config.json``'s ``eos_token_id``: every stop token (one id when there is one)."""
+        return {"eos_token_id": list(self.stop_ids) if len(self.stop_ids) > 1 else self.eos_id}
+
+    def companion_files(self) -> dict[str, str]:
+        """``tokenizer_config.json`` and ``generation_config.json`` in Hugging Face's format: what a run directory
+        keeps beside ``tokenizer.json``, so ``load`` of the run's tokenizer gets back the same markers and template."""
         return {
-            TOKENIZER_CONFIG: json.dumps(config, indent=1),
-            GENERATION_CONFIG: json.dumps(generation, indent=1),
+            TOKENIZER_CONFIG: json.dumps(self.special_tokens_config(), indent=1),
+            GENERATION_CONFIG: json.dumps(self.stop_config(), indent=1),
         }
 
     def save(self, path: str | Path) -> Path:

@@ -45,8 +45,8 @@ def save_peft_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path,
     """Write ``model``'s adapters as a PEFT adapter directory; ``base`` is recorded as the base model's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    hf_names = {hf.lmlab_to_hf_name(f"{n}.weight").split(".")[-2] for n in wrapped}
+    # lmlab's projections carry the Llama family's names (q_proj … down_proj), PEFT's target_modules
+    targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -55,7 +55,7 @@ def save_peft_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
         "use_dora": cfg.kind == "dora",
-        "target_modules": sorted(hf_names),
+        "target_modules": sorted(targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -85,20 +85,14 @@ def adapter_config_of(config: dict[str, Any], where: str) -> AdapterConfig:
         problems.append(f"target_modules {targets!r} (a list of module names is needed)")
     if problems:
         raise CheckpointError(f"{where}: unsupported PEFT adapter: {'; '.join(problems)}")
-    ours = sorted({hf.hf_to_lmlab_name(f"model.layers.0.{_hf_path(t)}.weight").split(".")[-2] for t in targets})
     return AdapterConfig(
         kind="dora" if config.get("use_dora") else "lora",
         rank=int(config["r"]),
         alpha=float(config["lora_alpha"]),
         dropout=float(config.get("lora_dropout") or 0.0),
         rslora=bool(config.get("use_rslora")),
-        targets=ours,
+        targets=sorted(targets),  # the same module names in lmlab
     )
-
-
-def _hf_path(target: str) -> str:
-    """``q_proj`` -> ``self_attn.q_proj``; ``gate_proj`` -> ``mlp.gate_proj`` (HF Llama-family block layout)."""
-    return f"self_attn.{target}" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{target}"
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> AdapterConfig:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,8 @@ from safetensors.torch import save_file
 
 from lmlab.config import RunConfig, TokenizerConfig, TrainConfig, save_config, validate
 from lmlab.data.chat import BUILTIN_TEMPLATE
-from lmlab.data.tokenizer import TextTokenizer, read_backend
+from lmlab.data.rows import is_hub_id
+from lmlab.data.tokenizer import CHAT_TOKENS, TextTokenizer, read_backend
 from lmlab.data.tokenizer_files import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TOKENIZER_CONFIG, read_declared
 from lmlab.errors import CheckpointError, DataError, UserError
 from lmlab.models import hf
@@ -39,7 +39,6 @@ from lmlab.safe_io import write_bytes_atomic
 from lmlab.train.checkpoint import model_state_dict, save_checkpoint
 from lmlab.train.pretrained import load_model
 
-_CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,15 +47,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 # The files import reads (weights, configs, tokenizer, chat template): what a Hub download fetches.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_hf_source(source: str | Path, revision: str | None = None) -> Path:
     """A local model directory as given, or the snapshot of a Hub id (``org/name``) from ``huggingface_hub``'s
     cache (``HF_HUB_CACHE``), downloaded only when it is missing there and ``HF_HUB_OFFLINE`` is not set."""
     path = Path(source)
-    local = path.is_dir() or not _HUB_ID.match(str(source)) or path.parent.is_dir()  # "runs/x": a local path
-    if local:
+    if not is_hub_id(source):  # "runs/x" with a runs/ folder here is a local path
         if not path.is_dir():
             raise UserError(f"Hugging Face directory not found: {path} (nor is it a Hub id like org/name)")
         return path
@@ -209,8 +206,8 @@ def _tokenizer_config(tokenizer: TextTokenizer, max_seq_len: int) -> dict[str, A
     (the run's own, else lmlab's built-in one, with ``{% generation %}`` markers, when the vocabulary has
     lmlab's chat tokens)."""
     out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len}
-    out.update(json.loads(tokenizer.companion_files()[TOKENIZER_CONFIG]))
-    if "chat_template" not in out and all(tokenizer.token_to_id(t) is not None for t in _CHAT_TOKENS):
+    out.update(tokenizer.special_tokens_config())
+    if "chat_template" not in out and all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS):
         out["chat_template"] = BUILTIN_TEMPLATE
     return out
 
@@ -220,7 +217,7 @@ def _generation_config(tokenizer: TextTokenizer) -> dict[str, Any]:
     user's ``generate`` call decides those."""
     out: dict[str, Any] = {
         "bos_token_id": tokenizer.bos_id,
-        **json.loads(tokenizer.companion_files()[GENERATION_CONFIG]),
+        **tokenizer.stop_config(),
     }
     if tokenizer.pad_id is not None:
         out["pad_token_id"] = tokenizer.pad_id

@@ -40,10 +40,9 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        values = scalars(record)
-        if values:
-            for tracker in self.trackers:
-                tracker.log(int(record.get("step", 0)), values)
+        values = scalars(record) if self.trackers else {}
+        for tracker in self.trackers if values else ():
+            tracker.log(int(record.get("step", 0)), values)
 
     def close(self) -> None:
         self._file.close()
