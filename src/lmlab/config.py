@@ -29,6 +29,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.abacus import AbacusConfig
 from lmlab.models.attention import GQAConfig
 from lmlab.models.component import NOT_IN_WEIGHTS
+from lmlab.models.lora import AdapterConfig
 from lmlab.models.mlp import SwiGLUConfig
 from lmlab.models.moe import MoEConfig
 from lmlab.models.recurrent import RecurrenceConfig
@@ -636,6 +637,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     init_from: str | None = None  # start from the weights of an lmlab run dir (e.g. an imported HF model)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # LoRA / DoRA on init_from's frozen weights
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -659,6 +661,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if s.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={t.steps}]")
+    if cfg.adapter.enabled and not cfg.init_from:
+        raise ConfigError(
+            f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen base model: set init_from to its run directory"
+        )
+    if cfg.adapter.enabled and cfg.optim.name == "muon":
+        raise ConfigError("optim.name=muon orthogonalises whole weight matrices; train adapters with optim.name=adamw")
     if t.compile_mode == "full" and cfg.distributed.strategy != "none":
         raise ConfigError(
             f"train.compile=full compiles the whole forward in one process, but distributed.strategy="

@@ -17,8 +17,10 @@ decided by the caller (``adapter_parameters``).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,10 +35,11 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class AdapterConfig:
-    """Which linear layers get an adapter and its shape. ``targets``: module-name patterns, each matched against
-    the last part of a module's name (``q_proj``) or its whole dotted name (``layers.0.attn.*``)."""
+    """Which linear layers get an adapter and its shape (``kind: none``, the default, trains every weight).
+    ``targets``: module-name patterns, each matched against the last part of a module's name (``q_proj``) or
+    its whole dotted name (``layers.0.attn.*``)."""
 
-    kind: Literal["lora", "dora"] = "lora"
+    kind: Literal["none", "lora", "dora"] = "none"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -44,10 +47,16 @@ class AdapterConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
     @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def validate(self, key: str = "adapter") -> None:
+        if not self.enabled:
+            return
         if self.rank < 1:
             raise ConfigError(f"{key}.rank={self.rank} must be >= 1")
         if not self.alpha > 0:
@@ -71,6 +80,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(cfg.rank, base.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.disabled = False  # True: the layer computes its base only (``adapters_disabled``)
         self.lora_magnitude_vector: nn.Parameter | None = None
         if cfg.kind == "dora":
             self.lora_magnitude_vector = nn.Parameter(base.weight.detach().norm(dim=1).clone())
@@ -85,6 +95,8 @@ class LoRALinear(nn.Module):
         return self.lora_magnitude_vector / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         low_rank = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
         if self.lora_magnitude_vector is None:
             return self.base_layer(x) + low_rank
@@ -107,6 +119,8 @@ def _matches(name: str, patterns: list[str]) -> bool:
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Wrap every ``nn.Linear`` of ``model`` whose name matches ``cfg.targets`` (the output head excepted) in a
     ``LoRALinear``; returns the wrapped modules' names. A pattern that matches nothing is a ``ConfigError``."""
+    if not cfg.enabled:
+        raise ConfigError("adapter.kind is none: choose lora or dora")
     cfg.validate()
     chosen = [
         name
@@ -127,6 +141,49 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapters' parameters by name (what trains; everything else stays frozen)."""
     return {n: p for n, p in model.named_parameters() if ".lora_" in f".{n}"}
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def adapter_state_keys(model: nn.Module) -> set[str]:
+    """What an adapter run's checkpoint holds: the adapters' parameters and every parameter outside the adapted
+    decoder (a reward model's ``head``), which trains whole."""
+    decoder = getattr(model, "decoder", None)
+    inside = {id(p) for p in decoder.parameters()} if isinstance(decoder, nn.Module) else set()
+    if not inside:
+        return set(adapter_parameters(model))
+    return {n for n, p in model.named_parameters() if ".lora_" in f".{n}" or id(p) not in inside}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model`` computes as its base (every adapter off): the implicit reference of a
+    preference run, with no second model in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before):
+            m.disabled = was
+
+
+class BaseView(nn.Module):
+    """``model`` with its adapters disabled, usable where a frozen reference module is expected (held-out
+    evaluation, reference tables, samples). Shares every weight with ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._model = [model]  # not a submodule: the view owns no parameters
+
+    def forward(self, *args, **kwargs):
+        model = self._model[0]
+        with adapters_disabled(model):
+            return model(*args, **kwargs)
 
 
 @torch.no_grad()

@@ -44,6 +44,7 @@ from lmlab.data.preference import (
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import ConfigError
 from lmlab.models.generation import generate
+from lmlab.models.lora import BaseView, adapters_disabled
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.preference import PREFERENCE_METHODS, PairLogps, preference_losses, preference_objective
 from lmlab.recipes.launch import run_command
@@ -88,14 +89,18 @@ def check_align_config(cfg: RunConfig) -> None:
         raise ConfigError("align.train_file is required (a preference JSONL with prompt, chosen, rejected)")
 
 
-def build_align_loss(a: AlignConfig, reference: nn.Module | None):
-    """``loss_fn(model, batch) -> LossOutput`` for the loop; the reference runs under ``no_grad``, once."""
+def build_align_loss(a: AlignConfig, reference: nn.Module | None, *, implicit: bool = False):
+    """``loss_fn(model, batch) -> LossOutput`` for the loop; the reference runs under ``no_grad``, once.
+    ``implicit``: the reference is the policy itself with its adapters disabled (an adapter run's frozen base)."""
     needs_ref = PREFERENCE_METHODS[a.loss].needs_reference
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         chosen, rejected, chosen_len, rejected_len = pair_logps(model, batch)
         ref_chosen, ref_rejected = batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps")
-        if ref_chosen is None and reference is not None:
+        if ref_chosen is None and implicit and needs_ref:
+            with torch.no_grad(), adapters_disabled(model):
+                ref_chosen, ref_rejected, _, _ = pair_logps(model, batch)
+        elif ref_chosen is None and reference is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected, _, _ = pair_logps(reference, batch)
         if needs_ref and ref_chosen is None:
@@ -310,8 +315,12 @@ class AlignRecipe:
         tokenizer = TextTokenizer.load(cfg.tokenizer.path)  # the init_from run's, unless tokenizer.path says
         ref_path = str(a.reference or cfg.init_from)
         needs_ref = PREFERENCE_METHODS[a.loss].needs_reference
+        # An adapter run's reference is its own frozen base: the policy with the adapters off, no second model.
+        implicit = cfg.adapter.enabled and not a.reference
 
         def load_ref() -> nn.Module:
+            if implicit:  # for the reference table, computed after ``model`` is made below
+                return BaseView(model)
             return load_reference_model(ref_path, tokenizer, device)
 
         load_args = dict(
@@ -319,7 +328,7 @@ class AlignRecipe:
         )
         train = load_preference_file(a.train_file, tokenizer, **load_args)
         val = load_preference_file(a.val_file, tokenizer, **load_args) if a.val_file else None
-        reference = load_ref() if needs_ref and not a.precompute_reference else None
+        reference = load_ref() if needs_ref and not a.precompute_reference and not implicit else None
         if needs_ref and a.precompute_reference and a.reference:
             load_ref()  # refuse a foreign reference before any cache is used
         model = job.start_model(cfg)
@@ -333,7 +342,7 @@ class AlignRecipe:
         batches = PreferenceBatches(
             train, pad_id, cfg.data.seed + cfg.train.seed, tables.get("train"), rank=ctx.rank, world_size=ctx.world_size
         )
-        loss_fn = build_align_loss(a, reference)
+        loss_fn = build_align_loss(a, reference, implicit=implicit)
         eval_fn = None
         if val is not None:
 
@@ -344,7 +353,7 @@ class AlignRecipe:
         probe = probe_batch(held_out, pad_id, device)
         callbacks = [EntanglementProbe(probe, a.diagnostics_every)] if a.diagnostics_every > 0 else []
         self.cfg, self.tokenizer, self.held_out = cfg, tokenizer, held_out
-        self.reference, self.load_ref = reference, load_ref
+        self.reference, self.load_ref, self.implicit = reference, load_ref, implicit
         pairs = mb * cfg.train.grad_accum * ctx.world_size
         return Plan(
             cfg,
@@ -357,6 +366,7 @@ class AlignRecipe:
             summary={
                 "loss": a.loss,
                 "reference": ref_path if needs_ref else None,
+                "reference_is_base_without_adapters": implicit and needs_ref,
                 "train_data": train.summary(),
                 "val_data": val.summary() if val is not None else None,
             },
@@ -373,7 +383,10 @@ class AlignRecipe:
         if model is None:
             return
         cfg = self.cfg
-        reference = self.reference if self.reference is not None else self.load_ref()
+        if self.implicit:
+            reference = BaseView(model)
+        else:
+            reference = self.reference if self.reference is not None else self.load_ref()
         samples = sample_and_score(
             model, reference, self.tokenizer, self.held_out, n_prompts=min(64, len(self.held_out)),
             max_new_tokens=cfg.sample.max_new_tokens, max_seq_len=cfg.model.max_seq_len, seed=cfg.train.seed,

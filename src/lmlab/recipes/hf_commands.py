@@ -35,6 +35,7 @@ from lmlab.data.tokenizer_files import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TO
 from lmlab.errors import CheckpointError, DataError, UserError
 from lmlab.models import hf
 from lmlab.models.decoder import Decoder
+from lmlab.recipes.peft_commands import export_adapter, import_peft_adapter, is_peft_adapter
 from lmlab.safe_io import write_bytes_atomic
 from lmlab.train.checkpoint import model_state_dict, save_checkpoint
 from lmlab.train.pretrained import load_model
@@ -188,7 +189,22 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("--revision", default=None, help="a Hub id's branch, tag or commit (default: main)")
     parser.add_argument("--out", required=True, help="run directory to create")
     parser.add_argument("--name", default=None, help="run name (default: the HF directory's name)")
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="for a PEFT adapter directory (adapter_config.json): the lmlab run it applies to; the import is an "
+        "adapter run on it",
+    )
     args = parser.parse_args(argv)
+    if is_peft_adapter(args.hf_dir) or args.base:
+        if not args.base:
+            raise UserError(f"{args.hf_dir} is a PEFT adapter: name the run it applies to with --base RUN")
+        if not is_peft_adapter(args.hf_dir):
+            raise UserError(f"--base is for PEFT adapters, but {args.hf_dir} has no adapter_config.json")
+        cfg = import_peft_adapter(Path(args.hf_dir), Path(args.out), args.base, name=args.name)
+        a = cfg.adapter
+        print(f"imported the {a.kind} adapter {args.hf_dir} (rank {a.rank}) on {args.base} -> {args.out}")
+        return 0
     cfg = import_hf(args.hf_dir, args.out, name=args.name, revision=args.revision)
     m = cfg.model
     print(
@@ -255,8 +271,11 @@ def _publish_dir(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write the run's (latest, or the given checkpoint directory's) model in HF format to ``out_dir``.
+def export_hf(
+    run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False, adapter: bool = False
+) -> Path:
+    """Write the run's (latest, or the given checkpoint directory's) model in HF format to ``out_dir``: an
+    adapter run's base with its adapters merged, or with ``adapter`` its adapters alone in PEFT's format.
 
     ``out_dir`` must be new or empty unless ``overwrite``, which replaces all of its contents. The files
     are written to a temporary sibling first, so a failed export leaves ``out_dir`` as it was.
@@ -265,15 +284,24 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32
     run_root = run.parent.parent if (run / "meta.json").is_file() else run
     out = Path(out_dir)
     check_export_dir(out, run_root, overwrite)
+    target = out.resolve()  # "." has no name; the temporary sibling must not sit inside ``out``
+    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
+    if adapter:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            export_adapter(run_dir, tmp)
+            _publish_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return out
     model, cfg, tokenizer = load_model(run_dir)
     if tokenizer is None:
         raise CheckpointError(f"{run_dir}: the run has no tokenizer.json; a Hugging Face export needs one")
     hf_config = hf.model_config_to_hf_config(
         cfg.model, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, dtype=dtype
     )
-    target = out.resolve()  # "." has no name; the temporary sibling must not sit inside ``out``
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -304,8 +332,20 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the contents of a non-empty OUT_DIR (all its files)"
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="write an adapter run's LoRA/DoRA adapters in PEFT's format (adapter_config.json, "
+        "adapter_model.safetensors) instead of the merged model",
+    )
     args = parser.parse_args(argv)
-    out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    out = export_hf(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, adapter=args.adapter)
+    if args.adapter:
+        print(
+            f"exported the adapters of {args.run_dir} -> {out} (PEFT); load them onto the base's export: "
+            f"lmlab export-hf BASE_RUN BASE_HF, then peft.PeftModel.from_pretrained(model_of_BASE_HF, {out})"
+        )
+        return 0
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {args.run_dir} -> {out} ({arch}, {args.dtype})")
     return 0

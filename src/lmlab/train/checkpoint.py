@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from lmlab import __version__
 from lmlab.config import ModelConfig, model_config_diff, to_dict
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.models.lora import adapter_state_keys, has_adapters
 from lmlab.train.dcp_safe import read_metadata_safely, safe_reader
 
 CKPT_DIR = "checkpoints"
@@ -75,10 +76,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied weights stored once and tensors made contiguous on CPU."""
+    """State dict with tied weights stored once and tensors made contiguous on CPU; of a model with adapters,
+    only what trains (``adapter_state_keys``: the base stays in the run it came from)."""
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    if has_adapters(model):
+        keys = adapter_state_keys(model)
+        state = {k: v for k, v in state.items() if k in keys}
+    for name, tensor in state.items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel() > 0:
             continue  # tied weight (e.g. lm_head == tok_embeddings)
@@ -369,13 +375,17 @@ def _single_process_dcp():
 
 def _load_sharded_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Read the model part of a sharded checkpoint into a plain (unsharded) model, in this process only."""
-    target = {"model": model.state_dict()}  # tensors share storage with the model: loaded in place
+    state = model.state_dict()
+    if has_adapters(model):  # an adapter run's checkpoint holds no base
+        keys = adapter_state_keys(model)
+        state = {k: v for k, v in state.items() if k in keys}
+    target = {"model": state}  # tensors share storage with the model: loaded in place
     try:
         with _single_process_dcp():
             dcp.load(target, storage_reader=safe_reader(ckpt / DCP_DIR), no_dist=True)
     except (CheckpointException, OSError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({_dcp_reason(err)})") from None
-    model.load_state_dict(target["model"])
+    model.load_state_dict(target["model"], strict=not has_adapters(model))
 
 
 def _dcp_reason(err: BaseException) -> str:
@@ -415,7 +425,7 @@ def save_sharded_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     ctx.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
     if ctx.is_main:
         torch.save(train_state, tmp / STATE_FILE)
@@ -445,7 +455,7 @@ def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opti
 
     Collective when a process group exists; DCP reshards the saved tensors to this job's layout.
     """
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     try:
@@ -453,7 +463,17 @@ def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opti
             dcp.load(state, storage_reader=safe_reader(ckpt / DCP_DIR), no_dist=alone)
     except CheckpointException as err:
         raise CheckpointError(f"{ckpt / DCP_DIR}: unreadable ({_dcp_reason(err)})") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    options = StateDictOptions(strict=not has_adapters(model))  # an adapter run's checkpoint holds no base
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+
+
+def _trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``get_state_dict`` of model and optimizer; of a model with adapters, only the model's trained part."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if has_adapters(model):
+        keys = adapter_state_keys(model)
+        model_sd = {k: v for k, v in model_sd.items() if k in keys}
+    return model_sd, optim_sd
 
 
 def load_full_state_sharded(
@@ -483,5 +503,5 @@ def load_full_state_sharded(
         optimizer,
         model_state_dict=weights,
         optim_state_dict=fqn_state,
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=not has_adapters(model)),
     )

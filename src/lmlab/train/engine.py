@@ -26,6 +26,7 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.build import Head, build_model
 from lmlab.models.counting import count_params, flops_per_token
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.adapters import BASE_KEY, attach_adapters, base_record, build_run_model, check_base
 from lmlab.train.callbacks import Callback
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.loop import BatchSource, LossFn, Trainer, TrainResult
@@ -76,6 +77,7 @@ class Job:
     ctx: DistContext
     quiet: bool
     head: Head = "lm"  # the model head of this run, set by ``start_model``
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # added to every checkpoint's meta.json
 
     @property
     def device(self) -> torch.device:
@@ -92,15 +94,31 @@ class Job:
 
     def start_model(self, cfg: RunConfig, head: Head = "lm") -> nn.Module:
         """The model to train: seeded, built from ``cfg.model`` and, on a new run with ``init_from``, loaded
-        from that run (a reward model loads its decoder). Logged and recorded in ``summary.init_from``."""
+        from that run (a reward model loads its decoder). Logged and recorded in ``summary.init_from``.
+        With ``cfg.adapter`` the init_from weights are loaded on every start (checkpoints hold only the
+        adapters), frozen, and wrapped in adapters (``lmlab.train.adapters``)."""
         seed_everything(cfg.train.seed)
         self.head = head
         model = build_model(cfg.model, head)
-        if cfg.init_from and not self.run.resuming:
+        adapters = cfg.adapter.enabled
+        if cfg.init_from and (adapters or not self.run.resuming):
             decoder = model.decoder if head == "reward" else model
             loaded = load_init_weights(decoder, cfg.init_from, cfg)
-            self.summary.init_from = loaded.describe()
-            self.say(f"init_from {cfg.init_from}: loaded {loaded.checkpoint.name} (step {loaded.step})")
+            if self.run.resuming:
+                check_base(self.run.checkpoint, loaded.checkpoint)
+            else:
+                self.summary.init_from = loaded.describe()
+                self.say(f"init_from {cfg.init_from}: loaded {loaded.checkpoint.name} (step {loaded.step})")
+        if adapters:
+            adapted = attach_adapters(model, cfg)
+            self.checkpoint_meta[BASE_KEY] = base_record(cfg.init_from)
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            self.summary.extra["trainable_params"] = trained
+            self.say(
+                f"{cfg.adapter.kind} adapters (rank {cfg.adapter.rank}) on {len(adapted)} layers: {trained:,} "
+                f"trainable parameters ({100 * trained / total:.2f}% of {total:,})"
+            )
         return model.to(self.device)
 
     def plain_model(self, trainer: Trainer) -> nn.Module | None:
@@ -113,7 +131,7 @@ class Job:
         weights = full_state_dict(trainer.model, self.ctx)
         if not self.ctx.is_main:
             return None
-        model = build_model(cfg.model, self.head)
+        model = build_run_model(cfg, self.head)
         model.load_state_dict(weights)
         return model.to(self.device).eval()
 
@@ -154,6 +172,8 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
     run, ctx = job.run, job.ctx
     plan = recipe.setup(job)
     cfg = validate(plan.cfg)  # the config is complete only now
+    if cfg.adapter.enabled:  # the saved config must find the base from anywhere
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
     if run.checkpoint is not None:  # refuse a mismatched model before anything in the run is rewritten
         meta = ctx.broadcast_object(ctx.main_first(lambda: verify_resumable(run, cfg), others=False))
         cfg = keep_global_batch(cfg, meta.get("global_batch"), ctx.world_size, quiet=job.quiet)
@@ -181,7 +201,7 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
         dist=ctx,
         callbacks=callbacks,
         stop=run.stop,
-        meta={"run_id": run.run_id, "kind": recipe.name},
+        meta={"run_id": run.run_id, "kind": recipe.name, **job.checkpoint_meta},
     )
     if run.checkpoint is not None:
         trainer.resume(run.checkpoint, verified=True)  # checked once, on rank 0, above

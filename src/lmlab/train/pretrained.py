@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmlab.config import RunConfig, load_config
+from lmlab.config import RunConfig, load_config, model_config_diff
 from lmlab.data.tokenizer import TextTokenizer, digit_token_ids
 from lmlab.errors import CheckpointError, ConfigError, DataError
 from lmlab.models.build import Head, build_model
+from lmlab.models.lora import merge_adapters
 from lmlab.train import checkpoint as ckpt_io
+from lmlab.train.adapters import attach_adapters, check_base
 
 RUN_FILE = "run.json"
 
@@ -77,13 +79,26 @@ def run_head(path: str | Path) -> Head:
     return "reward" if (root / "reward.yaml").is_file() else "lm"
 
 
-def load_run_model(path: str | Path, device: str | torch.device = "cpu", *, head: Head | None = None) -> RunModel:
-    """The model of a run directory (its latest checkpoint) or of one checkpoint directory, in eval mode."""
+def load_run_model(
+    path: str | Path, device: str | torch.device = "cpu", *, head: Head | None = None, merged: bool = True
+) -> RunModel:
+    """The model of a run directory (its latest checkpoint) or of one checkpoint directory, in eval mode. An
+    adapter run's model is its base with the adapters added: merged into the weights, or, with ``merged=False``,
+    as separate modules (for a PEFT export)."""
     ckpt = ckpt_io.resolve_checkpoint(path)
     root = run_directory(ckpt)
     cfg = load_config(root / "config.yaml")
-    model = build_model(cfg.model, head or run_head(root))
+    head = head or run_head(root)
+    model = build_model(cfg.model, head)
+    if cfg.adapter.enabled:
+        ckpt_io.verify_checkpoint(ckpt, cfg.model)  # before the base is read
+        decoder = model.decoder if head == "reward" else model
+        base = load_init_weights(decoder, cfg.init_from, cfg)
+        check_base(ckpt, base.checkpoint)
+        attach_adapters(model, cfg)
     ckpt_io.load_weights(ckpt, model, cfg.model)
+    if cfg.adapter.enabled and merged:
+        merge_adapters(model).requires_grad_(True)
     model.to(device).eval()
     return RunModel(model, cfg, run_tokenizer(root), ckpt)
 
@@ -136,10 +151,18 @@ def check_same_tokenizer(theirs: TextTokenizer | None, ours: TextTokenizer, who:
 def load_init_weights(model: nn.Module, path: str | Path, cfg: RunConfig) -> RunModel:
     """Load the weights of ``path`` (``init_from``: a run, a sharded run, an imported HF model, or one of
     their checkpoints) into ``model``, refusing a checkpoint of another architecture; returns what was read."""
-    run_directory(path, "init_from run directory")
+    root = run_directory(path, "init_from run directory")
     ckpt = ckpt_io.resolve_checkpoint(path)
     try:
-        ckpt_io.load_weights(ckpt, model, cfg.model)
+        parent_cfg = load_config(root / "config.yaml")
+        if parent_cfg.adapter.enabled:  # the parent's adapters merged into its base
+            diffs = model_config_diff(parent_cfg.model, cfg.model)
+            if diffs:
+                raise CheckpointError(f"{ckpt}: checkpoint from another model ({'; '.join(diffs)})")
+            parent = load_run_model(ckpt, head="lm")
+            model.load_state_dict(parent.model.state_dict())
+        else:
+            ckpt_io.load_weights(ckpt, model, cfg.model)
     except CheckpointError as err:
         raise CheckpointError(f"init_from={path}: {err}") from None
     return RunModel(model, cfg, None, ckpt)

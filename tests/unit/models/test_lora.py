@@ -26,7 +26,7 @@ def test_lora_forward_and_merge_by_hand():
     with torch.no_grad():
         base.weight.copy_(torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]]))
         base.bias.copy_(torch.tensor([0.5, -0.5]))
-    layer = LoRALinear(base, AdapterConfig(rank=1, alpha=2.0))  # s = 2
+    layer = LoRALinear(base, AdapterConfig(kind="lora", rank=1, alpha=2.0))  # s = 2
     x = torch.tensor([[1.0, 2.0, 3.0]])
     torch.testing.assert_close(layer(x), base(x))  # B starts at zero
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_lora_forward_and_merge_by_hand():
     # W x + b = (7.5, -1.5); s·B A x = 2·(1+2)·(1, 0) = (6, 0)
     torch.testing.assert_close(layer(x), torch.tensor([[13.5, -1.5]]))
     torch.testing.assert_close(layer.merged_weight(), torch.tensor([[3.0, 2.0, 2.0], [0.0, 1.0, -1.0]]))
-    rs = LoRALinear(nn.Linear(3, 2), AdapterConfig(rank=4, alpha=2.0, rslora=True))
+    rs = LoRALinear(nn.Linear(3, 2), AdapterConfig(kind="lora", rank=4, alpha=2.0, rslora=True))
     assert rs.scaling == pytest.approx(1.0)  # alpha / sqrt(r)
 
 
@@ -65,7 +65,7 @@ def test_targets_and_merging_a_decoder():
     torch.manual_seed(0)
     model = Decoder(model_cfg(vocab_size=50, d_model=32, n_layers=2, n_heads=2, ffn_multiple_of=16)).eval()
     x = torch.randint(0, 50, (2, 9))
-    names = apply_adapters(model, AdapterConfig(rank=2, targets=["q_proj", "layers.1.mlp.down_proj"]))
+    names = apply_adapters(model, AdapterConfig(kind="lora", rank=2, targets=["q_proj", "layers.1.mlp.down_proj"]))
     assert names == ["layers.0.attn.q_proj", "layers.1.attn.q_proj", "layers.1.mlp.down_proj"]
     assert len(adapter_parameters(model)) == 6
     _randomize_adapters(model)
@@ -75,7 +75,7 @@ def test_targets_and_merging_a_decoder():
         torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
     assert not adapter_parameters(model)
     with pytest.raises(ConfigError, match=r"\['w_proj'\] match no linear layer"):
-        apply_adapters(model, AdapterConfig(targets=["q_proj", "w_proj"]))
+        apply_adapters(model, AdapterConfig(kind="lora", targets=["q_proj", "w_proj"]))
 
 
 transformers = pytest.importorskip("transformers")
