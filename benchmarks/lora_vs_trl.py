@@ -2,7 +2,8 @@
 
 Same base model, data, adapters and batch geometry on both sides:
 
-- base: an lmlab ``Decoder`` (``--d-model``/``--layers``/``--heads``, a BPE tokenizer trained on the data) written
+- base: an lmlab ``Decoder`` (``--d-model``/``--layers``/``--heads``, a BPE tokenizer trained on the data, an
+  embedding table and output head of ``--model-vocab`` rows: 32000 by default, Llama 2's and Mistral's) written
   as a run, and its ``lmlab export-hf`` directory, which TRL loads with ``AutoModelForCausalLM`` (fp32, sdpa);
 - data: prompt/completion conversations of the ``facts`` world (``sft_throughput.make_records``), rendered with
   lmlab's built-in chat template on both sides (the export carries it), loss on the completion only, one example
@@ -74,7 +75,7 @@ def prepare(work: Path, args) -> dict:
     cfg = load_config(
         None,
         [f"model.d_model={args.d_model}", f"model.n_layers={args.layers}", f"model.n_heads={args.heads}",
-         f"model.vocab_size={tokenizer.vocab_size}", f"model.max_seq_len={args.seq_len}",
+         f"model.vocab_size={max(args.model_vocab, tokenizer.vocab_size)}", f"model.max_seq_len={args.seq_len}",
          f"train.seq_len={args.seq_len}", f"tokenizer.path={base / 'tokenizer.json'}"],
     )  # fmt: skip
     save_checkpoint(base, 0, Decoder(cfg.model), model_cfg=cfg.model, meta={"source": "benchmark"})
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", choices=["lmlab", "trl"], default=None, help="(internal) run one side in this process")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--examples", type=int, default=400)
-    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=4096, help="the BPE tokenizer's vocabulary")
+    p.add_argument("--model-vocab", type=int, default=32000, help="rows of the model's embedding and output head")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--heads", type=int, default=12)
@@ -197,7 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         info = prepare(work, args)
-        keys = ["examples", "vocab", "d_model", "layers", "heads", "seq_len", "batch", "rank", "steps", "warmup"]
+        keys = [
+            "examples",
+            "vocab",
+            "model_vocab",
+            "d_model",
+            "layers",
+            "heads",
+            "seq_len",
+            "batch",
+            "rank",
+            "steps",
+            "warmup",
+        ]
         passthrough = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
         passthrough += ["--activation-checkpointing"] if args.activation_checkpointing else []
         runs: dict[str, list[dict]] = {"lmlab": [], "trl": []}
