@@ -9,6 +9,10 @@ A wrapped ``nn.Linear`` W (frozen) with rank r, ``alpha`` and input dropout comp
   (initialised to ‖W‖ row-wise): y = (m / ‖W'‖) ⊙ (W x + s·B A drop(x)) + b, with ‖W'‖ treated as a constant in
   the backward pass (the paper's §4.3, as PEFT does).
 
+A CorDA start (``init: corda_ipm | corda_kpm``, ``lmlab.models.corda``) keeps the adapter's starting value (A₀, B₀)
+as buffers and subtracts it: y = W x + b + s·(B A − B₀A₀) x, so the layer starts equal to its base and the base
+weight is never rewritten.
+
 ``merged_weight`` folds an adapter into its base weight (W + s·B A, or (m / ‖W'‖) ⊙ W'). Parameter names are
 PEFT's (``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``), so ``lmlab.models.peft_io`` writes and
 reads adapters that ``peft.PeftModel`` loads. This module is single-device model code: which parameters train is
@@ -45,6 +49,11 @@ class AdapterConfig:
     dropout: float = 0.0
     rslora: bool = False
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # how the adapters start: B = 0 (LoRA's), or CorDA's decomposition (lmlab.models.corda) from context data
+    init: Literal["lora", "corda_ipm", "corda_kpm"] = "lora"
+    corda_file: str | None = None  # context data for CorDA (default: the run's own training batches)
+    corda_samples: int = 64  # sequences of context data CorDA's covariances are collected on
+    quantize: Literal["none", "nf4"] = "none"  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA)
 
     @property
     def enabled(self) -> bool:
@@ -65,6 +74,12 @@ class AdapterConfig:
             raise ConfigError(f"{key}.dropout={self.dropout} must be in [0, 1)")
         if not self.targets:
             raise ConfigError(f"{key}.targets is empty: name the linear layers to adapt (e.g. q_proj, v_proj)")
+        if self.init != "lora" and self.kind == "dora":
+            raise ConfigError(f"{key}.init={self.init} initialises LoRA adapters; use {key}.kind=lora with it")
+        if self.corda_samples < 1:
+            raise ConfigError(f"{key}.corda_samples={self.corda_samples} must be >= 1")
+        if self.quantize != "none" and self.kind == "dora":
+            raise ConfigError(f"{key}.quantize={self.quantize} (QLoRA) trains LoRA adapters; use {key}.kind=lora")
 
 
 class LoRALinear(nn.Module):
@@ -81,13 +96,26 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.disabled = False  # True: the layer computes its base only (``adapters_disabled``)
+        # CorDA: the adapter's starting value (A₀, B₀), subtracted so that the layer starts equal to its base
+        corda = cfg.init != "lora"
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A.weight) if corda else None)
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B.weight) if corda else None)
         self.lora_magnitude_vector: nn.Parameter | None = None
         if cfg.kind == "dora":
             self.lora_magnitude_vector = nn.Parameter(base.weight.detach().norm(dim=1).clone())
 
     def delta(self) -> torch.Tensor:
-        """s·B A [out, in]."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        """s·B A [out, in] (s·(B A − B₀A₀) for a CorDA start)."""
+        product = self.lora_B.weight @ self.lora_A.weight
+        if self.lora_A0 is not None:
+            product = product - self.lora_B0 @ self.lora_A0
+        return self.scaling * product
+
+    @torch.no_grad()
+    def set_initial(self) -> None:
+        """Record the adapter's current value as its start (A₀, B₀): the layer computes its base again."""
+        self.lora_A0.copy_(self.lora_A.weight)
+        self.lora_B0.copy_(self.lora_B.weight)
 
     def _dora_scale(self) -> torch.Tensor:
         """m / ‖W + s·B A‖ per output row, the norm detached."""
@@ -98,6 +126,8 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return self.base_layer(x)
         low_rank = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        if self.lora_A0 is not None:
+            low_rank = low_rank - F.linear(F.linear(x, self.lora_A0), self.lora_B0) * self.scaling
         if self.lora_magnitude_vector is None:
             return self.base_layer(x) + low_rank
         bias = self.base_layer.bias
@@ -150,11 +180,12 @@ def has_adapters(model: nn.Module) -> bool:
 def adapter_state_keys(model: nn.Module) -> set[str]:
     """What an adapter run's checkpoint holds: the adapters' parameters and every parameter outside the adapted
     decoder (a reward model's ``head``), which trains whole."""
+    own = {n for n in model.state_dict() if ".lora_" in f".{n}"}  # parameters and CorDA's starting values
     decoder = getattr(model, "decoder", None)
-    inside = {id(p) for p in decoder.parameters()} if isinstance(decoder, nn.Module) else set()
-    if not inside:
-        return set(adapter_parameters(model))
-    return {n for n, p in model.named_parameters() if ".lora_" in f".{n}" or id(p) not in inside}
+    if not isinstance(decoder, nn.Module):
+        return own
+    inside = {id(p) for p in decoder.parameters()}
+    return own | {n for n, p in model.named_parameters() if id(p) not in inside}
 
 
 @contextlib.contextmanager

@@ -32,13 +32,31 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under PEFT's names for the Hugging Face layout of an lmlab decoder."""
+    """The adapters' weights under PEFT's names for the Hugging Face layout of an lmlab decoder. A CorDA start
+    (B A − B₀A₀) is written as one adapter of twice the rank, A' = [A; A₀], B' = [B, −B₀]."""
     out = {}
-    for name, param in adapter_parameters(model).items():
-        module, rest = _split(name)
-        hf_module = hf.lmlab_to_hf_name(f"{module}.weight")[: -len(".weight")]
-        out[f"{PREFIX}{hf_module}{rest}"] = param.detach().to("cpu").contiguous().clone()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoRALinear):
+            continue
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        if layer.lora_A0 is not None:
+            a, b = torch.cat([a, layer.lora_A0]), torch.cat([b, -layer.lora_B0], dim=1)
+        tensors = {".lora_A.weight": a, ".lora_B.weight": b}
+        if layer.lora_magnitude_vector is not None:
+            tensors[".lora_magnitude_vector"] = layer.lora_magnitude_vector
+        hf_module = hf.lmlab_to_hf_name(f"{name}.weight")[: -len(".weight")]
+        for rest, tensor in tensors.items():
+            out[f"{PREFIX}{hf_module}{rest}"] = tensor.detach().to("cpu").contiguous().clone()
     return out
+
+
+def _peft_rank_alpha(model: nn.Module, cfg: AdapterConfig) -> tuple[int, float]:
+    """The rank and alpha PEFT must read to compute lmlab's scaling (doubled rank for a CorDA start)."""
+    corda = any(isinstance(m, LoRALinear) and m.lora_A0 is not None for m in model.modules())
+    if not corda:
+        return cfg.rank, cfg.alpha
+    rank = 2 * cfg.rank
+    return rank, cfg.scaling * (rank**0.5 if cfg.rslora else rank)
 
 
 def save_peft_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path, base: str | None = None) -> Path:
@@ -47,11 +65,12 @@ def save_peft_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     # lmlab's projections carry the Llama family's names (q_proj … down_proj), PEFT's target_modules
     targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    rank, alpha = _peft_rank_alpha(model, cfg)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
         "use_dora": cfg.kind == "dora",

@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmlab.config import RunConfig
 from lmlab.errors import CheckpointError
 from lmlab.models.build import Head, build_model
+from lmlab.models.corda import corda_init, input_covariances
 from lmlab.models.lora import apply_adapters
 from lmlab.train import checkpoint as ckpt_io
 
@@ -64,3 +66,43 @@ def check_base(ckpt: Path, base_ckpt: Path) -> None:
             f"{ckpt}: its adapters were trained on {recorded.get('run')} ({recorded.get('checkpoint')}), whose "
             f"weights have changed since (the base now read is {base_ckpt}); restore that base or retrain the adapters"
         )
+
+
+def corda_start(model: nn.Module, cfg: RunConfig, batches, tokenizer, device, ctx) -> dict[str, Any]:
+    """Initialise the adapters of a new run by CorDA (``adapter.init``, ``lmlab.models.corda``) from
+    ``adapter.corda_samples`` sequences of context: ``adapter.corda_file`` (any SFT-format file), or the run's
+    own first training rows (the batch stream is rewound afterwards, so training sees the same data). The
+    covariances are summed over ranks, so every rank starts alike. Returns what was used, for the summary."""
+    a = cfg.adapter
+    if a.corda_file:
+        from lmlab.data.chat import read_records
+
+        records = read_records(a.corda_file)[: a.corda_samples]
+        rows = [torch.tensor(r.encode(tokenizer)[0][: cfg.model.max_seq_len]) for r in records]
+        source = a.corda_file
+    else:
+        state = batches.state_dict()
+        rows = []
+        while len(rows) < a.corda_samples:
+            rows.extend(batches.next_batch(cfg.train.micro_batch_size)["input_ids"])
+        batches.load_state_dict(state)
+        rows, source = rows[: a.corda_samples], "training data"
+    pad = getattr(tokenizer, "pad_id", None)
+    rows = [_strip_padding(r, pad) for r in rows]
+    decoder = getattr(model, "decoder", model)
+
+    def forward(_, row: torch.Tensor) -> None:
+        decoder(row[None].to(device))
+
+    covs = input_covariances(decoder, forward, [r for r in rows if r.numel()])
+    covs = {name: ctx.all_reduce_sum(c) for name, c in covs.items()}
+    corda_init(decoder, covs, a.init)
+    return {"mode": a.init, "source": source, "sequences": len(rows), "tokens": int(sum(r.numel() for r in rows))}
+
+
+def _strip_padding(row: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """``row`` without its trailing padding."""
+    if pad is None:
+        return row
+    real = (row != pad).nonzero()
+    return row[: int(real[-1]) + 1] if real.numel() else row[:0]

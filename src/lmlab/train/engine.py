@@ -26,7 +26,7 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.build import Head, build_model
 from lmlab.models.counting import count_params, flops_per_token
 from lmlab.train import checkpoint as ckpt_io
-from lmlab.train.adapters import BASE_KEY, attach_adapters, base_record, build_run_model, check_base
+from lmlab.train.adapters import BASE_KEY, attach_adapters, base_record, build_run_model, check_base, corda_start
 from lmlab.train.callbacks import Callback
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.loop import BatchSource, LossFn, Trainer, TrainResult
@@ -174,6 +174,8 @@ def _train(recipe: Recipe, job: Job) -> RunSummary:
     cfg = validate(plan.cfg)  # the config is complete only now
     if cfg.adapter.enabled:  # the saved config must find the base from anywhere
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).resolve()))
+    if cfg.adapter.enabled and cfg.adapter.init != "lora" and run.checkpoint is None:
+        job.summary.extra["corda"] = corda_start(plan.model, cfg, plan.batches, plan.tokenizer, ctx.device, ctx)
     if run.checkpoint is not None:  # refuse a mismatched model before anything in the run is rewritten
         meta = ctx.broadcast_object(ctx.main_first(lambda: verify_resumable(run, cfg), others=False))
         cfg = keep_global_batch(cfg, meta.get("global_batch"), ctx.world_size, quiet=job.quiet)

@@ -1,7 +1,7 @@
 """Adapter runs leave lmlab as transformers and PEFT expect (issue 13 item 4): ``export-hf RUN OUT`` writes the
 merged model, whose logits equal lmlab's; ``--adapter`` writes a PEFT adapter that ``peft.PeftModel`` loads onto
 the base's export with logits equal lmlab's within 1e-4; ``import-hf ADAPTER --base RUN`` reads it back into an
-adapter run with the same logits. LoRA and DoRA."""
+adapter run with the same logits. LoRA, DoRA and a CorDA-initialised LoRA."""
 
 from __future__ import annotations
 
@@ -34,13 +34,14 @@ def runs(tmp_path_factory):
         for line in pairs.read_text().splitlines():
             pair = json.loads(line)
             f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
-    for kind in ("lora", "dora"):
+    for name, kind, init in (("lora", "lora", "lora"), ("dora", "dora", "lora"), ("corda", "lora", "corda_ipm")):
         cfg = tiny_config(
             f"init_from={root / 'base'}", f"sft.train_file={root / 'chat.jsonl'}", "model.max_seq_len=96",
             "train.steps=3", "optim.lr=2e-2", f"adapter.kind={kind}", "adapter.rank=4", "adapter.alpha=8",
             "adapter.rslora=true", "adapter.targets=[q_proj,v_proj,down_proj]", "schedule.warmup_steps=0",
+            f"adapter.init={init}", "adapter.corda_samples=4",
         )  # fmt: skip
-        execute(SFTRecipe(), cfg, root / kind, quiet=True)
+        execute(SFTRecipe(), cfg, root / name, quiet=True)
     assert main(["export-hf", str(root / "base"), str(root / "base_hf")]) == 0
     return root
 
@@ -49,7 +50,7 @@ def ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "corda"])
 def test_merged_export_equals_lmlab(runs, kind):
     assert main(["export-hf", str(runs / kind), str(runs / f"{kind}_merged")]) == 0
     ours = load_run_model(runs / kind).model
@@ -59,12 +60,14 @@ def test_merged_export_equals_lmlab(runs, kind):
         assert torch.allclose(theirs(x).logits, ours(x), atol=TOL)
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "corda"])
 def test_peft_adapter_export_and_import(runs, kind):
+    """A CorDA run's adapter (B A − B₀A₀) is written as one rank-2r LoRA."""
     out = runs / f"{kind}_peft"
     assert main(["export-hf", str(runs / kind), str(out), "--adapter"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_dora"] is (kind == "dora") and config["use_rslora"] is True
+    assert config["r"] == (8 if kind == "corda" else 4)
     ours = load_run_model(runs / kind).model
     base = transformers.AutoModelForCausalLM.from_pretrained(runs / "base_hf")
     theirs = peft.PeftModel.from_pretrained(base, out).eval()
