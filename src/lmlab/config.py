@@ -665,6 +665,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen base model: set init_from to its run directory"
         )
+    if cfg.adapter.quantize != "none" and cfg.distributed.strategy == "fsdp":
+        raise ConfigError(
+            f"adapter.quantize={cfg.adapter.quantize} (QLoRA) keeps 4-bit weights that FSDP cannot shard; "
+            "use distributed.strategy=ddp or none"
+        )
     if cfg.adapter.enabled and cfg.optim.name == "muon":
         raise ConfigError("optim.name=muon orthogonalises whole weight matrices; train adapters with optim.name=adamw")
     if t.compile_mode == "full" and cfg.distributed.strategy != "none":

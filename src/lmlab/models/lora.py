@@ -65,6 +65,8 @@ class AdapterConfig:
 
     def validate(self, key: str = "adapter") -> None:
         if not self.enabled:
+            if self.init != "lora" or self.quantize != "none":
+                raise ConfigError(f"{key}.init and {key}.quantize shape adapters: set {key}.kind=lora as well")
             return
         if self.rank < 1:
             raise ConfigError(f"{key}.rank={self.rank} must be >= 1")

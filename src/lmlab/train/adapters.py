@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lmlab.config import RunConfig
-from lmlab.errors import CheckpointError
+from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.build import Head, build_model
 from lmlab.models.corda import corda_init, input_covariances
 from lmlab.models.lora import apply_adapters
@@ -38,6 +38,34 @@ def attach_adapters(model: nn.Module, cfg: RunConfig) -> list[str]:
             if id(p) not in inside:
                 p.requires_grad_(True)
     return adapted
+
+
+def quantize_frozen_base(model: nn.Module, cfg: RunConfig, device: torch.device) -> int:
+    """QLoRA (``adapter.quantize: nf4``): the frozen block weights in 4-bit NF4 on a CUDA ``device``; returns how
+    many layers were quantized."""
+    if device.type != "cuda":
+        raise ConfigError(
+            f"adapter.quantize={cfg.adapter.quantize} (QLoRA) trains on a 4-bit base with bitsandbytes' CUDA kernels, "
+            f"and this run's device is {device.type}; on a CPU train the adapters on the full-precision base "
+            "(adapter.quantize=none)"
+        )
+    from lmlab.models.qlora import quantize_base
+
+    decoder = getattr(model, "decoder", model)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return quantize_base(decoder, compute_dtype=dtype)
+
+
+def full_precision_model(cfg: RunConfig, head: Head, trained: nn.Module) -> nn.Module:
+    """The model of a run whose base was quantized for training, rebuilt on the full-precision base of
+    ``init_from`` with the adapters (and head) of ``trained``: what generation and evaluation use."""
+    from lmlab.train.pretrained import load_init_weights
+
+    model = build_model(cfg.model, head)
+    load_init_weights(getattr(model, "decoder", model), cfg.init_from, cfg)
+    attach_adapters(model, cfg)
+    model.load_state_dict(ckpt_io.model_state_dict(trained), strict=False)
+    return model
 
 
 def build_run_model(cfg: RunConfig, head: Head = "lm") -> nn.Module:

@@ -26,7 +26,16 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.build import Head, build_model
 from lmlab.models.counting import count_params, flops_per_token
 from lmlab.train import checkpoint as ckpt_io
-from lmlab.train.adapters import BASE_KEY, attach_adapters, base_record, build_run_model, check_base, corda_start
+from lmlab.train.adapters import (
+    BASE_KEY,
+    attach_adapters,
+    base_record,
+    build_run_model,
+    check_base,
+    corda_start,
+    full_precision_model,
+    quantize_frozen_base,
+)
 from lmlab.train.callbacks import Callback
 from lmlab.train.distributed import DistContext, check_world, full_state_dict, setup_distributed
 from lmlab.train.loop import BatchSource, LossFn, Trainer, TrainResult
@@ -111,6 +120,9 @@ class Job:
                 self.say(f"init_from {cfg.init_from}: loaded {loaded.checkpoint.name} (step {loaded.step})")
         if adapters:
             adapted = attach_adapters(model, cfg)
+            if cfg.adapter.quantize != "none":
+                quantized = quantize_frozen_base(model, cfg, self.device)
+                self.say(f"QLoRA: {quantized} frozen linear layers in 4-bit {cfg.adapter.quantize}")
             self.checkpoint_meta[BASE_KEY] = base_record(cfg.init_from)
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
@@ -125,6 +137,10 @@ class Job:
         """The trained weights as a plain module on rank 0, for generation and task evaluation (a gather under
         FSDP, so every rank must call it); None on the other ranks."""
         cfg = trainer.cfg
+        if cfg.adapter.quantize != "none":  # generate and evaluate on the full-precision base (one process)
+            return (
+                full_precision_model(cfg, self.head, trainer.model).to(self.device).eval() if self.ctx.is_main else None
+            )
         wrapped = self.ctx.strategy == "fsdp" or cfg.train.compile or cfg.distributed.activation_checkpointing != "none"
         if not wrapped:
             return trainer.model if self.ctx.is_main else None
