@@ -86,6 +86,9 @@ class ModelConfig:
     ffn: FFNConfig = slot(FFN_KINDS, "swiglu")
     abacus: AbacusConfig = field(default_factory=AbacusConfig)  # digit-place embeddings (lmlab.models.abacus)
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)  # recurrent depth (models.recurrent)
+    # the Hugging Face family an imported model came from; export writes it back where it differs from the family
+    # the architecture implies (Phi-3's fused projections), else the implied one
+    hf_architecture: str | None = field(default=None, metadata=NOT_IN_WEIGHTS)
 
     # Flat keys of earlier versions (config.yaml of older runs, checkpoints' meta.json, command lines),
     # read as their place in the component sections.

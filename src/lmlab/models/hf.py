@@ -9,8 +9,9 @@ Supported architectures (all Llama-style: RMSNorm, rotate-half RoPE, SwiGLU, GQA
 - ``Qwen2ForCausalLM`` (bias on the q/k/v projections: ``model.attention.qkv_bias``),
 - ``Qwen3ForCausalLM`` (RMSNorm on q and k over the head dimension before RoPE: ``model.attention.qk_norm``;
   its heads are wider than hidden/heads: ``model.head_size``),
-- ``Phi3ForCausalLM`` (Llama with fused ``qkv_proj`` and ``gate_up_proj``, split on import; a ``sliding_window``
-  as Mistral's; exports as Llama, the same function; LongRoPE and partial rotary are refused),
+- ``Phi3ForCausalLM`` (Llama with fused ``qkv_proj`` and ``gate_up_proj``, split on import and fused again on
+  export, which writes Phi-3 for a model imported from it: ``model.hf_architecture``; a ``sliding_window`` as
+  Mistral's; LongRoPE and partial rotary are refused),
 - ``MixtralForCausalLM`` (``model.ffn.kind=moe`` in every block: softmax router, top-k gates renormalised to
   sum to 1; its sliding window as Mistral's),
 - ``Qwen3MoeForCausalLM`` (qk-norm; MoE with ``renormalize = norm_topk_prob``; the blocks that
@@ -326,6 +327,8 @@ def lmlab_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig | No
                 )
             continue
         out[lmlab_to_hf_name(name, arch)] = tensor.detach().contiguous().clone()
+    if cfg is not None and arch is None and export_architecture(cfg) == "Phi3ForCausalLM":
+        out = _fuse_dense(out)
     return out
 
 
@@ -447,6 +450,7 @@ def hf_config_to_model_config(hf: dict[str, Any], source: str = "config.json") -
         init_std=float(hf.get("initializer_range", 0.02)),
         attention=attention,
         ffn=_hf_ffn(hf, arch, n_layers, source),
+        hf_architecture=arch,
     )
 
 
@@ -503,7 +507,7 @@ def export_architecture(cfg: ModelConfig) -> str:
             "(RoPE); a model without position embeddings (NoPE) has no such format"
         )
     if isinstance(attn, SlidingWindowConfig):
-        return _sliding_export_architecture(cfg, attn)
+        return _as_phi3(cfg, _sliding_export_architecture(cfg, attn))
     if not isinstance(attn, GQAConfig) or not isinstance(ffn, (SwiGLUConfig, MoEConfig)):
         raise UserError(
             f"cannot export model.attention.kind={attn.kind} / model.ffn.kind={ffn.kind} in Hugging Face "
@@ -524,7 +528,30 @@ def export_architecture(cfg: ModelConfig) -> str:
             "cannot export model.attention.qkv_bias with model.head_size: Qwen2, the family with q/k/v bias, "
             "has no head_dim setting (its heads are hidden_size / num_attention_heads wide)"
         )
-    return "Qwen2ForCausalLM" if attn.qkv_bias else "LlamaForCausalLM"
+    return "Qwen2ForCausalLM" if attn.qkv_bias else _as_phi3(cfg, "LlamaForCausalLM")
+
+
+def _as_phi3(cfg: ModelConfig, arch: str) -> str:
+    """Phi-3 for a model imported from Phi-3 that it still represents (Llama or Mistral with fused projections,
+    heads hidden / heads wide, no RoPE scaling), else ``arch``."""
+    plain = arch in ("LlamaForCausalLM", "MistralForCausalLM") and cfg.head_size in (None, cfg.d_model // cfg.n_heads)
+    if cfg.hf_architecture == "Phi3ForCausalLM" and plain and cfg.rope_scaling.kind == "none":
+        return "Phi3ForCausalLM"
+    return arch
+
+
+def _fuse_dense(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Phi-3's layout: ``q/k/v_proj`` stacked as ``qkv_proj`` and ``gate/up_proj`` as ``gate_up_proj`` (the
+    inverse of ``_unfuse_dense``)."""
+    out = dict(state)
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"^model\.layers\.(\d+)\.", k))})
+    for i in layers:
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        out[f"{attn}.qkv_proj.weight"] = torch.cat([out.pop(f"{attn}.{p}_proj.weight") for p in "qkv"])
+        out[f"{mlp}.gate_up_proj.weight"] = torch.cat(
+            [out.pop(f"{mlp}.gate_proj.weight"), out.pop(f"{mlp}.up_proj.weight")]
+        )
+    return out
 
 
 def _sliding_export_architecture(cfg: ModelConfig, attn: SlidingWindowConfig) -> str:
@@ -626,6 +653,10 @@ def model_config_to_hf_config(
         out.update(attention_bias=False, mlp_bias=False)
     elif arch == "MistralForCausalLM":
         out.update(sliding_window=cfg.attention.window)
+    elif arch == "Phi3ForCausalLM":  # fused projections; a window in every layer when it has one
+        window = cfg.attention.window if isinstance(cfg.attention, SlidingWindowConfig) else None
+        out.update(sliding_window=window, original_max_position_embeddings=cfg.max_seq_len, partial_rotary_factor=1.0,
+                   resid_pdrop=0.0, embd_pdrop=0.0)  # fmt: skip
     elif arch == "MixtralForCausalLM":  # no jitter (lmlab has none)
         window = cfg.attention.window if isinstance(cfg.attention, SlidingWindowConfig) else None
         out.update(sliding_window=window, router_jitter_noise=0.0)

@@ -1,7 +1,7 @@
 """Every recipe runs on several processes (issue 9 item 3): 2 gloo ranks × B/2 give the losses and gradient
 norms of 1 process × B within 1e-5 in fp32 for packed SFT (ragged target counts per rank), for DPO (with a
 live reference and with precomputed reference log-probs) and for a regularised reward model, under DDP and
-FSDP2, through the real recipes."""
+FSDP2, through the real recipes; and for LoRA runs, whose sharded checkpoints hold only the adapters."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ COMMON = {
     },
     "sample": {"max_new_tokens": 4},
 }  # fmt: skip
+LORA = ["adapter.kind=lora", "adapter.rank=4", "adapter.alpha=8", "optim.lr=3e-2"]
 RUNS = {
     "sft_ddp": ("sft", "sft.yaml", ["distributed.strategy=ddp"]),
     "sft_fsdp": ("sft", "sft.yaml", ["distributed.strategy=fsdp"]),
@@ -39,6 +40,9 @@ RUNS = {
     "dpo_fsdp": ("align", "dpo.yaml", ["distributed.strategy=fsdp"]),
     "dpo_precomputed_ddp": ("align", "dpo.yaml", ["distributed.strategy=ddp", "align.precompute_reference=true"]),
     "reward_fsdp": ("reward", "reward.yaml", ["distributed.strategy=fsdp"]),  # with the LM regulariser
+    # LoRA on the frozen base (issue 13 item 4): sharded adapter-only checkpoints; DPO's reference = adapters off
+    "sft_lora_fsdp": ("sft", "sft.yaml", ["distributed.strategy=fsdp", *LORA]),
+    "dpo_lora_fsdp": ("align", "dpo.yaml", ["distributed.strategy=fsdp", *LORA]),
 }
 
 
@@ -107,3 +111,22 @@ def test_two_ranks_match_one_process(runs, name):
         assert two[name][step][1] == pytest.approx(one[name][step][1], **tol), f"grad norm at step {step}"
     summary = json.loads((root / f"{name}_2" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sft_lora_fsdp", "dpo_lora_fsdp"])
+def test_sharded_adapter_checkpoint_holds_only_adapters(runs, name):
+    """The two-rank FSDP checkpoint lists adapter tensors only and loads (base + adapters, merged) into the same
+    model as the one-process run's."""
+    from lmlab.train import checkpoint as ckpt_io
+    from lmlab.train.pretrained import load_run_model
+
+    root, _, _ = runs
+    ckpt = ckpt_io.latest_checkpoint(root / f"{name}_2")
+    assert ckpt_io.is_sharded(ckpt)
+    shapes = ckpt_io.read_meta(ckpt)["shapes"]
+    assert shapes and all(".lora_" in k for k in shapes)
+    two = load_run_model(root / f"{name}_2").model.state_dict()
+    one = load_run_model(root / f"{name}_1").model.state_dict()
+    assert two.keys() == one.keys()
+    assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
