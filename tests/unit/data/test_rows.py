@@ -117,3 +117,46 @@ def test_a_datasets_id_is_a_pretraining_source_read_by_datasets():
     assert [str(p) for p in expand_paths(["lmlab-test/no-such-corpus"])] == ["lmlab-test/no-such-corpus"]
     with pytest.raises(DataError, match="lmlab-test/no-such-corpus: could not be read with datasets.load_dataset"):
         list(read_documents(["lmlab-test/no-such-corpus"]))
+
+
+def cache_hub_dataset(cache_dir, repo_id: str, rows: list[dict]) -> None:
+    """Write ``rows`` where ``datasets.load_dataset(repo_id)`` keeps a Hub dataset it has downloaded and prepared
+    (``HF_DATASETS_CACHE/<org>___<name>/<config>/<version>/<hash>/``), so it is read offline, as after a first
+    download; nothing is fetched."""
+    import shutil
+
+    datasets = pytest.importorskip("datasets")
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    org, name = repo_id.split("/")
+    source = cache_dir / "source.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(source))
+    builder = Parquet(
+        cache_dir=str(cache_dir), dataset_name=name, config_name="default", hash="0" * 16,
+        data_files=DataFilesDict.from_patterns({"train": [str(source)]}),
+    )  # fmt: skip
+    builder.download_and_prepare()
+    prepared = next((cache_dir / name).iterdir())  # default-<hash of the data files>
+    target = cache_dir / f"{org}___{name}" / "default"
+    target.parent.mkdir()
+    shutil.move(str(prepared), str(target))
+    shutil.rmtree(cache_dir / name)
+
+
+def test_a_cached_hub_dataset_is_read_offline(tmp_path, monkeypatch):
+    """A Hub dataset id in the ``datasets`` cache (``HF_DATASETS_OFFLINE``, as tests run) is read by every consumer:
+    rows, SFT records with a column mapping, and pretraining documents; one not in the cache is one message."""
+    datasets = pytest.importorskip("datasets")
+    from lmlab.data.prepare import read_documents
+
+    cache = tmp_path / "datasets-cache"
+    cache.mkdir()
+    cache_hub_dataset(cache, "lmlab-test/tiny-qa", ROWS)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    assert [row for _, row in read_rows("lmlab-test/tiny-qa")] == ROWS
+    records = read_records("lmlab-test/tiny-qa", columns={"question": "prompt", "answer": "completion"})
+    assert [r.messages[-1]["content"] for r in records] == [r["answer"] for r in ROWS]
+    assert [d.text for d in read_documents(["lmlab-test/tiny-qa"], text_field="answer")] == [r["answer"] for r in ROWS]
+    with pytest.raises(DataError, match="lmlab-test/other: could not be read with datasets.load_dataset"):
+        list(read_rows("lmlab-test/other"))
