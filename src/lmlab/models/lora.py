@@ -80,6 +80,10 @@ class AdapterConfig:
             raise ConfigError(f"{key}.init={self.init} initialises LoRA adapters; use {key}.kind=lora with it")
         if self.corda_samples < 1:
             raise ConfigError(f"{key}.corda_samples={self.corda_samples} must be >= 1")
+        if self.quantize != "none" and self.init != "lora":
+            raise ConfigError(
+                f"{key}.init={self.init} decomposes full-precision weights; use it with {key}.quantize=none"
+            )
         if self.quantize != "none" and self.kind == "dora":
             raise ConfigError(f"{key}.quantize={self.quantize} (QLoRA) trains LoRA adapters; use {key}.kind=lora")
 

@@ -55,5 +55,7 @@ def test_qlora_on_cpu_is_refused(tmp_path):
 def test_qlora_settings_are_checked():
     with pytest.raises(ConfigError, match="kind=lora"):
         tiny_config("adapter.quantize=nf4")
+    with pytest.raises(ConfigError, match="quantize=none"):
+        tiny_config("init_from=x", "adapter.kind=lora", "adapter.quantize=nf4", "adapter.init=corda_ipm")
     with pytest.raises(ConfigError, match="FSDP"):
         tiny_config("init_from=x", "adapter.kind=lora", "adapter.quantize=nf4", "distributed.strategy=fsdp")
