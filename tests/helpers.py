@@ -73,3 +73,19 @@ def crash_and_resume(cfg: RunConfig, run_dir, crash_at: int, monkeypatch) -> Non
         run_pretraining(cfg, run_dir, quiet=True)
     monkeypatch.setattr(Trainer, "train_step", real_step)
     run_pretraining(cfg, run_dir, resume=True, quiet=True)
+
+
+def write_pairs_and_chat(root, n: int = 24):
+    """``root/pairs.jsonl``: ``n`` preference pairs of the preference world; ``root/chat.jsonl``: their prompts
+    with the chosen answers as completions (SFT records). Returns both paths."""
+    import json
+
+    from lmlab.data.synthetic.preference_world import PreferenceWorld
+
+    pairs = PreferenceWorld().write_pairs(root / "pairs.jsonl", 0, n, "train")
+    chat = root / "chat.jsonl"
+    with open(chat, "w") as f:
+        for line in pairs.read_text().splitlines():
+            pair = json.loads(line)
+            f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
+    return pairs, chat

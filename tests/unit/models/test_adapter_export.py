@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.recipes.pretrain import PretrainRecipe
 from lmlab.recipes.sft import SFTRecipe
 from lmlab.train.engine import execute
 from lmlab.train.pretrained import load_run_model
 
-from helpers import tiny_config
+from helpers import tiny_config, write_pairs_and_chat
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -29,11 +28,7 @@ TOL = 1e-4
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter_export")
     execute(PretrainRecipe(), tiny_config("train.steps=10", "model.max_seq_len=96"), root / "base", quiet=True)
-    pairs = PreferenceWorld().write_pairs(root / "pairs.jsonl", 0, 16, "train")
-    with open(root / "chat.jsonl", "w") as f:
-        for line in pairs.read_text().splitlines():
-            pair = json.loads(line)
-            f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
+    write_pairs_and_chat(root, 16)
     for name, kind, init in (("lora", "lora", "lora"), ("dora", "dora", "lora"), ("corda", "lora", "corda_ipm")):
         cfg = tiny_config(
             f"init_from={root / 'base'}", f"sft.train_file={root / 'chat.jsonl'}", "model.max_seq_len=96",

@@ -3,14 +3,11 @@ a layer that starts equal to its base with the base weight untouched, and CorDA 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.errors import ConfigError
 from lmlab.models.corda import corda_init, decompose, input_covariances
 from lmlab.models.lora import AdapterConfig, LoRALinear, adapters_disabled
@@ -21,7 +18,7 @@ from lmlab.train.engine import execute
 from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrained import load_run_model
 
-from helpers import tiny_config
+from helpers import tiny_config, write_pairs_and_chat
 
 
 def test_decompose_by_hand():
@@ -77,11 +74,7 @@ def test_corda_with_dora_is_refused():
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("corda")
     execute(PretrainRecipe(), tiny_config("train.steps=10", "model.max_seq_len=96"), root / "base", quiet=True)
-    pairs = PreferenceWorld().write_pairs(root / "pairs.jsonl", 0, 24, "train")
-    with open(root / "chat.jsonl", "w") as f:
-        for line in pairs.read_text().splitlines():
-            pair = json.loads(line)
-            f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
+    write_pairs_and_chat(root, 24)
     return root
 
 

@@ -8,13 +8,10 @@ its adapters off (no second model is loaded), so its first-step reference log-pr
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.models.lora import LoRALinear
 from lmlab.recipes.align import AlignRecipe
@@ -26,7 +23,7 @@ from lmlab.train.engine import execute
 from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrained import load_run_model
 
-from helpers import tiny_config
+from helpers import tiny_config, write_pairs_and_chat
 
 LORA = ["adapter.kind=lora", "adapter.rank=4", "adapter.alpha=8", "optim.lr=1e-2"]
 
@@ -36,11 +33,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     grow = ["train.steps=20", "optim.lr=3e-3", "model.max_seq_len=96"]
     execute(PretrainRecipe(), tiny_config(*grow), root / "base", quiet=True)
-    pairs = PreferenceWorld().write_pairs(root / "pairs.jsonl", 0, 24, "train")
-    with open(root / "chat.jsonl", "w") as f:
-        for line in pairs.read_text().splitlines():
-            pair = json.loads(line)
-            f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
+    write_pairs_and_chat(root, 24)
     return root
 
 

@@ -5,13 +5,10 @@ the parent model's on the same batch, and differs from a fresh start's. Parents:
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from lmlab.config import load_config
-from lmlab.data.synthetic.preference_world import PreferenceWorld
 from lmlab.models.reward_head import RewardModel
 from lmlab.recipes.align import AlignRecipe
 from lmlab.recipes.pretrain import PretrainRecipe
@@ -23,7 +20,7 @@ from lmlab.train.metrics import read_metrics
 from lmlab.train.pretrained import load_model
 from lmlab.train.run import Run
 
-from helpers import tiny_config
+from helpers import tiny_config, write_pairs_and_chat
 
 TOL = 1e-6
 
@@ -34,11 +31,7 @@ def parents(tmp_path_factory):
     grow = ["train.steps=30", "optim.lr=3e-3", "model.max_seq_len=96"]  # trained enough to differ from a fresh init
     execute(PretrainRecipe(), tiny_config(*grow), root / "plain", quiet=True)
     execute(PretrainRecipe(), tiny_config(*grow, "distributed.strategy=fsdp"), root / "sharded", quiet=True)
-    pairs = PreferenceWorld().write_pairs(root / "pairs.jsonl", 0, 24, "train")
-    with open(root / "chat.jsonl", "w") as f:
-        for line in pairs.read_text().splitlines():
-            pair = json.loads(line)
-            f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
+    write_pairs_and_chat(root, 24)
     return root
 
 
