@@ -96,7 +96,7 @@ def load_run_model(
         base = load_init_weights(decoder, cfg.init_from, cfg)
         check_base(ckpt, base.checkpoint)
         attach_adapters(model, cfg)
-    ckpt_io.load_weights(ckpt, model, cfg.model)
+    ckpt_io.load_weights(ckpt, model, cfg.model, verified=cfg.adapter.enabled)  # verified above
     if cfg.adapter.enabled and merged:
         merge_adapters(model).requires_grad_(True)
     model.to(device).eval()
