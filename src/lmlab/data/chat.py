@@ -67,26 +67,36 @@ class ChatTemplate:
     def builtin(cls) -> ChatTemplate:
         return cls(BUILTIN_TEMPLATE, "builtin")
 
-    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False, tokenizer=None) -> str:
-        """The template's text for ``messages`` (``tokenizer`` supplies ``bos_token``/``eos_token``)."""
+    def render(
+        self,
+        messages: Sequence[Message],
+        *,
+        add_generation_prompt: bool = False,
+        tokenizer=None,
+        markers: tuple[str, str] | None = None,
+    ) -> str:
+        """The template's text for ``messages`` (``tokenizer`` supplies ``bos_token``/``eos_token``); with
+        ``markers`` each ``{% generation %}`` block's output is enclosed in them."""
         bos = eos = ""
         if tokenizer is not None:
             bos = "" if tokenizer.bos_id is None else tokenizer.id_to_token(tokenizer.bos_id) or ""
             eos = tokenizer.id_to_token(tokenizer.eos_id) or ""
         try:
-            return _compiled(self.source).render(
+            return _compiled(self.source, markers).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos
             )
         except Exception as err:  # jinja2 raises many types; all mean the template cannot render this input
             raise DataError(f"chat template ({self.origin}) failed to render: {err}") from None
 
 
-_TEMPLATE_CACHE: dict[str, Any] = {}
+_TEMPLATE_CACHE: dict[Any, Any] = {}
 
 
-def _generation_markers():
+def _generation_markers(markers: tuple[str, str] | None = None):
     """A Jinja extension for Hugging Face's ``{% generation %}...{% endgeneration %}`` block, rendered as its
-    body (lmlab finds the assistant tokens by rendering message by message, not from the markers)."""
+    body (lmlab finds the assistant tokens by rendering message by message, not from the markers), or enclosed
+    in ``markers`` (to check where the markers are: ``lmlab.data.template_markers``)."""
+    from jinja2 import nodes
     from jinja2.ext import Extension
 
     class GenerationMarkers(Extension):
@@ -94,27 +104,34 @@ def _generation_markers():
 
         def parse(self, parser):
             next(parser.stream)  # the "generation" name
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            if markers is None:
+                return body
+            opening, closing = (nodes.Output([nodes.TemplateData(m)]) for m in markers)
+            return [opening, *body, closing]
 
     return GenerationMarkers
 
 
-def _compiled(source: str):
+def _compiled(source: str, markers: tuple[str, str] | None = None):
     """Compile once per source, in a sandbox (templates come from model files), HF's whitespace options."""
-    if source not in _TEMPLATE_CACHE:
+    key = source if markers is None else (source, markers)
+    if key not in _TEMPLATE_CACHE:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_markers()])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_generation_markers(markers)]
+        )
         env.globals["raise_exception"] = raise_exception
         try:
-            _TEMPLATE_CACHE[source] = env.from_string(source)
+            _TEMPLATE_CACHE[key] = env.from_string(source)
         except TemplateError as err:
             raise DataError(f"chat template is not valid Jinja: {err}") from None
-    return _TEMPLATE_CACHE[source]
+    return _TEMPLATE_CACHE[key]
 
 
 def tokenizer_chat_template(tokenizer) -> str | None:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from lmlab.config import RunConfig, TokenizerConfig, TrainConfig, save_config, validate
 from lmlab.data.chat import BUILTIN_TEMPLATE
 from lmlab.data.rows import is_hub_id
+from lmlab.data.template_markers import add_generation_markers, has_markers
 from lmlab.data.tokenizer import CHAT_TOKENS, TextTokenizer, read_backend
 from lmlab.data.tokenizer_files import CHAT_TEMPLATE_FILE, GENERATION_CONFIG, TOKENIZER_CONFIG, read_declared
 from lmlab.errors import CheckpointError, DataError, UserError
@@ -219,10 +220,14 @@ def import_main(argv: list[str]) -> int:
 
 def _tokenizer_config(tokenizer: TextTokenizer, max_seq_len: int) -> dict[str, Any]:
     """``tokenizer_config.json`` for ``PreTrainedTokenizerFast``: the special tokens and the chat template
-    (the run's own, else lmlab's built-in one, with ``{% generation %}`` markers, when the vocabulary has
-    lmlab's chat tokens)."""
+    (the run's own, else lmlab's built-in one when the vocabulary has lmlab's chat tokens), with ``{% generation %}``
+    markers: the built-in template has them; the run's own gets them where ``add_generation_markers`` can place
+    them so that they select lmlab's loss mask, and is written unchanged otherwise."""
     out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_seq_len}
     out.update(tokenizer.special_tokens_config())
+    own = out.get("chat_template")
+    if own and not has_markers(own):
+        out["chat_template"] = add_generation_markers(own, tokenizer) or own
     if "chat_template" not in out and all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS):
         out["chat_template"] = BUILTIN_TEMPLATE
     return out

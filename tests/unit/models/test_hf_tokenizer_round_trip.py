@@ -235,6 +235,43 @@ def test_trl_assistant_only_labels_equal_lmlab_loss_mask(tmp_path, lmlab_run):
     assert row["labels"] == [i if m else -100 for i, m in zip(ids, mask)]
 
 
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_imported_templates_are_exported_with_generation_markers(tmp_path, style):
+    """An imported template without ``{% generation %}`` is exported with markers that select exactly lmlab's loss
+    mask in transformers' ``return_assistant_tokens_mask``, and renders the same text as before."""
+    src = hf_model_dir(tmp_path, style)
+    original = transformers.AutoTokenizer.from_pretrained(src)
+    import_hf(src, tmp_path / "imported")
+    exported = transformers.AutoTokenizer.from_pretrained(export_hf(tmp_path / "imported", tmp_path / "export"))
+    assert "{% generation %}" in exported.chat_template and "{% generation %}" not in original.chat_template
+    for messages, opening in ((CONV, False), (CONV[:2], True)):
+        before = original.apply_chat_template(messages, tokenize=False, add_generation_prompt=opening)
+        assert exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=opening) == before
+    ids, mask = render_conversation(run_tokenizer(tmp_path / "imported"), CONV)
+    marked = exported.apply_chat_template(CONV, return_assistant_tokens_mask=True, return_dict=True)
+    assert marked["input_ids"] == ids
+    assert marked["assistant_masks"][1:] == [int(m) for m in mask][1:] and sum(mask) > 0
+
+
+def test_a_template_the_markers_cannot_fit_is_exported_unchanged():
+    from lmlab.data.template_markers import add_generation_markers
+
+    tok = TextTokenizer.train_bpe(TEXTS, 340)
+    # the reply goes through a variable (as in Qwen3's template) or one expression writes header and reply: the
+    # markers cannot be placed by this rewrite, and the template is kept as it is
+    via_variable = "{% for m in messages %}{% set c = m['content'] %}<{{ m['role'] }}>{{ c }}\n{% endfor %}"
+    one_expression = "{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] }}\n{% endfor %}"
+    assert add_generation_markers(via_variable, tok) is None
+    assert add_generation_markers(one_expression, tok) is None
+    # a body that writes after the reply is marked to its end: lmlab learns what follows a reply in its turn
+    after = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}[{{ m['role'] }}]\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert "{% generation %}{{ m['content'] }}[{{ m['role'] }}]" in add_generation_markers(after, tok)
+    assert add_generation_markers("{{ messages[0]['content'] }}", tok) is None  # no loop over the messages
+
+
 def test_declared_token_missing_from_the_vocabulary_names_the_file(tmp_path):
     src = hf_model_dir(tmp_path, "chatml")
     config = json.loads((src / "tokenizer_config.json").read_text())
