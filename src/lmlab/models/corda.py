@@ -12,8 +12,9 @@ activates them. The adapter starts as r of them, s·B₀A₀ = U_r Σ_r (Vᵀ C�
 
 lmlab never rewrites the base weights: the layer computes W x − s·B₀A₀ x + s·B A x, with (A₀, B₀) kept as
 buffers, so it starts equal to its base, the base stays byte-identical to ``init_from``, and "adapters off" is
-exactly the base. C is damped by ``damping`` × its mean diagonal before inversion (C is singular when
-the context has fewer distinct inputs than ``in``).
+exactly the base. C is the *mean* over context sequences of each sequence's Σ x xᵀ (its scale sets how the
+start splits between B₀ and A₀: scaling C by k scales B₀ by √k and A₀ by 1/√k), damped by ``damping`` × its
+mean diagonal before inversion (C is singular when the context has fewer distinct inputs than ``in``).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from torch import nn
 
 from lmlab.models.lora import LoRALinear
 
+DAMPING = 0.01  # × the mean diagonal of C, added before inversion
+
 
 @torch.no_grad()
-def input_covariances(model: nn.Module, run_batch, batches: Iterable) -> dict[str, torch.Tensor]:
-    """C = Σ x xᵀ (float64, [in, in]) of the inputs of every ``LoRALinear`` of ``model`` over ``batches``;
-    ``run_batch(model, batch)`` runs one forward pass."""
+def input_covariances(model: nn.Module, run_batch, batches: Iterable) -> tuple[dict[str, torch.Tensor], int]:
+    """Σ x xᵀ (float64, [in, in]) of the inputs of every ``LoRALinear`` of ``model`` over ``batches``, and how many
+    forward passes it sums (C is the mean over passes); ``run_batch(model, batch)`` runs one forward pass."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     covs = {name: torch.zeros(m.base_layer.in_features, m.base_layer.in_features, dtype=torch.float64)
             for name, m in layers.items()}  # fmt: skip
@@ -46,17 +49,19 @@ def input_covariances(model: nn.Module, run_batch, batches: Iterable) -> dict[st
         hooks.append(m.register_forward_pre_hook(hook_for(name)))
     was_training = model.training
     model.eval()
+    passes = 0
     try:
         for batch in batches:
             run_batch(model, batch)
+            passes += 1
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return covs
+    return covs, passes
 
 
-def decompose(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, damping: float = 1e-4):
+def decompose(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, damping: float = DAMPING):
     """``(B₀ [out, r], A₀ [r, in])`` with B₀A₀ = U_r Σ_r (Vᵀ C⁻¹)_r: the r largest (``corda_ipm``) or smallest
     (``corda_kpm``) components of W C (float64)."""
     w = weight.detach().to(torch.float64).cpu()
@@ -70,7 +75,7 @@ def decompose(weight: torch.Tensor, cov: torch.Tensor, rank: int, mode: str, dam
 
 
 @torch.no_grad()
-def corda_init(model: nn.Module, covs: dict[str, torch.Tensor], mode: str, damping: float = 1e-4) -> None:
+def corda_init(model: nn.Module, covs: dict[str, torch.Tensor], mode: str, damping: float = DAMPING) -> None:
     """Set every adapter of ``model`` (and its frozen initial copy) from CorDA's decomposition (module docstring)."""
     for name, layer in model.named_modules():
         if not isinstance(layer, LoRALinear):

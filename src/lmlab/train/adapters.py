@@ -122,8 +122,9 @@ def corda_start(model: nn.Module, cfg: RunConfig, batches, tokenizer, device, ct
     def forward(_, row: torch.Tensor) -> None:
         decoder(row[None].to(device))
 
-    covs = input_covariances(decoder, forward, [r for r in rows if r.numel()])
-    covs = {name: ctx.all_reduce_sum(c) for name, c in covs.items()}
+    sums, passes = input_covariances(decoder, forward, [r for r in rows if r.numel()])
+    passes = int(ctx.all_reduce_sum(torch.tensor(float(passes), dtype=torch.float64)))
+    covs = {name: ctx.all_reduce_sum(c) / max(passes, 1) for name, c in sums.items()}  # the mean per sequence
     corda_init(decoder, covs, a.init)
     return {"mode": a.init, "source": source, "sequences": len(rows), "tokens": int(sum(r.numel() for r in rows))}
 

@@ -50,8 +50,10 @@ def test_layer_starts_at_its_base(mode):
     original = base.weight.detach().clone()
     model = nn.Sequential(LoRALinear(base, AdapterConfig(kind="lora", rank=2, alpha=4.0, init=mode)))
     x = torch.randn(3, 7, 6)
-    covs = input_covariances(model, lambda m, batch: m(batch), [x])
-    assert torch.allclose(covs["0"], x.reshape(-1, 6).double().T @ x.reshape(-1, 6).double())
+    sums, passes = input_covariances(model, lambda m, batch: m(batch), [x[:2], x[2:]])
+    assert passes == 2
+    assert torch.allclose(sums["0"], x.reshape(-1, 6).double().T @ x.reshape(-1, 6).double())
+    covs = {name: c / passes for name, c in sums.items()}
     corda_init(model, covs, mode)
     layer = model[0]
     assert torch.equal(layer.base_layer.weight, original)  # the base weight is never rewritten
