@@ -11,10 +11,10 @@ from the task and adapts its *largest* components. This script checks the first 
   (``ADAPT``), from three starts: ``lora`` (B = 0), ``corda_kpm`` (context: 64 biographies, ``adapter.corda_file``)
   and ``corda_ipm`` (context: the run's own story batches); same steps, learning rate and data per seed.
 - **Measured**: forgetting = the loss on the biographies after − before (nats/token, lower is better) and the
-  task's validation loss; per seed, and over seeds the mean ± the half-width of the 95% Student-t interval of
+  task's validation loss; per seed, and over 5 seeds the mean ± the half-width of the 95% Student-t interval of
   forgetting(lora) − forgetting(corda_kpm), > 0 when the knowledge-preserved start forgets less.
 
-    python examples/corda/run_study.py --out runs/corda          # ~10 min on 2 CPU cores
+    python examples/corda/run_study.py --out runs/corda          # ~12 min on 2 CPU cores
     python examples/corda/run_study.py --out /tmp/corda --quick  # smoke test
 
 Finished runs are reused, so an interrupted study continues where it stopped. Results: ``OUT/results.json``.
@@ -48,7 +48,7 @@ ADAPT = [
     "adapter.corda_samples=64",
 ]  # fmt: skip
 STARTS = ("lora", "corda_kpm", "corda_ipm")
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 
 
 def finished(run: Path) -> bool:
