@@ -98,7 +98,7 @@ def side_lmlab(work: Path, args) -> dict:
     cfg = load_config(
         None,
         [f"init_from={work / 'base'}", f"sft.train_file={work / 'records.jsonl'}", "sft.packing=false",
-         f"model.max_seq_len={args.seq_len}", f"train.steps={args.warmup + args.steps}",
+         f"model.max_seq_len={args.seq_len}", f"train.seq_len={args.seq_len}", f"train.steps={args.warmup + args.steps}",
          f"train.micro_batch_size={args.batch}", "train.log_every=1", "train.eval_every=100000",
          f"train.ckpt_every={args.warmup + args.steps}", "train.progress=false", "train.device=cpu",
          "optim.lr=1e-4", "optim.grad_clip=0", "schedule.name=constant", "schedule.warmup_steps=0",

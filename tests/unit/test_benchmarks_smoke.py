@@ -1,4 +1,4 @@
-"""Smoke runs of ``benchmarks/throughput.py``, ``benchmarks/suite.py`` and ``benchmarks/decode.py`` with their smallest settings,
+"""Smoke runs of ``benchmarks/throughput.py``, ``suite.py``, ``decode.py`` and ``lora_vs_trl.py`` with their smallest settings,
 so the scripts cannot silently rot; plus the fairness premise they rest on: the HF peer is the same
 function as the lmlab model (same logits from the same weights), trained on the same tokens.
 
@@ -201,3 +201,34 @@ def test_gpu_row_reports_a_failure_and_the_suite_goes_on(monkeypatch):
     assert row["lmlab_fsdp"]["error"] is None
     assert row["lmlab"]["error"] is None and row["lmlab"]["tokens_per_s"] > 0
     assert "failed: OutOfMemoryError" in suite.markdown([], None, [row], None)
+
+
+def test_lora_vs_trl_smoke(tmp_path):
+    """``benchmarks/lora_vs_trl.py`` end to end at its smallest: both sides run in their own processes and every
+    ratio RESULTS.md quotes is produced."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    import lora_vs_trl
+
+    out = tmp_path / "lora.json"
+    argv = ["--d-model", "32", "--layers", "1", "--heads", "2", "--steps", "1", "--warmup", "1", "--examples", "24"]
+    argv += [
+        "--reps",
+        "1",
+        "--vocab",
+        "300",
+        "--model-vocab",
+        "512",
+        "--seq-len",
+        "64",
+        "--rank",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert lora_vs_trl.main(argv) == 0
+    result = json.loads(out.read_text())
+    for side in ("lmlab", "trl"):
+        assert result["median"][side]["peak_rss"] >= result["median"][side]["rss_at_first_step"] > 0
+        assert result["median"][side]["examples_per_s"] > 0
+    assert result["peak_memory_ratio"] > 0 and result["speed_ratio"] > 0
