@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from lmlab.data.chat import ChatTemplate, render_conversation
 from lmlab.errors import DataError
 
 SAMPLES = [
@@ -102,8 +103,6 @@ def _balanced(text: str) -> bool:
 
 def _agrees(original: str, candidate: str, tokenizer) -> bool:
     """``candidate`` renders every sample as ``original`` does and marks exactly lmlab's loss-mask tokens."""
-    from lmlab.data.chat import ChatTemplate, render_conversation
-
     plain, marked = ChatTemplate(original, "original"), ChatTemplate(candidate, "marked")
     for messages in SAMPLES:
         for opening in (False, True):
