@@ -11,7 +11,10 @@ its cache first, and the network only when ``HF_HUB_OFFLINE`` is not set (``reso
 local-only. Export writes into a fresh or empty
 directory; a non-empty one is replaced only with ``--overwrite``, and then wholly (its old files are
 removed), so no file of another model (say a ``modeling_*.py`` that ``auto_map`` would run) is left
-beside the new weights.
+beside the new weights. An adapter run exports merged, or with ``--adapter`` as a PEFT adapter; a PEFT adapter
+directory imports with ``--base RUN`` as an adapter run on that run (``lmlab.recipes.peft_commands``). An imported
+chat template without ``{% generation %}`` markers gets them on export where they can be placed and checked
+(``lmlab.data.template_markers``).
 """
 
 from __future__ import annotations
