@@ -80,17 +80,22 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     only what trains (``adapter_state_keys``: the base stays in the run it came from)."""
     seen: dict[int, str] = {}
     out: dict[str, torch.Tensor] = {}
-    state = model.state_dict()
-    if has_adapters(model):
-        keys = adapter_state_keys(model)
-        state = {k: v for k, v in state.items() if k in keys}
-    for name, tensor in state.items():
+    for name, tensor in saved_part(model, model.state_dict()).items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel() > 0:
             continue  # tied weight (e.g. lm_head == tok_embeddings)
         seen[key] = name
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
+
+
+def saved_part(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``model``'s ``state`` a checkpoint holds: all of them, or of a model with adapters only what
+    trains (``adapter_state_keys``: the base stays in the run it came from)."""
+    if not has_adapters(model):
+        return state
+    keys = adapter_state_keys(model)
+    return {k: v for k, v in state.items() if k in keys}
 
 
 def save_checkpoint(
@@ -375,11 +380,7 @@ def _single_process_dcp():
 
 def _load_sharded_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Read the model part of a sharded checkpoint into a plain (unsharded) model, in this process only."""
-    state = model.state_dict()
-    if has_adapters(model):  # an adapter run's checkpoint holds no base
-        keys = adapter_state_keys(model)
-        state = {k: v for k, v in state.items() if k in keys}
-    target = {"model": state}  # tensors share storage with the model: loaded in place
+    target = {"model": saved_part(model, model.state_dict())}  # shares storage with the model: loaded in place
     try:
         with _single_process_dcp():
             dcp.load(target, storage_reader=safe_reader(ckpt / DCP_DIR), no_dist=True)
@@ -470,10 +471,7 @@ def load_sharded_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.opti
 def _trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """``get_state_dict`` of model and optimizer; of a model with adapters, only the model's trained part."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    if has_adapters(model):
-        keys = adapter_state_keys(model)
-        model_sd = {k: v for k, v in model_sd.items() if k in keys}
-    return model_sd, optim_sd
+    return saved_part(model, model_sd), optim_sd
 
 
 def load_full_state_sharded(
