@@ -59,11 +59,9 @@ def quantize_frozen_base(model: nn.Module, cfg: RunConfig, device: torch.device)
 def full_precision_model(cfg: RunConfig, head: Head, trained: nn.Module) -> nn.Module:
     """The model of a run whose base was quantized for training, rebuilt on the full-precision base of
     ``init_from`` with the adapters (and head) of ``trained``: what generation and evaluation use."""
-    from lmlab.train.pretrained import load_init_weights
+    from lmlab.train.pretrained import adapter_model
 
-    model = build_model(cfg.model, head)
-    load_init_weights(getattr(model, "decoder", model), cfg.init_from, cfg)
-    attach_adapters(model, cfg)
+    model, _ = adapter_model(cfg, head)
     model.load_state_dict(ckpt_io.model_state_dict(trained), strict=False)
     return model
 

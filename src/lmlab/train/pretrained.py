@@ -89,18 +89,26 @@ def load_run_model(
     root = run_directory(ckpt)
     cfg = load_config(root / "config.yaml")
     head = head or run_head(root)
-    model = build_model(cfg.model, head)
     if cfg.adapter.enabled:
         ckpt_io.verify_checkpoint(ckpt, cfg.model)  # before the base is read
-        decoder = model.decoder if head == "reward" else model
-        base = load_init_weights(decoder, cfg.init_from, cfg)
-        check_base(ckpt, base.checkpoint)
-        attach_adapters(model, cfg)
+        model, base = adapter_model(cfg, head)
+        check_base(ckpt, base)
+    else:
+        model = build_model(cfg.model, head)
     ckpt_io.load_weights(ckpt, model, cfg.model, verified=cfg.adapter.enabled)  # verified above
     if cfg.adapter.enabled and merged:
         merge_adapters(model).requires_grad_(True)
     model.to(device).eval()
     return RunModel(model, cfg, run_tokenizer(root), ckpt)
+
+
+def adapter_model(cfg: RunConfig, head: Head = "lm") -> tuple[nn.Module, Path]:
+    """An adapter run's model before its own weights are read: ``init_from``'s weights, frozen, wrapped in the
+    run's adapters; and the base checkpoint that was read."""
+    model = build_model(cfg.model, head)
+    base = load_init_weights(model.decoder if head == "reward" else model, cfg.init_from, cfg)
+    attach_adapters(model, cfg)
+    return model, base.checkpoint
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
