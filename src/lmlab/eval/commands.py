@@ -77,6 +77,11 @@ EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "passk": ("lmlab.eval.pass_at_k_command:passk_main", "pass@k of sampled answers checked by a program"),
     "compare": ("lmlab.eval.pairwise_command:compare_main", "pairwise judging of runs: win rates, Bradley-Terry"),
     "ood": ("lmlab.eval.ood_command:ood_main", "likelihood-ratio OOD detection (fine-tuned vs base): AUROC"),
+    "mia": ("lmlab.eval.mia_command:mia_main", "membership inference attacks: ROC AUC and TPR at low FPR"),
+    "unlearning": (
+        "lmlab.eval.unlearning_command:unlearning_main",
+        "TOFU / MUSE metrics on the unlearning benchmark: forget quality, model utility, PrivLeak",
+    ),
     "arithmetic": (
         "lmlab.eval.arithmetic:arithmetic_main",
         "exact-answer accuracy per operand length (arithmetic world)",
