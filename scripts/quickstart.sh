@@ -36,7 +36,7 @@ case "$mode" in
     ;;
   test)
     echo "==> installing lmlab with test extras"
-    pip_install -e ".[dev,hf,data,align,peft,qlora,eval,tensorboard,wandb,mlflow,float8]"
+    pip_install -e ".[dev,hf,data,align,peft,qlora,eval,unlearn,tensorboard,wandb,mlflow,float8]"
     echo "==> lint (ruff)"
     "$VENV/bin/ruff" check src tests benchmarks examples
     echo "==> running the test suite"
