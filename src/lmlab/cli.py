@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("lmlab.recipes.sft:sft_main", "supervised fine-tuning on chat / prompt-completion data"),
     "align": ("lmlab.recipes.align:align_main", "preference optimization (DPO, IPO, SimPO, LN-DPO, ORPO)"),
     "reward": ("lmlab.recipes.reward:reward_main", "train or score a reward model"),
+    "unlearn": (
+        "lmlab.recipes.unlearn:unlearn_main",
+        "unlearn a benchmark split (NPO, GA, SimNPO, RMU, FLAT, ...); bench prepare",
+    ),
     "import-hf": ("lmlab.recipes.hf_commands:import_main", "import a local Hugging Face checkpoint as a run"),
     "export-hf": ("lmlab.recipes.hf_commands:export_main", "export a run in Hugging Face format"),
     "export": ("lmlab.train.export:export_main", "consolidate a run's checkpoint into one safetensors file"),

@@ -36,6 +36,7 @@ from lmlab.models.recurrent import RecurrenceConfig
 from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sizes import SIZES
 from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig
+from lmlab.objectives.unlearning_methods import UNLEARNING_METHODS, UnlearningMethod
 from lmlab.safe_io import write_text_atomic
 
 # --------------------------------------------------------------------------- component slots
@@ -614,6 +615,33 @@ class RewardConfig:
 
 
 @dataclass
+class UnlearnConfig:
+    """Unlearning (``lmlab unlearn``) on a benchmark from ``lmlab unlearn bench prepare``: the forget split and the
+    method (``lmlab.objectives.unlearning_methods``; its options sit under ``unlearn.method``)."""
+
+    bench: str | None = None  # the benchmark directory
+    split: str = "forget05"  # forget01 | forget05 | forget10
+    method: UnlearningMethod = slot(UNLEARNING_METHODS, "npo")
+    epochs: float = 10.0  # passes over the forget set; sets train.steps (0: train.steps as given)
+    max_len: int = 128  # tokens of one question and answer
+    eval_items: int = 0  # items per split scored by the in-run evaluation (0: all)
+    stop_forget_quality: float = 0.0  # > 0: stop once forget quality (KS p-value vs the gold model) reaches it
+    stop_utility_ratio: float = 0.0  # > 0: stop once model utility falls below this fraction of the target's
+
+    def validate(self) -> None:
+        self.method.validate("unlearn.method")
+        _positive("unlearn.epochs", self.epochs, allow_zero=True)
+        if self.max_len < 8:
+            raise ConfigError(f"unlearn.max_len={self.max_len} must be >= 8")
+        if self.eval_items < 0:
+            raise ConfigError(f"unlearn.eval_items={self.eval_items} must be >= 0 (0: all)")
+        if not 0.0 <= self.stop_forget_quality <= 1.0:
+            raise ConfigError(f"unlearn.stop_forget_quality={self.stop_forget_quality} must be in [0, 1] (0: off)")
+        if not 0.0 <= self.stop_utility_ratio < 1.0:
+            raise ConfigError(f"unlearn.stop_utility_ratio={self.stop_utility_ratio} must be in [0, 1) (0: off)")
+
+
+@dataclass
 class DistributedConfig:
     """Multi-process training through torchrun (DDP or FSDP2)."""
 
@@ -645,6 +673,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -763,6 +792,14 @@ def _slot_variant(kinds: dict[str, type], value: Any, key: str) -> Any:
     kind = value.get("kind", next(iter(kinds)))
     if kind not in kinds:
         raise ConfigError(f"{key}.kind={kind!r} is not a valid choice; valid choices: {', '.join(kinds)}")
+    own = {f.name for f in dataclasses.fields(kinds[kind])}
+    for option in value:
+        owners = [k for k, cls in kinds.items() if option in {f.name for f in dataclasses.fields(cls)}]
+        if option not in own and owners:
+            raise ConfigError(
+                f"{key}.{option} is an option of {key}.kind={'/'.join(owners)}, not of kind={kind} "
+                f"({kind}'s options: {', '.join(sorted(own - {'kind'})) or 'none'})"
+            )
     return from_dict(kinds[kind], value, key + ".")
 
 

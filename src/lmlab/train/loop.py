@@ -53,6 +53,10 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+# The token-id tensors of a batch: ``input_ids``, or the parts of an unlearning batch.
+TOKEN_KEYS = ("input_ids", "forget_ids", "retain_ids", "idk_ids")
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -224,7 +228,7 @@ class Trainer:
             batch = {
                 k: v.to(self.device, non_blocking=True) for k, v in self.batches.next_batch(t.micro_batch_size).items()
             }
-            step_tokens += int(batch["input_ids"].numel())
+            step_tokens += sum(int(v.numel()) for k, v in batch.items() if k in TOKEN_KEYS)
             with gradient_sync(self.forward_model, enabled=i == t.grad_accum - 1):
                 with autocast_context(self.device, t.precision):
                     out = with_auxiliary_losses(self.loss_fn(self.forward_model, batch), self.model)
