@@ -94,11 +94,16 @@ class _WithRetain(_Method):
     forget_coeff: float
     retain_coeff: float
 
-    def _retain_parts(self) -> tuple[Part, ...]:
-        return ("retain",) if self.retain != "none" else ()
+    own_parts: ClassVar[tuple[Part, ...]] = ("forget",)  # what the forget term scores
+    own_ref_parts: ClassVar[tuple[Part, ...]] = ()  # ... and needs from the reference
 
-    def _ref_retain(self) -> tuple[Part, ...]:
-        return ("retain",) if self.retain == "kl" else ()
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        return (*self.own_parts, *(("retain",) if self.retain != "none" else ()))
+
+    @property
+    def ref_parts(self) -> tuple[Part, ...]:
+        return (*self.own_ref_parts, *(("retain",) if self.retain == "kl" else ()))
 
     @property
     def needs_logits(self) -> bool:
@@ -112,6 +117,9 @@ class _WithRetain(_Method):
 
     def validate(self, key: str) -> None:
         _coeffs(key, self.forget_coeff, self.retain_coeff)
+        beta = getattr(self, "beta", None)
+        if beta is not None and not beta > 0:
+            raise ConfigError(f"{key}.beta={beta} must be > 0")
 
 
 @dataclass
@@ -139,14 +147,6 @@ class GradDiffConfig(_WithRetain):
     forget_coeff: float = 1.0
     retain_coeff: float = 1.0
 
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return ("forget", "retain")
-
-    @property
-    def ref_parts(self) -> tuple[Part, ...]:
-        return self._ref_retain()
-
     def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
         f = policy["forget"]
         return self._out(gradient_ascent_loss(f.logps, f.lengths), policy, reference)
@@ -162,18 +162,7 @@ class NPOConfig(_WithRetain):
     forget_coeff: float = 1.0
     retain_coeff: float = 1.0
 
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return ("forget", *self._retain_parts())
-
-    @property
-    def ref_parts(self) -> tuple[Part, ...]:
-        return ("forget", *self._ref_retain())
-
-    def validate(self, key: str) -> None:
-        super().validate(key)
-        if not self.beta > 0:
-            raise ConfigError(f"{key}.beta={self.beta} must be > 0")
+    own_ref_parts: ClassVar[tuple[Part, ...]] = ("forget",)
 
     def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
         forget = npo_loss(policy["forget"].logps, reference["forget"].logps, beta=self.beta)
@@ -192,19 +181,6 @@ class SimNPOConfig(_WithRetain):
     forget_coeff: float = 0.125
     retain_coeff: float = 1.0
 
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return ("forget", *self._retain_parts())
-
-    @property
-    def ref_parts(self) -> tuple[Part, ...]:
-        return self._ref_retain()
-
-    def validate(self, key: str) -> None:
-        super().validate(key)
-        if not self.beta > 0:
-            raise ConfigError(f"{key}.beta={self.beta} must be > 0")
-
     def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
         f = policy["forget"]
         return self._out(simnpo_loss(f.logps, f.lengths, beta=self.beta, delta=self.delta), policy, reference)
@@ -222,18 +198,8 @@ class IdkDPOConfig(_WithRetain):
     forget_coeff: float = 1.0
     retain_coeff: float = 1.0
 
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return ("forget", "idk", *self._retain_parts())
-
-    @property
-    def ref_parts(self) -> tuple[Part, ...]:
-        return ("forget", "idk", *self._ref_retain())
-
-    def validate(self, key: str) -> None:
-        super().validate(key)
-        if not self.beta > 0:
-            raise ConfigError(f"{key}.beta={self.beta} must be > 0")
+    own_parts: ClassVar[tuple[Part, ...]] = ("forget", "idk")
+    own_ref_parts: ClassVar[tuple[Part, ...]] = ("forget", "idk")
 
     def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
         forget = idk_dpo_loss(
@@ -252,13 +218,7 @@ class IdkNLLConfig(_WithRetain):
     forget_coeff: float = 1.0
     retain_coeff: float = 1.0
 
-    @property
-    def parts(self) -> tuple[Part, ...]:
-        return ("idk", *self._retain_parts())
-
-    @property
-    def ref_parts(self) -> tuple[Part, ...]:
-        return self._ref_retain()
+    own_parts: ClassVar[tuple[Part, ...]] = ("idk",)
 
     def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
         return self._out(policy["idk"].nll, policy, reference)
