@@ -83,8 +83,10 @@ def test_a_new_ffn_variant_is_one_registry_row(gelu_registered, tmp_path):
 def test_unknown_kind_lists_the_registered_ones():
     with pytest.raises(ConfigError, match=r"model.ffn.kind='mamba' is not a valid choice; valid choices: swiglu, moe"):
         load_config(None, ["model.ffn.kind=mamba"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.attention.window'"):
-        load_config(None, ["model.attention.window=64"])
+    with pytest.raises(ConfigError, match=r"model.attention.window is an option of model.attention.kind=sliding"):
+        load_config(None, ["model.attention.window=64"])  # an option of another kind names its kind
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.attention.colour'"):
+        load_config(None, ["model.attention.colour=64"])
 
 
 def test_modules_initialise_themselves_and_the_decoder_reinitialises_through_them():
