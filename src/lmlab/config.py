@@ -37,6 +37,7 @@ from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sizes import SIZES
 from lmlab.models.sparse_attention import S2Config, SlidingWindowConfig
 from lmlab.objectives.unlearning_methods import UNLEARNING_METHODS, UnlearningMethod
+from lmlab.objectives.weight_attribution import WeightMaskConfig
 from lmlab.safe_io import write_text_atomic
 
 # --------------------------------------------------------------------------- component slots
@@ -622,6 +623,7 @@ class UnlearnConfig:
     bench: str | None = None  # the benchmark directory
     split: str = "forget05"  # forget01 | forget05 | forget10
     method: UnlearningMethod = slot(UNLEARNING_METHODS, "npo")
+    weight_mask: WeightMaskConfig = field(default_factory=WeightMaskConfig)  # WAGLE: update only attributed weights
     epochs: float = 10.0  # passes over the forget set; sets train.steps (0: train.steps as given)
     max_len: int = 128  # tokens of one question and answer
     eval_items: int = 0  # items per split scored by the in-run evaluation (0: all)
@@ -630,6 +632,7 @@ class UnlearnConfig:
 
     def validate(self) -> None:
         self.method.validate("unlearn.method")
+        self.weight_mask.validate("unlearn.weight_mask")
         _positive("unlearn.epochs", self.epochs, allow_zero=True)
         if self.max_len < 8:
             raise ConfigError(f"unlearn.max_len={self.max_len} must be >= 8")
@@ -693,7 +696,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if s.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={t.steps}]")
-    if cfg.adapter.enabled and not cfg.init_from:
+    if cfg.adapter.enabled and not cfg.init_from and not cfg.unlearn.bench:  # unlearn: the benchmark's target
         raise ConfigError(
             f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen base model: set init_from to its run directory"
         )
@@ -701,6 +704,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"adapter.quantize={cfg.adapter.quantize} (QLoRA) keeps 4-bit weights that FSDP cannot shard; "
             "use distributed.strategy=ddp or none"
+        )
+    if cfg.unlearn.method.needs_adapters and not cfg.adapter.enabled:
+        raise ConfigError(
+            f"unlearn.method.kind={cfg.unlearn.method.kind} trains its assistant as adapters on the starting model: "
+            "set adapter.kind=lora (ULD's paper: adapter.rank=16 adapter.alpha=32 adapter.dropout=0.05)"
         )
     if cfg.adapter.enabled and cfg.optim.name == "muon":
         raise ConfigError("optim.name=muon orthogonalises whole weight matrices; train adapters with optim.name=adamw")

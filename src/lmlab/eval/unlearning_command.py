@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmlab.config import load_config
 from lmlab.data.unlearning_bench import BenchData
 from lmlab.errors import UserError
 from lmlab.eval.commands import require
@@ -62,7 +63,9 @@ def unlearning_main(argv: list[str]) -> int:
     require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
     device = resolve_device(args.device, "--device", UserError)
     bench = BenchData.open(args.bench)
-    loaded = load_run_model(args.run_dir, device)
+    method = load_config(run_directory(args.run_dir) / "config.yaml").unlearn.method
+    # ULD's unlearned model is its base minus its adapters: they stay separate modules
+    loaded = load_run_model(args.run_dir, device, merged=not method.needs_adapters)
     if loaded.tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     split = args.split or (loaded.cfg.unlearn.split if loaded.cfg.unlearn.bench else "forget05")
@@ -75,7 +78,7 @@ def unlearning_main(argv: list[str]) -> int:
     )  # fmt: skip
     gold = load_frozen(gold_path, device, role="gold", tokenizer=loaded.tokenizer, key="--bench").model
     gold_report = scorer.evaluate(gold, generation=False)
-    report = scorer.evaluate(loaded.model, gold_report, generation=not args.no_generation)
+    report = scorer.evaluate(method.eval_model(loaded.model), gold_report, generation=not args.no_generation)
     report.update(run=str(args.run_dir), bench=str(bench.root), split=split)
     out = Path(args.out) if args.out else run_directory(args.run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -165,29 +165,12 @@ def retain_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch
 
 def uniform_kl(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(U ‖ p) per example, averaged over its masked positions: ``−log V − mean_v log p_v``. ULD trains its
-    assistant to be uniform on retain data with it (Ji et al. 2024, arXiv 2406.08607, weight 5.0)."""
+    assistant to be uniform on retain data with it (Ji et al. 2024, arXiv 2406.08607, weight 5.0); the
+    unlearned logits are ``lmlab.models.contrast.uld_logits``."""
     log_p = F.log_softmax(logits.float(), -1)
     per_token = -math.log(logits.shape[-1]) - log_p.mean(-1)  # [N, T]
     m = mask.to(per_token.dtype)
     return (per_token * m).sum(-1) / m.sum(-1).clamp_min(1)
-
-
-def uld_logits(
-    target_logits: torch.Tensor, assistant_logits: torch.Tensor, *, alpha: float = 0.8, rho: float = 1e-2
-) -> torch.Tensor:
-    """Unlearning from logit difference (Ji et al. 2024, arXiv 2406.08607): ``l = l_target − α·l_assistant``.
-
-    The assistant (trained to *remember* the forget set and be uniform elsewhere) is subtracted only on the
-    target's plausible tokens: its logits are zeroed outside the target's relative-top set, the tokens with
-    ``log p_t ≥ min(log p of the ⌊ρV⌋-th best token, log p_max + log ρ)``. α = 0.8, ρ = 1e-2 as in the authors'
-    TOFU evaluation.
-    """
-    log_p = F.log_softmax(target_logits.float(), -1)
-    k = max(1, int(rho * target_logits.shape[-1]))
-    kth = log_p.topk(k, dim=-1).values[..., -1:]
-    threshold = torch.minimum(kth, log_p.max(-1, keepdim=True).values + math.log(rho))
-    keep = log_p >= threshold
-    return target_logits.float() - alpha * torch.where(keep, assistant_logits.float(), torch.zeros_like(log_p))
 
 
 # --------------------------------------------------------------------------- the loop's output

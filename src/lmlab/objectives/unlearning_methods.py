@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.contrast import LogitDifference
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.unlearning import (
     FLAT_DIVERGENCES,
@@ -28,6 +30,7 @@ from lmlab.objectives.unlearning import (
     rmu_direction,
     rmu_loss,
     simnpo_loss,
+    uniform_kl,
     unlearning_objective,
 )
 
@@ -79,12 +82,19 @@ class _Method:
     parts: ClassVar[tuple[Part, ...]] = ()
     ref_parts: ClassVar[tuple[Part, ...]] = ()
     needs_logits: ClassVar[bool] = False
+    forget_answers: ClassVar[tuple[str, ...]] = ("answer",)  # the item fields a forget row is made of
+    retain_with_perturbed: ClassVar[bool] = False  # the forget questions' wrong answers join the retain rows
+    needs_adapters: ClassVar[bool] = False  # trains adapters on the starting model (adapter.kind)
 
     def hidden_block(self, n_layers: int) -> int | None:
         return None
 
     def trainable(self, name: str, n_layers: int) -> bool:
         return True
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """The unlearned model as it is evaluated (itself, but for ULD's logit difference)."""
+        return model
 
 
 class _WithRetain(_Method):
@@ -284,6 +294,39 @@ class RMUConfig(_Method):
         return unlearning_objective(forget, retain, retain_coeff=self.retain_coeff)
 
 
+@dataclass
+class ULDConfig(_Method):
+    """ULD: train an assistant to *remember* the forget set (NLL on the forget answers and their paraphrases) and
+    to be uniform on retain answers and on the forget questions' wrong answers (KL(U ‖ p), weight 5); the
+    unlearned model is ``target − α·assistant`` on the target's plausible tokens (``lmlab.models.contrast``).
+    lmlab's assistant is the starting model with LoRA adapters (``adapter.kind: lora``; the paper: rank 16, α 32,
+    dropout 0.05) on all its blocks, where the paper's uses its first 8 blocks."""
+
+    kind: Literal["uld"] = "uld"
+    alpha: float = 0.8  # the assistant's weight in the logit difference (authors' TOFU evaluation)
+    rho: float = 1e-2  # the relative-top threshold of the target's plausible tokens
+    uniform_coeff: float = 5.0
+    parts: ClassVar[tuple[Part, ...]] = ("forget", "retain")
+    needs_logits: ClassVar[bool] = True
+    forget_answers: ClassVar[tuple[str, ...]] = ("answer", "paraphrased_answer")
+    retain_with_perturbed: ClassVar[bool] = True
+    needs_adapters: ClassVar[bool] = True
+
+    def validate(self, key: str) -> None:
+        if not self.alpha > 0:
+            raise ConfigError(f"{key}.alpha={self.alpha} must be > 0")
+        if not 0 < self.rho < 1:
+            raise ConfigError(f"{key}.rho={self.rho} must be in (0, 1)")
+        _coeffs(key, 1.0, self.uniform_coeff)
+
+    def loss(self, policy: Terms, reference: Terms | None) -> LossOutput:
+        f, r = policy["forget"], policy["retain"]
+        return unlearning_objective(f.nll, uniform_kl(r.logits, r.mask), retain_coeff=self.uniform_coeff)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return LogitDifference(model, alpha=self.alpha, rho=self.rho)
+
+
 UnlearningMethod = (
     GradientAscentConfig
     | GradDiffConfig
@@ -293,6 +336,7 @@ UnlearningMethod = (
     | IdkNLLConfig
     | FLATConfig
     | RMUConfig
+    | ULDConfig
 )
 UNLEARNING_METHODS: dict[str, type] = {
     "npo": NPOConfig,
@@ -303,4 +347,5 @@ UNLEARNING_METHODS: dict[str, type] = {
     "idk_nll": IdkNLLConfig,
     "flat": FLATConfig,
     "rmu": RMUConfig,
+    "uld": ULDConfig,
 }

@@ -14,6 +14,7 @@ the run early. The final report, with greedy-decoding metrics, is ``unlearning.j
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import random
@@ -32,14 +33,16 @@ from lmlab.eval.unlearning import BenchScorer, headline
 from lmlab.models.lora import adapters_disabled
 from lmlab.objectives.base import LossOutput
 from lmlab.objectives.unlearning_methods import Scored
+from lmlab.objectives.weight_attribution import top_fraction_masks, wagle_scores
 from lmlab.recipes.launch import run_command
 from lmlab.recipes.unlearn_bench import bench_main
-from lmlab.safe_io import write_text_atomic
+from lmlab.safe_io import write_bytes_atomic, write_text_atomic
 from lmlab.train.callbacks import Callback
 from lmlab.train.engine import Job, Plan, execute
 from lmlab.train.pretrained import check_same_tokenizer, inherit_from_init, load_frozen, run_tokenizer
 
 REPORT = "unlearning.json"
+WEIGHT_MASK = "weight_mask.pt"
 GOLD_SCORES_VERSION = 1  # bump when the cached gold scores change meaning
 
 # --------------------------------------------------------------------------- batches
@@ -122,6 +125,37 @@ def build_unlearn_loss(method, reference: nn.Module | None, *, implicit: bool, n
     return loss_fn
 
 
+# --------------------------------------------------------------------------- WAGLE's weight mask
+
+
+def attribution_masks(model: nn.Module, forget, retain, pad_id: int, wm, batch_size: int, device) -> dict:
+    """WAGLE's masks of the trainable weights from the gradients of the mean forget-answer NLL and of the mean
+    retain-answer NLL at the starting weights (``lmlab.objectives.weight_attribution``). For gradient ascent,
+    GradDiff and NPO (whose gradient at the start is gradient ascent's) the forget NLL's gradient is the forget
+    loss's up to its sign, which the score's absolute value ignores."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n = wm.max_items or len(forget)
+    retain = [retain[i] for i in random.Random(0).sample(range(len(retain)), min(n, len(retain)))]
+
+    def mean_nll_grad(rows) -> dict[str, torch.Tensor]:
+        total = {name: torch.zeros_like(p) for name, p in params.items()}
+        for start in range(0, len(rows), batch_size):
+            ids, mask = collate(rows[start : start + batch_size], pad_id)
+            nll = score_answers(model, ids.to(device), mask.to(device)).nll.sum() / len(rows)
+            grads = torch.autograd.grad(nll, list(params.values()), allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    total[name] += g
+        return total
+
+    was_training = model.training
+    model.eval()
+    forget_grad, retain_grad = mean_nll_grad(forget[:n]), mean_nll_grad(retain)
+    model.train(was_training)
+    scores = {name: wagle_scores(p.detach(), forget_grad[name], retain_grad[name], wm.mu) for name, p in params.items()}
+    return {name: m.cpu() for name, m in top_fraction_masks(scores, wm.keep).items()}
+
+
 # --------------------------------------------------------------------------- evaluation and early stopping
 
 
@@ -193,10 +227,15 @@ class UnlearnRecipe:
                 tokenizer, item["question"], answer, template=template, max_len=u.max_len, where=item["id"]
             )
 
-        forget = [enc(it, it["answer"]) for it in forget_items]
+        forget_rows = [(it, it[field]) for it in forget_items for field in method.forget_answers]
+        forget = [enc(it, answer) for it, answer in forget_rows]
         retain = [enc(it, it["answer"]) for it in retain_items]
+        if method.retain_with_perturbed:  # ULD's D_r⁺: the forget questions' wrong answers count as retain data
+            retain += [enc(it, wrong) for it in forget_items for wrong in it["perturbed_answers"]]
         refusals = (
-            [[enc(it, text) for text in idk] for it in forget_items] if "idk" in method.parts else [[f] for f in forget]
+            [[enc(it, text) for text in idk] for it, _ in forget_rows]
+            if "idk" in method.parts
+            else [[f] for f in forget]
         )
         per_step = t.micro_batch_size * t.grad_accum * ctx.world_size
         if u.epochs > 0:
@@ -208,6 +247,7 @@ class UnlearnRecipe:
         for name, p in model.named_parameters():
             if name in frozen:
                 p.requires_grad_(False)
+        kept = self._weight_mask(job, cfg, model, forget, retain, pad_id) if u.weight_mask.enabled else None
         implicit = cfg.adapter.enabled
         reference = None
         if method.ref_parts and not implicit:
@@ -234,7 +274,7 @@ class UnlearnRecipe:
         self.early = EarlyStop(u.stop_forget_quality, floor)
 
         def eval_fn(m: nn.Module) -> dict[str, float]:
-            return _flat(scorer.evaluate(m, gold, generation=False))
+            return _flat(scorer.evaluate(method.eval_model(m), gold, generation=False))
 
         self.cfg, self.scorer, self.gold, self.start = cfg, scorer, gold, start
         return Plan(
@@ -252,6 +292,7 @@ class UnlearnRecipe:
                 "forget_items": len(forget),
                 "retain_items": len(retain),
                 "frozen_parameters": len(frozen),
+                "weight_mask_kept": kept,
                 "start": _flat(start) if start else None,
             },
             first_records=[{"kind": "eval", "step": 0, **_flat(start)}] if start else [],
@@ -261,11 +302,31 @@ class UnlearnRecipe:
             ),
         )
 
+    def _weight_mask(self, job: Job, cfg: RunConfig, model, forget, retain, pad_id: int) -> float:
+        """Restrict the updates to WAGLE's attributed weights: the masks are computed at the start of a new run
+        and kept in ``RUN_DIR/weight_mask.pt`` (a continued run reads them); returns the fraction kept."""
+        path = job.run.path / WEIGHT_MASK
+        if job.run.resuming and path.is_file():
+            masks = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            masks = attribution_masks(
+                model, forget, retain, pad_id, cfg.unlearn.weight_mask, cfg.train.micro_batch_size, job.device
+            )
+            if job.ctx.is_main:
+                buffer = io.BytesIO()
+                torch.save(masks, buffer)
+                write_bytes_atomic(path, buffer.getvalue())
+        params = dict(model.named_parameters())
+        for name, mask in masks.items():
+            keep = mask.to(params[name].device, params[name].dtype)
+            params[name].register_hook(lambda grad, keep=keep: grad * keep)
+        return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
     def finish(self, job: Job, trainer, result) -> None:
         model = job.plain_model(trainer)
         if model is None:
             return
-        report = self.scorer.evaluate(model, self.gold)
+        report = self.scorer.evaluate(self.cfg.unlearn.method.eval_model(model), self.gold)
         report["early_stop"] = self.early.reason
         write_text_atomic(job.run.path / REPORT, json.dumps(report, indent=2) + "\n")
         job.summary.extra.update(unlearning={k: v for k, v in _flat(report).items()}, early_stop=self.early.reason)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lmlab.models.contrast import uld_logits
 from lmlab.objectives.unlearning import (
     flat_loss,
     gradient_ascent_loss,
@@ -17,7 +18,6 @@ from lmlab.objectives.unlearning import (
     rmu_direction,
     rmu_loss,
     simnpo_loss,
-    uld_logits,
     uniform_kl,
     unlearning_objective,
 )

@@ -28,7 +28,7 @@ def method(kind: str, **options):
 
 
 def test_every_method_is_a_registry_row_with_its_own_options():
-    assert set(UNLEARNING_METHODS) == {"ga", "grad_diff", "npo", "simnpo", "idk_dpo", "idk_nll", "flat", "rmu"}
+    assert set(UNLEARNING_METHODS) == {"ga", "grad_diff", "npo", "simnpo", "idk_dpo", "idk_nll", "flat", "rmu", "uld"}
     assert load_config(None, []).unlearn.method.kind == "npo"
     with pytest.raises(ConfigError, match=r"unlearn.method.beta is an option of .*npo.*not of kind=rmu"):
         method("rmu", beta=0.1)

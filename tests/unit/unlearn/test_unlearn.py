@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmlab.cli import main
 from lmlab.data.unlearning_bench import build_bench_data, forget_people
+from lmlab.train.pretrained import load_model
 
 TINY_MODEL = [
     "model.d_model=32",
@@ -131,6 +133,39 @@ def test_rmu_trains_only_the_chosen_down_projections(tmp_path, bench):
     assert unlearn(tmp_path, bench, "unlearn.method.kind=rmu", "unlearn.method.layer=1", "unlearn.split=forget01") == 0
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["frozen_parameters"] > 0 and summary["method"]["layer"] == 1
+
+
+def test_wagle_mask_keeps_the_unselected_weights_fixed(tmp_path, bench):
+    assert unlearn(tmp_path, bench, "unlearn.method.kind=grad_diff", "unlearn.split=forget01", "optim.weight_decay=0",
+                   "unlearn.weight_mask.kind=wagle", "unlearn.weight_mask.keep=0.25") == 0  # fmt: skip
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["weight_mask_kept"] == pytest.approx(0.25, abs=1e-3)
+    masks = torch.load(tmp_path / "run/weight_mask.pt", weights_only=True)
+    before = load_model(bench / "models/target")[0].state_dict()
+    after = load_model(tmp_path / "run")[0].state_dict()
+    moved = frozen = 0
+    for name, mask in masks.items():
+        delta = (after[name] - before[name]).abs()
+        assert delta[~mask].sum().item() == 0.0, name  # outside the mask nothing moves
+        moved += int((delta[mask] > 0).sum())
+        frozen += int((~mask).sum())
+    assert moved > 0 and frozen > 0
+
+
+def test_uld_trains_an_adapter_assistant_and_evaluates_the_logit_difference(tmp_path, bench, capsys):
+    uld = ["unlearn.method.kind=uld", "unlearn.split=forget01"]
+    assert unlearn(tmp_path, bench, *uld, out="r0") == 2
+    assert "set adapter.kind=lora" in capsys.readouterr().err
+    assert unlearn(tmp_path, bench, *uld, "adapter.kind=lora", "adapter.rank=4", "optim.lr=1e-2") == 0
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["forget_items"] == 2 * 6  # each forget answer and its paraphrase
+    report = json.loads((tmp_path / "run/unlearning.json").read_text())
+    assert report["forget"]["probability"] != summary["start"]["forget/probability"]
+    out = tmp_path / "eval"
+    assert main(["eval", "unlearning", str(tmp_path / "run"), "--bench", str(bench), "--items", "6",
+                 "--no-generation", "--out", str(out)]) == 0  # fmt: skip
+    evaluated = json.loads((out / "unlearning_eval.json").read_text())
+    assert evaluated["split"] == "forget01" and "forget_quality" in evaluated
 
 
 def test_eval_unlearning_writes_json_and_html(tmp_path, bench):
