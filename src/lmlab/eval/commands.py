@@ -18,7 +18,7 @@ import torch
 from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.errors import UserError
 from lmlab.eval.inference_options import add_inference_options, inference_options
-from lmlab.eval.memorization import memorization_eval, read_documents, write_jsonl
+from lmlab.eval.memorization import EMBEDDING_THRESHOLD, FUZZY_THRESHOLD, memorization_eval, read_documents, write_jsonl
 from lmlab.eval.perplexity import perplexity
 from lmlab.models.generation import generate
 from lmlab.train.pretrained import load_model
@@ -117,6 +117,18 @@ def eval_main(argv: list[str]) -> int:
     )
     mem.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length n")
     mem.add_argument("--batch-size", type=int, default=32)
+    mem.add_argument(
+        "--fuzzy-threshold",
+        type=float,
+        default=FUZZY_THRESHOLD,
+        help="edit similarity at which a document counts as approximately extracted (default %(default)s)",
+    )
+    mem.add_argument(
+        "--embedding-threshold",
+        type=float,
+        default=EMBEDDING_THRESHOLD,
+        help="cosine of the model's own embeddings at which it does (default %(default)s)",
+    )
     mem.add_argument("--out", help="per-document results JSONL (default: RUN_DIR/memorization.jsonl)")
     mem.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -149,6 +161,8 @@ def _memorization(args, device: torch.device) -> int:
     require(args.prefix_tokens >= 0, "--prefix-tokens", args.prefix_tokens, ">= 0 (0: all but the last n)")
     require(args.new_tokens >= 1, "--new-tokens", args.new_tokens, ">= 1")
     require(args.batch_size >= 1, "--batch-size", args.batch_size, ">= 1")
+    require(0 <= args.fuzzy_threshold <= 1, "--fuzzy-threshold", args.fuzzy_threshold, "in [0, 1]")
+    require(0 <= args.embedding_threshold <= 1, "--embedding-threshold", args.embedding_threshold, "in [0, 1]")
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory; give a .jsonl file path")
     model, _, tokenizer = load_model(args.run_dir, device=device)
@@ -161,6 +175,8 @@ def _memorization(args, device: torch.device) -> int:
         prefix_tokens=args.prefix_tokens,
         new_tokens=args.new_tokens,
         batch_size=args.batch_size,
+        fuzzy_threshold=args.fuzzy_threshold,
+        embedding_threshold=args.embedding_threshold,
     )
     out = write_jsonl(per_doc, args.out or Path(args.run_dir) / "memorization.jsonl")
     print(json.dumps({**summary, "per_document": str(out)}))
