@@ -626,7 +626,7 @@ class UnlearnConfig:
     weight_mask: WeightMaskConfig = field(default_factory=WeightMaskConfig)  # WAGLE: update only attributed weights
     epochs: float = 10.0  # passes over the forget set; sets train.steps (0: train.steps as given)
     max_len: int = 128  # tokens of one question and answer
-    eval_items: int = 0  # items per split scored by the in-run evaluation (0: all)
+    eval_items: int = 0  # retain, world and holdout items scored by the evaluations (0: all; the forget split: all)
     stop_forget_quality: float = 0.0  # > 0: stop once forget quality (KS p-value vs the gold model) reaches it
     stop_utility_ratio: float = 0.0  # > 0: stop once model utility falls below this fraction of the target's
 

@@ -73,12 +73,13 @@ class BenchScorer:
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
         self.stop_id = end_of_turn_id(tokenizer)
         pick = _limited(limit)
+        # the forget split is always scored whole: forget quality is a test between its two samples
         self.sets = {
-            "forget": [self._encode(it, "paraphrased_answer") for it in pick(bench.items(split))],
+            "forget": [self._encode(it, "paraphrased_answer") for it in bench.items(split)],
             "retain": [self._encode(it, "paraphrased_answer") for it in pick(bench.items("retain_eval"))],
             "world": [self._encode(it, "answer") for it in pick(bench.items("world"))],
         }
-        self.forget_texts = [r["text"] for r in pick(bench.items(f"{split}_texts"))]
+        self.forget_texts = [r["text"] for r in bench.items(f"{split}_texts")]
         self.holdout_texts = [r["text"] for r in pick(bench.items("holdout_texts"))]
 
     def _encode(self, item: dict[str, Any], reference_key: str) -> EncodedItem:
@@ -176,7 +177,7 @@ class BenchScorer:
         for name, items in self.sets.items():
             nll = self._nlls(model, [e.answer for e in items])
             ratios[name] = self.truth_ratios(model, name)
-            split: dict[str, Any] = {"items": len(items)}
+            split: dict[str, Any] = {"items": len(items), "nll": statistics.fmean(nll)}
             if name == "world":
                 k = len(items[0].perturbed)
                 pert = self._nlls(model, [p for e in items for p in e.perturbed])

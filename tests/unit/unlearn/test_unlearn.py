@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +227,18 @@ def test_options_of_another_method(tmp_path, bench, capsys):
     assert "unlearn.method.beta is an option of" in capsys.readouterr().err
     assert main(["unlearn", config(tmp_path), "--out", str(tmp_path / "r2"), *RUN]) == 2
     assert "needs unlearn.bench" in capsys.readouterr().err
+
+
+def test_speed_benchmark_smoke(tmp_path, bench):
+    """``benchmarks/unlearn_vs_hf.py`` at its smallest: both sides run and see the same tokens per step."""
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "unlearn_vs_hf.py"
+    out = tmp_path / "speed.json"
+    argv = [str(script), "--bench", str(bench), "--split", "forget01", "--steps", "3", "--warmup", "1", "--reps", "1",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+    subprocess.run([sys.executable, *argv], check=True, capture_output=True)
+    median = json.loads(out.read_text())["median"]
+    for side in ("lmlab", "hf"):
+        assert median[side]["steps_per_s"] > 0
+    tokens_per_step = [median[s]["tokens_per_s"] / median[s]["steps_per_s"] for s in ("lmlab", "hf")]
+    assert tokens_per_step[0] == pytest.approx(tokens_per_step[1], rel=1e-6)
+    assert math.isfinite(median["ratio_lmlab_over_hf"])
