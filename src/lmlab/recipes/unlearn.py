@@ -201,6 +201,38 @@ def resolve_unlearn_config(cfg: RunConfig) -> tuple[RunConfig, BenchData]:
     return inherit_from_init(cfg), bench
 
 
+def encode_parts(bench: BenchData, split: str, method, tokenizer, template, max_len: int):
+    """``(forget, retain, refusals)`` rows of a split: the forget answers (and, for ULD, their paraphrases), the
+    retain pool (the retain people's answers, and for ULD the forget questions' wrong answers), and for each
+    forget row the refusal templates to its question (only when the method uses them)."""
+    forget_items = bench.items(split)
+    forgotten = set(bench.manifest["forget_people"][split])
+    retain_items = bench.items("retain") + [it for it in bench.items("forget10") if it["person"] not in forgotten]
+
+    def enc(item: dict, answer: str) -> Encoded:
+        return encode_qa(tokenizer, item["question"], answer, template=template, max_len=max_len, where=item["id"])
+
+    forget_rows = [(it, it[field]) for it in forget_items for field in method.forget_answers]
+    forget = [enc(it, answer) for it, answer in forget_rows]
+    retain = [enc(it, it["answer"]) for it in retain_items]
+    if method.retain_with_perturbed:  # ULD's D_r⁺: the forget questions' wrong answers count as retain data
+        retain += [enc(it, wrong) for it in forget_items for wrong in it["perturbed_answers"]]
+    if "idk" not in method.parts:
+        return forget, retain, [[f] for f in forget]
+    idk = [r["text"] for r in bench.items("idk")]
+    return forget, retain, [[enc(it, text) for text in idk] for it, _ in forget_rows]
+
+
+def logged_start(run_dir) -> dict[str, float]:
+    """The step-0 evaluation a run logged (what a continued run reports as its start)."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("kind") == "eval" and record.get("step") == 0:
+            return {k: v for k, v in record.items() if k not in ("kind", "step", "tokens")}
+    return {}
+
+
 class UnlearnRecipe:
     name = "unlearn"
 
@@ -215,28 +247,7 @@ class UnlearnRecipe:
         )
         template = resolve_template(tokenizer)
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        forget_items = bench.items(u.split)
-        forgotten = set(bench.manifest["forget_people"][u.split])
-        retain_items = [it for it in bench.items("retain")] + [
-            it for it in bench.items("forget10") if it["person"] not in forgotten
-        ]
-        idk = [r["text"] for r in bench.items("idk")]
-
-        def enc(item: dict, answer: str) -> Encoded:
-            return encode_qa(
-                tokenizer, item["question"], answer, template=template, max_len=u.max_len, where=item["id"]
-            )
-
-        forget_rows = [(it, it[field]) for it in forget_items for field in method.forget_answers]
-        forget = [enc(it, answer) for it, answer in forget_rows]
-        retain = [enc(it, it["answer"]) for it in retain_items]
-        if method.retain_with_perturbed:  # ULD's D_r⁺: the forget questions' wrong answers count as retain data
-            retain += [enc(it, wrong) for it in forget_items for wrong in it["perturbed_answers"]]
-        refusals = (
-            [[enc(it, text) for text in idk] for it, _ in forget_rows]
-            if "idk" in method.parts
-            else [[f] for f in forget]
-        )
+        forget, retain, refusals = encode_parts(bench, u.split, method, tokenizer, template, u.max_len)
         per_step = t.micro_batch_size * t.grad_accum * ctx.world_size
         if u.epochs > 0:
             steps = max(1, math.ceil(u.epochs * len(forget) / per_step))
@@ -269,7 +280,10 @@ class UnlearnRecipe:
             batch_size=t.micro_batch_size, max_new_tokens=cfg.sample.max_new_tokens, device=job.device,
         )  # fmt: skip
         gold = gold_reference(job, bench, u.split, scorer)
-        start = scorer.evaluate(model, gold, generation=False) if ctx.is_main else {}
+        if job.run.resuming:  # the model is not the starting one any more: its step-0 evaluation was logged
+            start = logged_start(job.run.path)
+        else:
+            start = _flat(scorer.evaluate(model, gold, generation=False)) if ctx.is_main else {}
         floor = start.get("model_utility", 0.0) * u.stop_utility_ratio if u.stop_utility_ratio > 0 else None
         self.early = EarlyStop(u.stop_forget_quality, floor)
 
@@ -293,12 +307,13 @@ class UnlearnRecipe:
                 "retain_items": len(retain),
                 "frozen_parameters": len(frozen),
                 "weight_mask_kept": kept,
-                "start": _flat(start) if start else None,
+                "start": start or None,
             },
-            first_records=[{"kind": "eval", "step": 0, **_flat(start)}] if start else [],
+            first_records=[{"kind": "eval", "step": 0, **start}] if start else [],
             headline=(
                 f"unlearn {u.split} of {bench.root} with {method.kind}: {len(forget)} forget items, {len(retain)} "
-                f"retain items, {cfg.train.steps} steps of {per_step}; at the start: {headline(start) if start else ''}"
+                f"retain items, {cfg.train.steps} steps of {per_step}; at the start: forget quality "
+                f"{start.get('forget_quality', float('nan')):.3g}, model utility {start.get('model_utility', float('nan')):.4f}"
             ),
         )
 

@@ -242,3 +242,19 @@ def test_speed_benchmark_smoke(tmp_path, bench):
     tokens_per_step = [median[s]["tokens_per_s"] / median[s]["steps_per_s"] for s in ("lmlab", "hf")]
     assert tokens_per_step[0] == pytest.approx(tokens_per_step[1], rel=1e-6)
     assert math.isfinite(median["ratio_lmlab_over_hf"])
+
+
+def test_a_continued_run_keeps_its_start_and_its_weight_mask(tmp_path, bench):
+    args = ["unlearn.method.kind=ga", "unlearn.split=forget05", "train.ckpt_every=3", "train.keep_last=3",
+            "unlearn.weight_mask.kind=wagle", "unlearn.weight_mask.keep=0.5"]  # fmt: skip
+    assert unlearn(tmp_path, bench, *args) == 0
+    run = tmp_path / "run"
+    first = json.loads((run / "summary.json").read_text())
+    mask = (run / "weight_mask.pt").read_bytes()
+    earliest = sorted((run / "checkpoints").glob("step_*"))[0]
+    assert earliest.name != f"step_{first['steps']:07d}"
+    assert main(["unlearn", "--resume", str(earliest)]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["start"] == first["start"] and again["steps"] == first["steps"]
+    assert (run / "weight_mask.pt").read_bytes() == mask
+    assert json.loads((run / "unlearning.json").read_text())["forget_quality"] >= 0
