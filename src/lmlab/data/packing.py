@@ -34,14 +34,16 @@ class Row:
     labels: list[int] = field(default_factory=list)
     doc_ids: list[int] = field(default_factory=list)
     n_docs: int = 0
+    sources: list[int] = field(default_factory=list)  # each example's index in the list given to build_rows
 
-    def add(self, ids: Sequence[int], mask: Sequence[bool]) -> None:
-        """Append one example with its shifted, masked labels."""
+    def add(self, ids: Sequence[int], mask: Sequence[bool], source: int = -1) -> None:
+        """Append one example with its shifted, masked labels; ``source`` is its index in the input (-1: unknown)."""
         n = len(ids)
         self.input_ids += list(ids)
         self.labels += [int(ids[t + 1]) if mask[t + 1] else IGNORE_INDEX for t in range(n - 1)] + [IGNORE_INDEX]
         self.doc_ids += [self.n_docs] * n
         self.n_docs += 1
+        self.sources.append(source)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -65,11 +67,13 @@ class PackStats:
 
 def fit_examples(
     examples: Sequence[Example], seq_len: int, overlong: Literal["truncate", "drop"] = "truncate"
-) -> tuple[list[Example], PackStats]:
-    """Apply the over-long policy; drop examples that are left with no target token."""
+) -> tuple[list[Example], list[int], PackStats]:
+    """Apply the over-long policy; drop examples that are left with no target token. Returns the kept examples,
+    their indices in ``examples`` and the counts."""
     stats = PackStats(examples=len(examples))
     kept: list[Example] = []
-    for ids, mask in examples:
+    kept_index: list[int] = []
+    for i, (ids, mask) in enumerate(examples):
         if len(ids) > seq_len:
             if overlong == "drop":
                 stats.dropped_overlong += 1
@@ -80,13 +84,15 @@ def fit_examples(
             stats.dropped_no_target += 1
             continue
         kept.append((list(ids), list(mask)))
-    return kept, stats
+        kept_index.append(i)
+    return kept, kept_index, stats
 
 
-def pack_best_fit(examples: Sequence[Example], seq_len: int) -> list[Row]:
+def pack_best_fit(examples: Sequence[Example], seq_len: int, sources: Sequence[int] | None = None) -> list[Row]:
     """Best-fit decreasing bin packing of examples (each at most ``seq_len`` tokens) into rows.
 
-    Deterministic: ties in length keep the input order, ties in free space pick the oldest row.
+    Deterministic: ties in length keep the input order, ties in free space pick the oldest row. ``sources``
+    (default: each example's index) is what ``Row.sources`` records for each example.
     """
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
     rows: list[Row] = []
@@ -102,18 +108,18 @@ def pack_best_fit(examples: Sequence[Example], seq_len: int) -> list[Row]:
         else:
             rows.append(Row())
             space, r = seq_len, len(rows) - 1
-        rows[r].add(ids, mask)
+        rows[r].add(ids, mask, i if sources is None else sources[i])
         if space - n > 0:
             bisect.insort(free, (space - n, r))
     return rows
 
 
-def single_rows(examples: Sequence[Example]) -> list[Row]:
-    """One example per row (the unpacked baseline), in input order."""
+def single_rows(examples: Sequence[Example], sources: Sequence[int] | None = None) -> list[Row]:
+    """One example per row (the unpacked baseline), in input order; ``sources`` as in ``pack_best_fit``."""
     rows = []
-    for ids, mask in examples:
+    for i, (ids, mask) in enumerate(examples):
         row = Row()
-        row.add(ids, mask)
+        row.add(ids, mask, i if sources is None else sources[i])
         rows.append(row)
     return rows
 
@@ -125,9 +131,9 @@ def build_rows(
     packing: bool = True,
     overlong: Literal["truncate", "drop"] = "truncate",
 ) -> tuple[list[Row], PackStats]:
-    """Over-long policy, then packed or single rows, with the counts."""
-    kept, stats = fit_examples(examples, seq_len, overlong)
-    rows = pack_best_fit(kept, seq_len) if packing else single_rows(kept)
+    """Over-long policy, then packed or single rows, with the counts. ``Row.sources`` index ``examples``."""
+    kept, kept_index, stats = fit_examples(examples, seq_len, overlong)
+    rows = pack_best_fit(kept, seq_len, kept_index) if packing else single_rows(kept, kept_index)
     stats.rows = len(rows)
     stats.tokens = sum(len(r) for r in rows)
     stats.target_tokens = sum(sum(1 for y in r.labels if y != IGNORE_INDEX) for r in rows)
@@ -202,9 +208,10 @@ class RowBatches:
         self.world_size = world_size
         self.epoch = 0
         self.cursor = 0
-        self._order = self._permutation(0)
+        self._order = self.epoch_order(0)
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The row indices in the order epoch ``epoch`` serves them."""
         gen = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(len(self.rows), generator=gen).tolist()
 
@@ -214,7 +221,7 @@ class RowBatches:
             if self.cursor >= len(self._order):
                 self.epoch += 1
                 self.cursor = 0
-                self._order = self._permutation(self.epoch)
+                self._order = self.epoch_order(self.epoch)
             picked.append(self._order[self.cursor])
             self.cursor += 1
         return picked
@@ -232,7 +239,7 @@ class RowBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
-        self._order = self._permutation(self.epoch)
+        self._order = self.epoch_order(self.epoch)
 
 
 def iterate_batches(

@@ -78,6 +78,10 @@ EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("lmlab.eval.pairwise_command:compare_main", "pairwise judging of runs: win rates, Bradley-Terry"),
     "ood": ("lmlab.eval.ood_command:ood_main", "likelihood-ratio OOD detection (fine-tuned vs base): AUROC"),
     "mia": ("lmlab.eval.mia_command:mia_main", "membership inference attacks: ROC AUC and TPR at low FPR"),
+    "provenance": (
+        "lmlab.eval.provenance_command:provenance_main",
+        "palimpsestic membership inference: does a model's loss fall with a run's training order?",
+    ),
     "unlearning": (
         "lmlab.eval.unlearning_command:unlearning_main",
         "TOFU / MUSE metrics on the unlearning benchmark: forget quality, model utility, PrivLeak",

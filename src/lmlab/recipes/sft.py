@@ -23,6 +23,7 @@ from lmlab.config import RunConfig
 from lmlab.data.chat import SFTRecord, read_records, resolve_template
 from lmlab.data.packing import PackStats, Row, RowBatches, build_rows, iterate_batches
 from lmlab.data.tokenizer import TextTokenizer
+from lmlab.data.training_order import TRAINING_ORDER_FILE, training_order_jsonl
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.samples import chat_responder, write_chat_samples, write_samples
 from lmlab.objectives.lm import causal_lm_loss
@@ -187,6 +188,12 @@ class SFTRecipe:
             rows, pad_id=pad_id, seed=cfg.data.seed + t.seed, pad_to=pad_to, with_docs=s.packing, extras=extras,
             rank=ctx.rank, world_size=ctx.world_size,
         )  # fmt: skip
+        files: dict[str, str] = {}
+        if ctx.is_main:  # the provenance transcript (lmlab.data.training_order), replayed from the row orders
+            per_step = t.micro_batch_size * t.grad_accum * ctx.world_size
+            files[TRAINING_ORDER_FILE] = training_order_jsonl(
+                train_records, rows, batches.epoch_order, rows_per_step=per_step, steps=cfg.train.steps
+            )
 
         def eval_fn(m: torch.nn.Module) -> dict[str, float]:
             return evaluate_rows(
@@ -205,6 +212,7 @@ class SFTRecipe:
             eval_fn=eval_fn if val_rows else None,
             summary={"data": data, "teacher_topk_cache": cache, "unigram_entropy": None},
             first_records=[{"kind": "data", "step": 0, **data}],
+            files=files,
             headline=_data_report(job.run.path, cfg, stats, val_stats),
         )
 
