@@ -38,9 +38,9 @@ from lmlab.recipes.unlearn_bench import prepare_bench
 
 COMMON = [
     "optim.lr=1e-4", "optim.weight_decay=0.01", "schedule.name=constant", "schedule.warmup_steps=0",
-    "unlearn.epochs=10", "train.micro_batch_size=16", "train.eval_every=5", "train.log_every=5",
-    "train.ckpt_every=1000000", "train.keep_last=1", "train.progress=false", "train.device=cpu", "train.threads=2",
-    "unlearn.eval_items=120", "sample.max_new_tokens=24",
+    "unlearn.epochs=10", "train.micro_batch_size=16", "train.eval_every=10", "train.log_every=5",
+    "train.ckpt_every=1000000", "train.keep_last=1", "train.progress=false", "train.device=cpu", "train.threads=1",
+    "unlearn.eval_items=60", "sample.max_new_tokens=24",
 ]  # fmt: skip
 METHODS: dict[str, list[str]] = {
     "ga": ["unlearn.method.kind=ga"],
@@ -190,7 +190,9 @@ def main() -> None:
                 print(f"{method} {split} seed {seed}: FQ {runs[f'{method}-{split}-s{seed}']['report']['forget_quality']:.3g}",
                       flush=True)  # fmt: skip
     results, markdown = analyse(runs, target, methods, splits, seeds)
-    (out / "results.json").write_text(json.dumps({"results": results, "runs": runs}, indent=1) + "\n")
+    manifest = json.loads((bench / "bench.json").read_text())
+    record = {"bench": {k: manifest[k] for k in ("n_people", "counts", "models")}, "results": results, "runs": runs}
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "results.md").write_text(markdown + "\n")
     print(markdown)
 
