@@ -78,7 +78,7 @@ def unlearn_run(bench: Path, out: Path, method: str, split: str, seed: int, extr
     report = json.loads((run / "unlearning.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = [
-        {k: r.get(k) for k in ("step", "forget_quality", "model_utility", "retain/nll", "forget/probability")}
+        {k: r.get(k) for k in ("step", "forget_quality", "model_utility", "retain/probability", "forget/probability")}
         for r in records
         if r.get("kind") == "eval"
     ]
@@ -111,7 +111,30 @@ def steps_to_collapse(curve: list[dict], start: float, fraction: float = 0.5) ->
     return None
 
 
-def analyse(runs: dict[str, dict], target: dict[str, Any], methods, splits, seeds) -> tuple[dict, str]:
+def plot_curves(runs: dict[str, dict], methods, split: str, seed: int, out: Path) -> None:
+    """Forget quality and model utility over unlearning steps, one line per method (one seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (fq, mu) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in methods:
+        run = runs.get(f"{m}-{split}-s{seed}")
+        if run is None:
+            continue
+        steps = [p["step"] for p in run["curve"]]
+        fq.plot(steps, [max(p["forget_quality"], 1e-30) for p in run["curve"]], label=m)
+        mu.plot(steps, [p["model_utility"] for p in run["curve"]], label=m)
+    fq.set(yscale="log", xlabel="step", ylabel="forget quality (KS p vs gold)", title=f"{split}, seed {seed}")
+    mu.set(xlabel="step", ylabel="model utility (no decoding)", title=f"{split}, seed {seed}")
+    mu.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / f"curves_{split}.png", dpi=110)
+    plt.close(fig)
+
+
+def analyse(runs: dict[str, dict], target: dict[str, Any], methods, splits, seeds, out_dir: Path) -> tuple[dict, str]:
     """The tables of the study (results.json and its markdown)."""
     lines = ["## (a) Forget quality / model utility after 10 epochs (mean ± 95% CI over seeds)", ""]
     lines += ["| method | " + " | ".join(f"{s} FQ | {s} MU" for s in splits) + " |"]
@@ -144,12 +167,19 @@ def analyse(runs: dict[str, dict], target: dict[str, Any], methods, splits, seed
         results["b_collapse_steps"] = {"ga": ga, "npo": npo}
         lines += [f"## (b) Steps until model utility halves on {first} (None: not within the run)", "",
                   f"gradient ascent {ga}; NPO {npo}", ""]  # fmt: skip
-    if "uld" in methods:
-        change = per_seed("uld", lambda r: r["report"]["retain"]["nll"] / r["curve"][0]["retain/nll"] - 1)
-        forget = per_seed("uld", lambda r: r["report"]["forget"]["probability"] / r["curve"][0]["forget/probability"])
-        results["c_uld"] = {"retain_nll_change": change, "forget_probability_ratio": forget}
-        lines += [f"## (c) ULD on {first}", "", f"retain NLL change {fmt(change)} (relative); forget probability "
-                  f"after/before {fmt(forget)}", ""]  # fmt: skip
+    for method in ("uld", "npo", "grad_diff"):
+        if method not in methods:
+            continue
+        retain = per_seed(method, lambda r: r["report"]["retain"]["probability"] / r["start"]["retain/probability"])
+        nll = per_seed(method, lambda r: r["report"]["retain"]["nll"] - r["start"]["retain/nll"])
+        forget = per_seed(method, lambda r: r["report"]["forget"]["probability"] / r["start"]["forget/probability"])
+        results.setdefault("c_retain", {})[method] = {"retain_probability_ratio": retain, "retain_nll_change": nll,
+                                                      "forget_probability_ratio": forget}  # fmt: skip
+        if method == "uld":
+            lines += [f"## (c) Retain and forget probability after/before on {first}", ""]
+        lines += [f"- {method}: retain probability ×{fmt(retain)} (retain NLL {fmt(nll)} nats), forget probability "
+                  f"×{fmt(forget)}"]  # fmt: skip
+    lines += [""]
     if "flat" in methods and "grad_diff" in methods:
         rows = {m: (per_seed(m, lambda r: r["report"]["forget_quality"]), per_seed(m, lambda r: r["report"]["model_utility"]))
                 for m in ("flat", "grad_diff")}  # fmt: skip
@@ -157,6 +187,7 @@ def analyse(runs: dict[str, dict], target: dict[str, Any], methods, splits, seed
         lines += [f"## (d) FLAT (forget data only) vs GradDiff (with retain data) on {first}", "",
                   f"FLAT: FQ {fmt(rows['flat'][0])}, MU {fmt(rows['flat'][1])}; GradDiff: FQ {fmt(rows['grad_diff'][0])}, "
                   f"MU {fmt(rows['grad_diff'][1])}", ""]  # fmt: skip
+    plot_curves(runs, methods, first, seeds[0], out_dir)
     privacy = {m: per_seed(m, lambda r: r["report"].get("privleak")) for m in methods}
     results["e_privleak"] = privacy
     lines += [f"## (e) PrivLeak on {first} (0 = like the gold model; the target: {target.get('privleak')})", ""]
@@ -189,7 +220,7 @@ def main() -> None:
                 runs[f"{method}-{split}-s{seed}"] = unlearn_run(bench, out, method, split, seed, extra)
                 print(f"{method} {split} seed {seed}: FQ {runs[f'{method}-{split}-s{seed}']['report']['forget_quality']:.3g}",
                       flush=True)  # fmt: skip
-    results, markdown = analyse(runs, target, methods, splits, seeds)
+    results, markdown = analyse(runs, target, methods, splits, seeds, out)
     manifest = json.loads((bench / "bench.json").read_text())
     record = {"bench": {k: manifest[k] for k in ("n_people", "counts", "models")}, "results": results, "runs": runs}
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
