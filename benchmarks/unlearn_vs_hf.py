@@ -108,8 +108,8 @@ def run_hf(bench: Path, split: str, steps: int, threads: int, work: Path) -> tup
 
     times, tokens = [], []
     for _ in range(steps):
+        start = time.perf_counter()  # batch assembly included, as in lmlab's step clock
         batch = batches.next_batch(16)
-        start = time.perf_counter()
         f_ids, f_att, f_lab = labelled(batch["forget_ids"], batch["forget_mask"])
         r_ids, r_att, r_lab = labelled(batch["retain_ids"], batch["retain_mask"])
         policy_logps = sequence_logps(policy, f_ids, f_att, f_lab)
