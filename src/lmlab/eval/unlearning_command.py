@@ -53,7 +53,12 @@ def unlearning_main(argv: list[str]) -> int:
     p.add_argument("run_dir", help="the run directory (or one of its checkpoints)")
     p.add_argument("--bench", required=True, help="the benchmark directory")
     p.add_argument("--split", help="forget01 | forget05 | forget10 (default: the run's unlearn.split, else forget05)")
-    p.add_argument("--items", type=int, default=0, help="retain, world and holdout items scored (0: all; the forget split is always scored whole)")
+    p.add_argument(
+        "--items",
+        type=int,
+        default=0,
+        help="retain, world and holdout items scored (0: all; the forget split is always scored whole)",
+    )
     p.add_argument("--no-generation", action="store_true", help="skip greedy decoding (ROUGE, KnowMem, VerbMem)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
