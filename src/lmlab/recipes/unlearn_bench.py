@@ -78,18 +78,21 @@ def prepare_bench(
     out = Path(out)
     splits = splits or list(FORGET_SPLITS)
     base = load_config(config or BENCH_CONFIG, list(overrides or []))
+    previous = json.loads((out / "bench.json").read_text()).get("models", {}) if (out / "bench.json").is_file() else {}
     manifest = build_bench_data(out, seed=seed, n_people=n_people, n_holdout=n_holdout)
     tokenizer = out / "tokenizer.json"
     if retrain or not tokenizer.is_file():
         bench_tokenizer(out, base)
-    manifest["models"] = {}
+    manifest["models"] = {} if retrain else previous  # a kept model keeps its measured accuracy
     write_text_atomic(out / "bench.json", json.dumps(manifest, indent=2) + "\n")
     bench = BenchData.open(out)
     for role in ["target", *(f"gold_{s}" for s in splits)]:
         run = out / "models" / role
+        split = splits[-1] if role == "target" else role.removeprefix("gold_")
         if retrain or not _finished(run):
             run_sft(model_config(base, out, role, tokenizer), run, overwrite=True, quiet=quiet)
-        split = splits[-1] if role == "target" else role.removeprefix("gold_")
+        elif manifest["models"].get(role, {}).get("forget_split") == split:
+            continue
         manifest["models"][role] = {
             "run": f"models/{role}",
             "forget_accuracy": answer_accuracy(run, bench.items(split), base.sample.max_new_tokens),
