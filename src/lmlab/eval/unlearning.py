@@ -29,8 +29,8 @@ from torch import nn
 
 from lmlab.data.chat import end_of_turn_id, render_prompt, resolve_template
 from lmlab.data.unlearning_bench import BenchData
-from lmlab.eval.answers import Encoded, answer_nlls, collate, encode_qa, score_answers
-from lmlab.eval.mia import min_k_score, roc_auc
+from lmlab.eval.answers import Encoded, answer_nlls, collate, encode_qa
+from lmlab.eval.mia import mia_scores, roc_auc
 from lmlab.eval.unlearning_metrics import (
     extraction_strength,
     fluency,
@@ -129,16 +129,11 @@ class BenchScorer:
             values.append(extraction_strength(predicted, [int(ids[0, t]) for t in positions]))
         return values
 
-    @torch.no_grad()
     def min_k_scores(self, model: nn.Module, texts: list[str]) -> list[float]:
-        scores = []
-        for text in texts:
-            ids = [self.tokenizer.eos_id, *self.tokenizer.encode(text)][: model.cfg.max_seq_len]
-            x = torch.tensor([ids], device=self.device)
-            mask = torch.ones_like(x, dtype=torch.bool)
-            scored = score_answers(model, x, mask)
-            scores.append(float(min_k_score(scored.token_logps, scored.mask, k=MIN_K)[0]))
-        return scores
+        """Min-40% of each text as lmlab reads documents (``lmlab.eval.mia``, batched)."""
+        return mia_scores(
+            model, self.tokenizer, texts, attacks=["min_k"], k=MIN_K, batch_size=self.batch_size, device=self.device
+        )["min_k"]
 
     @torch.no_grad()
     def verbmem(self, model: nn.Module) -> float:
