@@ -45,7 +45,7 @@ from lmlab.eval.unlearning_metrics import (
     truth_ratio_forget_score,
     truth_ratio_retain_score,
 )
-from lmlab.models.generation import generate
+from lmlab.models.generation import greedy_many
 
 MIN_K = 0.4  # MUSE's PrivLeak uses Min-40%
 
@@ -110,12 +110,10 @@ class BenchScorer:
 
     @torch.no_grad()
     def greedy_answers(self, model: nn.Module, name: str) -> list[str]:
-        out = []
-        for e in self.sets[name]:
-            room = min(self.max_new_tokens, model.cfg.max_seq_len - len(e.prompt))
-            new = generate(model, e.prompt, max_new_tokens=max(room, 1), temperature=0.0, eos_id=self.stop_id)
-            out.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
-        return out
+        items = self.sets[name]
+        budgets = [max(min(self.max_new_tokens, model.cfg.max_seq_len - len(e.prompt)), 1) for e in items]
+        new = greedy_many(model, [e.prompt for e in items], budgets, batch_size=self.batch_size, eos_id=self.stop_id)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
     @torch.no_grad()
     def extraction_strengths(self, model: nn.Module) -> list[float]:
@@ -138,18 +136,20 @@ class BenchScorer:
     @torch.no_grad()
     def verbmem(self, model: nn.Module) -> float:
         """MUSE VerbMem on the forget biographies: the first half of each as the prompt, the rest as the truth."""
-        scores = []
+        prompts, truths = [], []
         for text in self.forget_texts:
             ids = self.tokenizer.encode(text)
             half = len(ids) // 2
-            prompt, truth = [self.tokenizer.eos_id, *ids[:half]], ids[half:]
-            new = generate(model, prompt, max_new_tokens=len(truth), temperature=0.0, eos_id=self.tokenizer.eos_id)
-            scores.append(
-                100
-                * rouge_l_f1(
-                    self.tokenizer.decode(truth), self.tokenizer.decode(new, skip_special_tokens=True), stemmer=False
-                )
-            )
+            prompts.append([self.tokenizer.eos_id, *ids[:half]])
+            truths.append(ids[half:])
+        new = greedy_many(
+            model, prompts, [len(t) for t in truths], batch_size=self.batch_size, eos_id=self.tokenizer.eos_id
+        )
+        scores = [
+            100
+            * rouge_l_f1(self.tokenizer.decode(t), self.tokenizer.decode(n, skip_special_tokens=True), stemmer=False)
+            for t, n in zip(truths, new)
+        ]
         return statistics.fmean(scores)
 
     # ------------------------------------------------------------------ the report

@@ -283,3 +283,36 @@ def generate(
     finally:
         model.train(was_training)
     return outputs[0] if single else outputs
+
+
+def greedy_many(
+    model: nn.Module, prompts: Sequence[list[int]], budgets: Sequence[int], *, batch_size: int,
+    eos_id: int | Sequence[int] | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy continuations of many prompts, ``batch_size`` at a time, row i with at most ``budgets[i]`` new tokens.
+
+    Rows are sorted by budget and prompt length so a batch pads little; a batch decodes up to its largest budget
+    and each row is cut to its own (a row's tokens do not depend on the others in its batch, ``generate``'s left
+    padding), so the result is what decoding the prompts one at a time gives. A row whose prompt plus the
+    batch's budget would pass ``model.cfg.max_seq_len`` starts a new batch.
+    """
+    if len(prompts) != len(budgets):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
+    limit = model.cfg.max_seq_len
+    batches: list[list[int]] = []
+    for i in sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i]))):
+        batch = batches[-1] + [i] if batches else [i]
+        budget = max(budgets[j] for j in batch)
+        if batches and len(batch) <= batch_size and all(len(prompts[j]) + budget <= limit for j in batch):
+            batches[-1] = batch
+        else:
+            batches.append([i])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for batch in batches:
+        budget = max(budgets[j] for j in batch)
+        if budget <= 0:
+            continue
+        new = generate(model, [prompts[j] for j in batch], max_new_tokens=budget, temperature=0.0, eos_id=eos_id)
+        for j, ids in zip(batch, new):
+            outputs[j] = ids[: budgets[j]]
+    return outputs

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lmlab.models import generation
 from lmlab.models.decoder import Decoder
-from lmlab.models.generation import generate, sample_next, top_k_filter, top_p_filter
+from lmlab.models.generation import generate, greedy_many, sample_next, top_k_filter, top_p_filter
 
 from helpers import model_cfg
 
@@ -138,6 +139,26 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(model):
     assert generate(model, prompts, max_new_tokens=8, temperature=0) == alone
     # the same prompts in another order (other padding per row) give the same rows
     assert generate(model, prompts[::-1], max_new_tokens=8, temperature=0) == alone[::-1]
+
+
+def test_greedy_many_equals_one_prompt_at_a_time(model, monkeypatch):
+    """Own budgets, batches of 2, an end-of-text id, and rows near max_seq_len (64) that need their own batch."""
+    prompts = [[3, 9, 14, 2, 7, 30], [5], [11, 4, 8], list(range(1, 59)), [7, 7], list(range(2, 60))]
+    budgets = [8, 3, 5, 5, 0, 6]  # row 5 (58 tokens) + row 0's budget of 8 would pass 64: they decode apart
+    eos = generate(model, [5], max_new_tokens=3, temperature=0)[1]  # row 1 ends on its second token
+    alone = [generate(model, p, max_new_tokens=b, temperature=0, eos_id=eos) for p, b in zip(prompts, budgets)]
+    calls = []
+
+    def spy(m, batch, max_new_tokens, **kwargs):
+        calls.append((len(batch), max(len(p) for p in batch) + max_new_tokens))
+        return generate(m, batch, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+    assert greedy_many(model, prompts, budgets, batch_size=2, eos_id=eos) == alone
+    assert all(size <= 2 and longest <= CFG.max_seq_len for size, longest in calls) and len(calls) == 4
+    assert alone[1][-1] == eos and len(alone[1]) == 2 and alone[4] == []
+    with pytest.raises(ValueError, match="2 prompts but 1 budgets"):
+        greedy_many(model, prompts[:2], [1], batch_size=2)
 
 
 def test_stop_callback_ends_a_row_early(model):
