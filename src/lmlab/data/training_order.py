@@ -1,7 +1,7 @@
 """The training-order log of an SFT run: each training record with the draws at which training served it.
 
-An SFT run writes ``training_order.jsonl`` into its run directory, one JSON object per training record, in the
-order of the training file:
+An SFT run writes ``training_order.jsonl`` into its run directory (unless ``sft.training_order=false``: the log
+copies every record), one JSON object per training record, in the order of the training file:
 
 - ``index`` (0-based, in the file), ``where`` (its origin, ``file:line``) and the record itself: ``text``, or
   ``messages`` and ``n_context`` (the leading messages that are never learned);

@@ -62,8 +62,9 @@ def provenance_main(argv: list[str]) -> int:
     path = run_dir / TRAINING_ORDER_FILE
     if not path.is_file():
         raise UserError(
-            f"--order {args.order}: no {TRAINING_ORDER_FILE}; the run's training order was not logged (only lmlab sft "
-            "runs of this version log it): train RUN again with this version to test provenance against it"
+            f"--order {args.order}: no {TRAINING_ORDER_FILE}; the run's training order was not logged (lmlab sft "
+            "runs of this version log it unless sft.training_order=false): train RUN again with this version and "
+            "the log on to test provenance against it"
         )
     key = "last_position" if args.by == "last" else "position"
     records = read_training_order(path)

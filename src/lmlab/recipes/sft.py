@@ -189,7 +189,7 @@ class SFTRecipe:
             rank=ctx.rank, world_size=ctx.world_size,
         )  # fmt: skip
         files: dict[str, str] = {}
-        if ctx.is_main:  # the provenance transcript (lmlab.data.training_order), replayed from the row orders
+        if ctx.is_main and s.training_order:  # the provenance transcript (lmlab.data.training_order)
             per_step = t.micro_batch_size * t.grad_accum * ctx.world_size
             files[TRAINING_ORDER_FILE] = training_order_jsonl(
                 train_records, rows, batches.epoch_order, rows_per_step=per_step, steps=cfg.train.steps

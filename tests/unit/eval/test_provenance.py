@@ -218,7 +218,7 @@ def lineage(tmp_path_factory):
     sft("alice", f"init_from={root / 'base'}", f"sft.train_file={root / 'alice.jsonl'}", "sft.epochs=2",
         "optim.lr=1e-3", "data.seed=0", *constant)  # fmt: skip
     sft("bob", f"init_from={root / 'alice'}", f"sft.train_file={root / 'bob.jsonl'}", "train.steps=10",
-        "optim.lr=1e-4", "data.seed=5", *constant)  # fmt: skip
+        "optim.lr=1e-4", "data.seed=5", "sft.training_order=false", *constant)  # fmt: skip
     sft("indep", f"init_from={root / 'base'}", f"sft.train_file={root / 'alice.jsonl'}", "sft.epochs=2",
         "optim.lr=1e-3", "data.seed=1", *constant)  # fmt: skip
     return root
@@ -258,6 +258,8 @@ def test_bad_input_is_one_line(lineage, logged_run, capsys, tmp_path):
     shutil.copytree(lineage / "alice", unlogged)
     (unlogged / TRAINING_ORDER_FILE).unlink()
     fails(alice, "--order", str(unlogged), match="train RUN again with this version")
+    assert not (lineage / "bob" / TRAINING_ORDER_FILE).exists()  # bob trained with sft.training_order=false
+    fails(alice, "--order", str(lineage / "bob"), match="unless sft.training_order=false")
     (unlogged / TRAINING_ORDER_FILE).write_text("\n")
     fails(alice, "--order", str(unlogged), match="lists no record")
     fails(str(logged_run[0]), "--order", alice, match="uses a different tokenizer")
