@@ -16,6 +16,8 @@ utility (docs/science.md §13), so each run is a curve over unlearning steps. Me
     python examples/unlearning/run_study.py --out runs/unlearning              # the whole study (hours on CPU)
     python examples/unlearning/run_study.py --out runs/unlearning --splits forget05 --seeds 0
     python examples/unlearning/run_study.py --out /tmp/u --quick               # smoke test (tiny benchmark)
+    python examples/unlearning/run_study.py --out runs/unlearning --methods flat --splits forget05 --seeds 0 \
+        --set optim.lr=2e-5 --tag _lr2e-5                                         # one method at other settings
 
 Finished runs are reused, so an interrupted study continues where it stopped. Results: ``OUT/results.json`` and
 ``OUT/results.md`` (the tables of examples/unlearning/README.md).
@@ -66,9 +68,11 @@ def finished(run: Path) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
 
 
-def unlearn_run(bench: Path, out: Path, method: str, split: str, seed: int, extra: list[str]) -> dict[str, Any]:
+def unlearn_run(
+    bench: Path, out: Path, method: str, split: str, seed: int, extra: list[str], tag: str = ""
+) -> dict[str, Any]:
     """One run (reused when finished): its final report and its evaluation curve."""
-    run = out / f"{method}-{split}-s{seed}"
+    run = out / f"{method}{tag}-{split}-s{seed}"
     if not finished(run):
         overrides = [
             *COMMON, *METHODS[method], f"unlearn.bench={bench}", f"unlearn.split={split}", f"train.seed={seed}",
@@ -111,7 +115,7 @@ def steps_to_collapse(curve: list[dict], start: float, fraction: float = 0.5) ->
     return None
 
 
-def plot_curves(runs: dict[str, dict], methods, split: str, seed: int, out: Path) -> None:
+def plot_curves(runs: dict[str, dict], methods, split: str, seed: int, out: Path, tag: str = "") -> None:
     """Forget quality and model utility over unlearning steps, one line per method (one seed)."""
     import matplotlib
 
@@ -130,11 +134,11 @@ def plot_curves(runs: dict[str, dict], methods, split: str, seed: int, out: Path
     mu.set(xlabel="step", ylabel="model utility (no decoding)", title=f"{split}, seed {seed}")
     mu.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / f"curves_{split}.png", dpi=110)
+    fig.savefig(out / f"curves{tag}_{split}.png", dpi=110)
     plt.close(fig)
 
 
-def analyse(runs: dict[str, dict], methods, splits, seeds, out_dir: Path) -> tuple[dict, str]:
+def analyse(runs: dict[str, dict], methods, splits, seeds, out_dir: Path, tag: str = "") -> tuple[dict, str]:
     """The tables of the study (results.json and its markdown): (a) over every split, (b)-(e) per split."""
     lines = ["## (a) Forget quality / model utility after 10 epochs (mean ± 95% CI over seeds)", ""]
     lines += ["| method | " + " | ".join(f"{s} FQ | {s} MU" for s in splits) + " |"]
@@ -161,7 +165,7 @@ def analyse(runs: dict[str, dict], methods, splits, seeds, out_dir: Path) -> tup
     results: dict[str, Any] = {"table": table, "target": targets}
     for split in splits:
         results[split] = analyse_split(runs, methods, split, seeds, lines)
-    plot_curves(runs, methods, "forget05" if "forget05" in splits else splits[0], seeds[0], out_dir)
+    plot_curves(runs, methods, "forget05" if "forget05" in splits else splits[0], seeds[0], out_dir, tag)
     return results, "\n".join(lines)
 
 
@@ -211,12 +215,16 @@ def main() -> None:
     p.add_argument("--splits", default=",".join(SPLITS))
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--quick", action="store_true", help="a tiny benchmark and 1 epoch: a smoke test")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
+    p.add_argument("--tag", default="", help="runs OUT/METHOD{TAG}-SPLIT-sSEED, results{TAG}.json (with --set)")
     args = p.parse_args()
     out = Path(args.out)
     methods, splits = args.methods.split(","), args.splits.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     bench = Path(args.bench) if args.bench else out / "bench"
-    extra = ["unlearn.epochs=1", "unlearn.eval_items=12"] if args.quick else []
+    extra = (["unlearn.epochs=1", "unlearn.eval_items=12"] if args.quick else []) + args.set
+    if args.set and not args.tag:
+        p.error("--set needs a --tag, so the changed runs do not mix with the study's")
     if not (bench / "bench.json").is_file() or not args.bench:
         size = {"n_people": 100, "n_holdout": 12, "overrides": QUICK_BENCH} if args.quick else {}
         prepare_bench(bench, splits=splits, quiet=True, **size)
@@ -224,14 +232,15 @@ def main() -> None:
     for split in splits:
         for method in methods:
             for seed in seeds:
-                runs[f"{method}-{split}-s{seed}"] = unlearn_run(bench, out, method, split, seed, extra)
+                runs[f"{method}-{split}-s{seed}"] = unlearn_run(bench, out, method, split, seed, extra, args.tag)
                 print(f"{method} {split} seed {seed}: FQ {runs[f'{method}-{split}-s{seed}']['report']['forget_quality']:.3g}",
                       flush=True)  # fmt: skip
-    results, markdown = analyse(runs, methods, splits, seeds, out)
+    results, markdown = analyse(runs, methods, splits, seeds, out, args.tag)
     manifest = json.loads((bench / "bench.json").read_text())
-    record = {"bench": {k: manifest[k] for k in ("n_people", "counts", "models")}, "results": results, "runs": runs}
-    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "results.md").write_text(markdown + "\n")
+    record = {"bench": {k: manifest[k] for k in ("n_people", "counts", "models")}, "overrides": args.set}
+    record |= {"results": results, "runs": runs}
+    (out / f"results{args.tag}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / f"results{args.tag}.md").write_text(markdown + "\n")
     print(markdown)
 
 
