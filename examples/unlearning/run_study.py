@@ -20,7 +20,8 @@ utility (docs/science.md §13), so each run is a curve over unlearning steps. Me
         --set optim.lr=2e-5 --tag _lr2e-5                                         # one method at other settings
 
 Finished runs are reused, so an interrupted study continues where it stopped. Results: ``OUT/results.json`` and
-``OUT/results.md`` (the tables of examples/unlearning/README.md).
+``OUT/results.md`` (the tables of examples/unlearning/README.md; a copy is examples/unlearning/results.md) and
+``OUT/curves_SPLIT.png`` (forget quality and model utility over steps, seed 0).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def analyse(runs: dict[str, dict], methods, splits, seeds, out_dir: Path, tag: s
     results: dict[str, Any] = {"table": table, "target": targets}
     for split in splits:
         results[split] = analyse_split(runs, methods, split, seeds, lines)
-    plot_curves(runs, methods, "forget05" if "forget05" in splits else splits[0], seeds[0], out_dir, tag)
+    for split in splits:
+        plot_curves(runs, methods, split, seeds[0], out_dir, tag)
     return results, "\n".join(lines)
 
 

@@ -57,4 +57,4 @@ def test_analysis_reports_every_split_and_claim(tmp_path):
     assert results["forget01"]["c_retain"]["uld"]["retain_probability_ratio"] == [0.9, 0.9]
     assert results["forget05"]["e_privleak"]["flat"] == [-50.0, -50.0]
     assert "### forget01" in markdown and "### forget05" in markdown and "| uld |" in markdown
-    assert (tmp_path / "curves_forget05.png").is_file()
+    assert (tmp_path / "curves_forget01.png").is_file() and (tmp_path / "curves_forget05.png").is_file()
