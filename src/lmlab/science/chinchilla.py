@@ -235,11 +235,22 @@ def check_points(n: np.ndarray, d: np.ndarray, loss: np.ndarray, what: str = "da
         raise UserError(f"{what}: all runs have the same token count ({d[0]:.4g}); beta cannot be fitted")
 
 
+def free_mask(fixed_E: float | None) -> np.ndarray:
+    """Gradient mask over ``RAW_ORDER``: zero on ``e`` when E is fixed, so no optimizer moves it."""
+    mask = np.ones(len(RAW_ORDER))
+    if fixed_E is not None:
+        if not (math.isfinite(fixed_E) and fixed_E > 0):
+            raise UserError(f"a fixed E must be a positive number, got {fixed_E}")
+        mask[RAW_ORDER.index("e")] = 0.0
+    return mask
+
+
 def fit_chinchilla(
     n: Sequence[float] | np.ndarray,
     d: Sequence[float] | np.ndarray,
     loss: Sequence[float] | np.ndarray,
     *,
+    fixed_E: float | None = None,
     delta: float = HUBER_DELTA,
     grid: np.ndarray | None = None,
     method: str = "batched",
@@ -260,19 +271,32 @@ def fit_chinchilla(
     best distinct end points are then polished with scipy L-BFGS-B at :data:`LBFGS_OPTIONS` and the lowest is kept.
     Starts still far from the best objective after the screen are dropped, which never changed the optimum in our
     checks (the tests compare both methods and check the §12 recoveries with the default). It takes seconds.
+
+    ``fixed_E`` holds E at a known value (e.g. a synthetic world's exact entropy floor) and fits the other four.
     """
     n = np.asarray(n, dtype=float)
     d = np.asarray(d, dtype=float)
     loss = np.asarray(loss, dtype=float)
     check_points(n, d, loss)
     starts = default_grid() if grid is None else np.atleast_2d(np.asarray(grid, dtype=float))
+    free = free_mask(fixed_E)
+    if fixed_E is not None:
+        starts = starts.copy()
+        starts[:, RAW_ORDER.index("e")] = math.log(fixed_E)
+        starts = starts[np.sort(np.unique(starts, axis=0, return_index=True)[1])]  # grid order, duplicates dropped
     opts = {**LBFGS_OPTIONS, **(options or {})}
     log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
     args = (log_n, log_d, log_l, delta)
+
+    def one(x: np.ndarray, *a) -> tuple[float, np.ndarray]:
+        f, g = huber_objective(x, *a)
+        return f, g * free
+
     if method == "batched":
 
         def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return huber_objective_batched(x, *args)
+            f, g = huber_objective_batched(x, *args)
+            return f, g * free
 
         ends, fs = batched_lbfgs(objective, starts, max_iter=screen_iters)
         survivors = np.argsort(np.where(np.isfinite(fs), fs, np.inf), kind="stable")[:keep]
@@ -291,7 +315,7 @@ def fit_chinchilla(
         raise UserError(f"unknown Chinchilla fit method {method!r}; choose 'batched' or 'scipy'")
     best_x, best_f = None, math.inf
     for x0 in refine:
-        res = minimize(huber_objective, x0, args=args, jac=True, method="L-BFGS-B", options=opts)
+        res = minimize(one, x0, args=args, jac=True, method="L-BFGS-B", options=opts)
         if np.all(np.isfinite(res.x)) and np.isfinite(res.fun) and res.fun < best_f:
             best_x, best_f = res.x, float(res.fun)
     if best_x is None:
@@ -312,6 +336,7 @@ def bootstrap_chinchilla_draws(
     *,
     n_resamples: int = 100,
     seed: int = 42,
+    fixed_E: float | None = None,
     delta: float = HUBER_DELTA,
 ) -> np.ndarray:
     """Bootstrap refits [R, 6] of ``BOOTSTRAP_COLUMNS`` = ``E, A, B, alpha, beta, a_opt`` (points resampled with
@@ -321,7 +346,7 @@ def bootstrap_chinchilla_draws(
     the batched L-BFGS, each from the full-data optimum (not from the 4500-start grid, which would cost a full fit
     per resample). 100 resamples (the CLI default) take a second or two; Epoch used 4000 (docs/science.md §1.2), which
     ``n_resamples=4000`` reproduces in count. Resamples whose design collapses to one model size or one token count
-    are skipped.
+    are skipped. With ``fixed_E`` (the fit's) E stays at its value in every refit.
     """
     n = np.asarray(n, dtype=float)
     d = np.asarray(d, dtype=float)
@@ -336,7 +361,13 @@ def bootstrap_chinchilla_draws(
         return np.empty((0, len(BOOTSTRAP_COLUMNS)))
     args = (np.log(n), np.log(d), np.log(loss))
     x0 = np.tile(fit.raw, (len(counts), 1))
-    ends, fs = batched_lbfgs(lambda x, rows: huber_objective_batched(x, *args, delta, counts[rows]), x0, max_iter=1000)
+    free = free_mask(fixed_E)
+
+    def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, g = huber_objective_batched(x, *args, delta, counts[rows])
+        return f, g * free
+
+    ends, fs = batched_lbfgs(objective, x0, max_iter=1000)
     samples = []
     for x, f in zip(ends, fs):
         if np.isfinite(f):

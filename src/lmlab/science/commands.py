@@ -49,6 +49,14 @@ def fit_main(argv: list[str]) -> int:
     p.add_argument(
         "--params-column", default="params", help="chinchilla: column used as N (params or non_embedding_params)"
     )
+    p.add_argument(
+        "--holdout",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="chinchilla: runs left out of the fit and predicted (names, or top:K = the K largest by compute)",
+    )
+    p.add_argument("--fix-E", type=float, dest="fix_e", help="chinchilla: hold E at this value (a known loss floor)")
     p.add_argument("--momentum", type=float, default=0.999, help="annealing: S2 momentum lambda")
     p.add_argument("--weights", type=float, nargs="*", help="mixture: family weights (default equal)")
     args = p.parse_args(argv)
@@ -67,6 +75,8 @@ def fit_main(argv: list[str]) -> int:
             grid=args.grid,
             params_column=args.params_column,
             method=args.method,
+            holdout=args.holdout,
+            fixed_E=args.fix_e,
         )
     elif args.law == "annealing":
         res = fits.fit_annealing_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed, lam=args.momentum)
@@ -80,8 +90,18 @@ def fit_main(argv: list[str]) -> int:
         print(
             f"C={row['compute']:.3g}: N_opt={row['N_opt']:.4g} D_opt={row['D_opt']:.4g} D/N={row['tokens_per_param']:.1f}"
         )
+    for what, label in (("leave_one_out", "leave-one-out"), ("holdout", "held-out")):
+        errors = res.get(what)
+        if errors and errors.get("n"):
+            print(
+                f"{label} error on {errors['n']} runs: mean {100 * errors['mean_rel_error']:.2f}%, max "
+                f"{100 * errors['max_rel_error']:.2f}% (trivial baseline, the lowest fitted loss: mean "
+                f"{100 * errors['baseline_mean_rel_error']:.2f}%)"
+            )
     if res.get("excluded"):
         print("excluded: " + ", ".join(f"{k} ({v})" for k, v in res["excluded"].items()))
+    for warning in res.get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 
@@ -114,6 +134,7 @@ def predict_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from lmlab.science.annealing import AnnealingParams
     from lmlab.science.chinchilla import ChinchillaParams
+    from lmlab.science.fit_checks import predicted_loss_report
     from lmlab.science.fits import params_of, read_fit
     from lmlab.science.schedules import make_schedule
 
@@ -124,7 +145,7 @@ def predict_main(argv: list[str]) -> int:
             raise UserError(f"{args.fit_dir} holds a {fit['law']} fit; 'predict loss' needs a chinchilla fit")
         if args.params <= 0 or args.tokens <= 0:
             raise UserError("--params and --tokens must be positive")
-        print(f"{float(law.loss(args.params, args.tokens)):.6f}")
+        print(predicted_loss_report(fit, law, args.params, args.tokens))
         return 0
     if not isinstance(law, AnnealingParams):
         raise UserError(f"{args.fit_dir} holds a {fit['law']} fit; 'predict curve' needs an annealing fit")

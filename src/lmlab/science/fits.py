@@ -10,13 +10,16 @@ Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run
 - ``mixture``: columns ``family, params, tokens, p, loss`` (``p``: the family's sampling ratio); §4.
 
 Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
-``fit_error``, ``n_points``, ``excluded`` (runs left out and why) and ``plot``.
+``fit_error``, ``n_points``, ``excluded`` (runs left out and why) and ``plot``. A Chinchilla fit adds
+``warnings``, ``leave_one_out`` and ``holdout`` errors beside the trivial baseline's, ``data_range`` and ``fixed_E``
+(:mod:`lmlab.science.fit_checks`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,14 @@ from lmlab.science.chinchilla import (
     percentile_intervals,
 )
 from lmlab.science.curves import load_curves
+from lmlab.science.fit_checks import (
+    error_summary,
+    extrapolation_warning,
+    fit_warnings,
+    leave_one_out_baseline,
+    leave_one_out_predictions,
+    split_holdout,
+)
 from lmlab.science.isoflop import fit_isoflop
 from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, lr_vertex
 from lmlab.science.mixture import fit_gamma, optimal_ratios
@@ -77,25 +88,44 @@ def fit_chinchilla_command(
     grid: str = "default",
     params_column: str = "params",
     method: str = "batched",
+    holdout: Sequence[str] = (),
+    fixed_E: float | None = None,
 ) -> dict[str, Any]:
-    """``params_column`` picks N: ``params`` (total, Chinchilla's convention) or ``non_embedding_params`` (Kaplan's)."""
+    """``params_column`` picks N: ``params`` (total, Chinchilla's convention) or ``non_embedding_params`` (Kaplan's).
+
+    ``holdout`` (run names, or ``["top:K"]``) leaves runs out of the fit and reports the law's error on them beside
+    the trivial baseline's; every fit also reports its leave-one-out error (:mod:`lmlab.science.fit_checks`).
+    ``fixed_E`` holds E at a known floor."""
     from lmlab.science.chinchilla import small_grid
 
     rows = load_results(source)
     require_columns(rows, [params_column, "tokens", "loss"], source)
     rows = [{**r, "params": r[params_column]} for r in rows]
     sel = usable_rows(rows, ["params", "tokens", "loss"])
-    if len(sel.rows) < 6:
+    split = split_holdout(sel.rows, list(holdout))
+    if len(split.fitted) < 6:
         left_out = ", ".join(f"{k} ({v})" for k, v in sel.excluded.items()) or "none"
         raise UserError(
-            f"{source}: a Chinchilla fit needs at least 6 finished runs, got {len(sel.rows)} (excluded: {left_out})"
+            f"{source}: a Chinchilla fit needs at least 6 finished runs, got {len(split.fitted)} (excluded: "
+            f"{left_out}; held out: {len(split.held_out)})"
         )
-    n, d, loss = column(sel.rows, "params"), column(sel.rows, "tokens"), column(sel.rows, "loss")
-    has_flops = bool(sel.rows) and "flops" in sel.rows[0]
-    flops = column(sel.rows, "flops") if has_flops else np.full(len(n), np.nan)
-    flops = np.where(np.isfinite(flops), flops, 6.0 * n * d)
-    fit = fit_chinchilla(n, d, loss, grid=small_grid() if grid == "small" else None, method=method)
-    draws = bootstrap_chinchilla_draws(n, d, loss, fit, n_resamples=bootstrap, seed=seed) if bootstrap > 0 else None
+    n, d, loss, flops = _chinchilla_columns(split.fitted)
+    fit = fit_chinchilla(n, d, loss, grid=small_grid() if grid == "small" else None, method=method, fixed_E=fixed_E)
+    draws = (
+        bootstrap_chinchilla_draws(n, d, loss, fit, n_resamples=bootstrap, seed=seed, fixed_E=fixed_E)
+        if bootstrap > 0
+        else None
+    )
+    loo = error_summary(leave_one_out_predictions(n, d, loss, fit, fixed_E=fixed_E), leave_one_out_baseline(loss), loss)
+    held: dict[str, Any] | None = None
+    if split.held_out:
+        hn, hd, hloss, _ = _chinchilla_columns(split.held_out)
+        predicted = chinchilla_loss(hn, hd, fit.params)
+        held = error_summary(predicted, np.full(len(hloss), np.min(loss)), hloss)
+        held["runs"] = [
+            {"run": r.get("run"), "loss": float(a), "predicted": float(p), "rel_error": float(abs(p - a) / a)}
+            for r, a, p in zip(split.held_out, hloss, predicted)
+        ]
     intervals = percentile_intervals(draws, list(BOOTSTRAP_COLUMNS)) if draws is not None else {}
     isoflop = None
     try:
@@ -129,7 +159,15 @@ def fit_chinchilla_command(
         "bootstrap_params": [
             dict(zip(BOOTSTRAP_COLUMNS[:5], map(float, row[:5]))) for row in (draws if draws is not None else [])
         ][:MAX_DRAWS_SAVED],
-        "warnings": chinchilla_warnings(fit.params.to_dict(), intervals, sel, flops, computes),
+        "warnings": chinchilla_warnings(fit.params.to_dict(), intervals, sel, flops, computes)
+        + fit_warnings(fit.params.to_dict(), intervals, n, flops, loss, fixed_E=fixed_E, loo=loo, holdout=held),
+        "leave_one_out": loo,
+        "holdout": held,
+        "fixed_E": fixed_E,
+        "data_range": {
+            name: [float(np.min(v)), float(np.max(v))]
+            for name, v in (("params", n), ("tokens", d), ("flops", flops), ("loss", loss))
+        },
         "fit_error": {"huber_objective": fit.objective, "rmse": fit.rmse},
         "n_points": fit.n_points,
         "n_starts": fit.n_starts,
@@ -143,6 +181,13 @@ def fit_chinchilla_command(
     }
     write_fit(out, result)
     return result
+
+
+def _chinchilla_columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """N, D, loss and compute (``flops``, else 6ND) of usable rows."""
+    n, d, loss = column(rows, "params"), column(rows, "tokens"), column(rows, "loss")
+    flops = column(rows, "flops") if rows and "flops" in rows[0] else np.full(len(n), np.nan)
+    return n, d, loss, np.where(np.isfinite(flops), flops, 6.0 * n * d)
 
 
 def chinchilla_warnings(params: dict, intervals: dict, sel, flops: np.ndarray, computes: list[float]) -> list[str]:
@@ -160,11 +205,7 @@ def chinchilla_warnings(params: dict, intervals: dict, sel, flops: np.ndarray, c
                 f"{name}={params[name]:.3g} has a 95% interval {lo_hi[0]:.3g}–{lo_hi[1]:.3g}: wider than half its value"
             )
     largest = float(np.nanmax(flops)) if len(flops) else 0.0
-    for c in computes:
-        if largest > 0 and c > 100 * largest:
-            out.append(
-                f"compute {c:.3g} is {c / largest:,.0f}× the largest run's FLOPs ({largest:.3g}): an extrapolation"
-            )
+    out += [w for w in (extrapolation_warning(c, largest) for c in computes) if w]
     return out
 
 

@@ -71,8 +71,14 @@ def test_fit_chinchilla_writes_fit_json_and_plot(tmp_path, capsys):
     assert not any("extrapolation" in w for w in fit["warnings"])  # 1e21 is 10x the largest run: within 100x
     assert "excluded: blew-up (diverged), cut-short (running)" in capsys.readouterr().out
     assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "2e10"]) == 0
-    predicted = float(capsys.readouterr().out)
+    line = capsys.readouterr().out
+    predicted = float(line.split()[0])
     assert predicted == pytest.approx(float(PRESETS["epoch"].loss(1e9, 2e10)), abs=0.02)
+    lo, hi = (float(v) for v in line.split("95% interval ")[1].split(" over")[0].split("–"))
+    assert lo <= predicted <= hi and "over 20 bootstrap refits" in line and "warning" not in line
+    # 6·N·D = 1.2e24 is 12,000× the largest run (1e20): the prediction says so
+    assert main(["predict", "loss", str(out), "--params", "1e11", "--tokens", "2e12"]) == 0
+    assert "warning: compute 1.2e+24 is 12,000× the largest run's FLOPs" in capsys.readouterr().out
 
 
 def test_fit_errors_are_one_line(tmp_path, capsys):
@@ -275,4 +281,84 @@ def test_chinchilla_warnings_name_extrapolation_and_loose_exponents():
     assert not any(w.startswith("beta") for w in warnings)
     assert [w for w in warnings if "extrapolation" in w] == [
         "compute 1e+22 is 1,000× the largest run's FLOPs (1e+19): an extrapolation"
+    ]
+
+
+def test_chinchilla_fit_reports_leave_one_out_and_held_out_errors_against_the_trivial_baseline(tmp_path, capsys):
+    rows = chinchilla_rows()
+    src = write_csv(tmp_path / "results.csv", rows)
+    out = tmp_path / "fit"
+    args = ["fit", "chinchilla", str(src), "--out", str(out), "--bootstrap", "0", "--grid", "small"]
+    assert main([*args, "--holdout", "top:6"]) == 0
+    printed = capsys.readouterr().out
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["n_points"] == 12 and fit["holdout"]["n"] == 6
+    held = {r["run"] for r in fit["holdout"]["runs"]}
+    assert held == {r["run"] for r in rows if r["flops"] == 1e20}  # the top 6 by compute: the largest budget
+    # the held-out runs come from the same law with 0.3% noise: the law predicts them to about that, and far
+    # better than the lowest fitted loss does (the largest budget's losses are lower)
+    assert fit["holdout"]["mean_rel_error"] < 0.02 < fit["holdout"]["baseline_mean_rel_error"]
+    loo = fit["leave_one_out"]
+    assert loo["n"] == 12 and loo["mean_rel_error"] < 0.02 < loo["baseline_mean_rel_error"]
+    assert fit["data_range"]["flops"] == [1e18, 1e19]
+    assert "held-out error on 6 runs: mean" in printed and "leave-one-out error on 12 runs" in printed
+    assert main([*args, "--holdout", "r0", "r7"]) == 0
+    assert [r["run"] for r in json.loads((out / "fit.json").read_text())["holdout"]["runs"]] == ["r0", "r7"]
+    capsys.readouterr()
+    assert main([*args, "--holdout", "nobody"]) == 1
+    assert "no usable run named nobody" in capsys.readouterr().err
+    assert main([*args, "--holdout", "top:18"]) == 1
+    assert "K must be between 1 and 17" in capsys.readouterr().err
+
+
+def test_leave_one_out_refits_equal_separate_fits():
+    from lmlab.science.chinchilla import chinchilla_loss, fit_chinchilla, small_grid
+    from lmlab.science.fit_checks import leave_one_out_baseline, leave_one_out_predictions
+
+    rows = chinchilla_rows(noise=0.01, seed=3)
+    n, d, loss = (np.array([r[k] for r in rows]) for k in ("params", "tokens", "loss"))
+    fit = fit_chinchilla(n, d, loss, grid=small_grid())
+    predicted = leave_one_out_predictions(n, d, loss, fit)
+    for i in (0, 9, 17):
+        keep = np.arange(len(n)) != i
+        alone = fit_chinchilla(n[keep], d[keep], loss[keep], grid=small_grid())
+        assert predicted[i] == pytest.approx(float(chinchilla_loss(n[i], d[i], alone.params)), rel=2e-3)
+    assert leave_one_out_baseline(np.array([3.0, 2.0, 4.0])).tolist() == [2.0, 3.0, 2.0]
+
+
+def test_fixed_E_is_held_and_a_garbage_fit_is_named(tmp_path, capsys):
+    rows = chinchilla_rows()
+    src = write_csv(tmp_path / "results.csv", rows)
+    out = tmp_path / "fit"
+    args = ["fit", "chinchilla", str(src), "--out", str(out), "--bootstrap", "20", "--grid", "small"]
+    assert main([*args, "--fix-E", "1.8172"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert fit["params"]["E"] == pytest.approx(1.8172, rel=1e-12) and fit["fixed_E"] == 1.8172
+    assert fit["params"]["alpha"] == pytest.approx(PRESETS["epoch"].alpha, abs=0.03)
+    assert all(p["E"] == pytest.approx(1.8172, rel=1e-12) for p in fit["bootstrap_params"])
+    capsys.readouterr()
+    assert main([*args, "--fix-E", "-1"]) == 1
+    assert "a fixed E must be a positive number" in capsys.readouterr().err
+    # Losses that fall as a pure power law of D with no floor: the fit drives E to 0 and must say so
+    flat = [{**r, "loss": 50.0 * r["tokens"] ** -0.2 * r["params"] ** -0.01} for r in rows]
+    assert main(["fit", "chinchilla", str(write_csv(tmp_path / "f.csv", flat)), "--out", str(out), "--bootstrap", "20",
+                 "--grid", "small"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "warning: E=" in printed and "at its lower bound (0): the fit found no loss floor" in printed
+
+
+def test_fit_warnings_on_hand_made_numbers():
+    from lmlab.science.fit_checks import fit_warnings
+
+    params = {"E": 1.7, "A": 400.0, "B": 400.0, "alpha": 0.3, "beta": 0.01}
+    intervals = {"E": (1.6, 1.8), "A": (10.0, 1e4), "B": (-5.0, 900.0)}
+    n, flops, loss = np.array([1e7, 1e8, 1e7, 1e8]), np.array([1e17, 1e17, 1e18, 1e18]), np.array([3.0, 2.8, 2.9, 2.6])
+    loo = {"n": 4, "mean_rel_error": 0.05, "baseline_mean_rel_error": 0.03}
+    warnings = fit_warnings(params, intervals, n, flops, loss, loo=loo)
+    assert warnings == [
+        "beta=0.01 is at its lower bound (0): the loss does not follow a power law here",
+        "A's 95% interval 10–1e+04 spans more than 10×",
+        "B's 95% interval -5–900 spans more than 10×",
+        "2 model size(s) and 2 compute budget(s): a fit needs at least 3 of each",
+        "leave-one-out error 5.00% is worse than the trivial baseline's 3.00% (predict the lowest fitted loss)",
     ]

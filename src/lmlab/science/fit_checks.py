@@ -1,0 +1,179 @@
+"""How far to trust a Chinchilla fit: errors on runs the fit did not see, beside a trivial baseline, and warnings.
+
+A law is worth its five parameters only if it predicts runs it was not fitted on better than doing nothing clever.
+Here, for a fit of ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1):
+
+- **leave-one-out**: each run's loss predicted by the law refitted without it (all refits batched, each from the
+  full-data optimum, as the bootstrap does);
+- **held-out**: runs left out of the fit altogether (``--holdout``: names, or ``top:K`` = the K largest by compute);
+- the **trivial baseline** for both: predict the lowest loss among the runs the fit saw (a law that cannot beat
+  it on the largest runs has learned nothing about scale);
+- **warnings** for what a reader must know before trusting the numbers: E at its lower bound (no floor found),
+  exponents near 0, intervals spanning more than 10×, fewer than 3 model sizes or compute budgets, and
+  predictions beyond 10× the largest run's compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmlab.errors import UserError
+from lmlab.science.batched_lbfgs import batched_lbfgs
+from lmlab.science.chinchilla import (
+    ChinchillaFit,
+    ChinchillaParams,
+    chinchilla_loss,
+    free_mask,
+    huber_objective_batched,
+    params_from_raw,
+)
+from lmlab.science.huber import HUBER_DELTA
+
+#: E below this fraction of the lowest observed loss is "at its lower bound": the fit found no floor.
+E_FLOOR_FRACTION = 1e-3
+#: A predicted compute more than this many times the largest run's is an extrapolation worth a warning.
+EXTRAPOLATION_FACTOR = 10.0
+#: An interval whose upper end is more than this many times its lower end pins nothing down.
+INTERVAL_SPAN = 10.0
+
+
+def relative_errors(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``|predicted − actual| / actual`` per run."""
+    return np.abs(np.asarray(predicted, dtype=float) - actual) / actual
+
+
+def error_summary(predicted: np.ndarray, baseline: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """Mean and max relative error of the law and of the trivial baseline on the same runs (nan rows skipped)."""
+    ok = np.isfinite(predicted)
+    law, base = relative_errors(predicted[ok], actual[ok]), relative_errors(baseline[ok], actual[ok])
+    if not ok.any():
+        return {"n": 0}
+    return {
+        "n": int(ok.sum()),
+        "mean_rel_error": float(law.mean()),
+        "max_rel_error": float(law.max()),
+        "baseline_mean_rel_error": float(base.mean()),
+        "baseline_max_rel_error": float(base.max()),
+    }
+
+
+def leave_one_out_predictions(
+    n: np.ndarray, d: np.ndarray, loss: np.ndarray, fit: ChinchillaFit, *, fixed_E: float | None = None,
+    delta: float = HUBER_DELTA,
+) -> np.ndarray:  # fmt: skip
+    """Each run's loss predicted by the law refitted on the other runs (nan where those leave one model size or
+    one token count: the law cannot be fitted)."""
+    n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
+    weights = 1.0 - np.eye(len(n))
+    args = (np.log(n), np.log(d), np.log(loss))
+    free = free_mask(fixed_E)
+
+    def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, g = huber_objective_batched(x, *args, delta, weights[rows])
+        return f, g * free
+
+    ends, fs = batched_lbfgs(objective, np.tile(fit.raw, (len(n), 1)), max_iter=1000)
+    out = np.full(len(n), np.nan)
+    for i, (x, f) in enumerate(zip(ends, fs)):
+        others = np.arange(len(n)) != i
+        if np.isfinite(f) and len(np.unique(n[others])) >= 2 and len(np.unique(d[others])) >= 2:
+            out[i] = float(chinchilla_loss(n[i], d[i], params_from_raw(x)))
+    return out
+
+
+def leave_one_out_baseline(loss: np.ndarray) -> np.ndarray:
+    """The trivial prediction for each run when it is left out: the lowest loss among the others."""
+    loss = np.asarray(loss, dtype=float)
+    return np.array([np.min(np.delete(loss, i)) for i in range(len(loss))])
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    fitted: list[dict]
+    held_out: list[dict]
+
+
+def split_holdout(rows: list[dict], spec: Sequence[str], flops_key: str = "flops") -> HoldoutSplit:
+    """Rows to fit and rows to hold out: ``spec`` names runs, or is ``["top:K"]``, the K runs of largest compute
+    (``flops``, else 6·N·D)."""
+    if not spec:
+        return HoldoutSplit(list(rows), [])
+
+    def compute(r: dict) -> float:
+        c = r.get(flops_key)
+        c = float(c) if c not in (None, "") else float("nan")
+        return c if np.isfinite(c) else 6.0 * float(r["params"]) * float(r["tokens"])
+
+    if len(spec) == 1 and spec[0].startswith("top:"):
+        try:
+            k = int(spec[0][4:])
+        except ValueError:
+            raise UserError(f"--holdout {spec[0]}: expected top:K with K a whole number") from None
+        if not 1 <= k < len(rows):
+            raise UserError(
+                f"--holdout {spec[0]}: K must be between 1 and {len(rows) - 1} (there are {len(rows)} runs)"
+            )
+        order = sorted(range(len(rows)), key=lambda i: compute(rows[i]), reverse=True)
+        held = set(order[:k])
+    else:
+        names = [str(r.get("run", "")) for r in rows]
+        unknown = [s for s in spec if s not in names]
+        if unknown:
+            raise UserError(f"--holdout: no usable run named {', '.join(unknown)} (runs: {', '.join(names)})")
+        held = {i for i, name in enumerate(names) if name in spec}
+    return HoldoutSplit([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def fit_warnings(
+    params: dict[str, float], intervals: dict, n: np.ndarray, flops: np.ndarray, loss: np.ndarray,
+    *, fixed_E: float | None = None, loo: dict | None = None, holdout: dict | None = None,
+) -> list[str]:  # fmt: skip
+    """The warnings of a Chinchilla fit that are about its numbers (not its inputs)."""
+    out = []
+    if fixed_E is None and params["E"] < E_FLOOR_FRACTION * float(np.min(loss)):
+        out.append(
+            f"E={params['E']:.3g} is at its lower bound (0): the fit found no loss floor; the other constants absorb "
+            "it (fix E with --fix-E when the floor is known)"
+        )
+    for name in ("alpha", "beta"):
+        if params[name] < 0.02:
+            out.append(
+                f"{name}={params[name]:.3g} is at its lower bound (0): the loss does not follow a power law here"
+            )
+    for name in ("E", "A", "B"):
+        lo_hi = intervals.get(name)
+        if lo_hi and (lo_hi[0] <= 0 or lo_hi[1] / lo_hi[0] > INTERVAL_SPAN):
+            out.append(f"{name}'s 95% interval {lo_hi[0]:.3g}–{lo_hi[1]:.3g} spans more than {INTERVAL_SPAN:g}×")
+    sizes = len(np.unique(n))
+    budgets = len(np.unique(np.round(np.log10(flops), 2)))
+    if sizes < 3 or budgets < 3:
+        out.append(f"{sizes} model size(s) and {budgets} compute budget(s): a fit needs at least 3 of each")
+    for what, errors in (("leave-one-out", loo), ("held-out", holdout)):
+        if errors and errors.get("n") and errors["mean_rel_error"] > errors["baseline_mean_rel_error"]:
+            out.append(
+                f"{what} error {100 * errors['mean_rel_error']:.2f}% is worse than the trivial baseline's "
+                f"{100 * errors['baseline_mean_rel_error']:.2f}% (predict the lowest fitted loss)"
+            )
+    return out
+
+
+def extrapolation_warning(compute: float, largest: float) -> str | None:
+    """A warning when ``compute`` is more than 10× the largest fitted run's."""
+    if largest > 0 and compute > EXTRAPOLATION_FACTOR * largest:
+        return f"compute {compute:.3g} is {compute / largest:,.0f}× the largest run's FLOPs ({largest:.3g}): an extrapolation"
+    return None
+
+
+def predicted_loss_report(fit: dict, law: ChinchillaParams, params: float, tokens: float) -> str:
+    """``lmlab predict loss``: the predicted loss, its 95% interval over the fit's bootstrap refits, and a warning
+    when 6·N·D is beyond 10× the largest fitted run."""
+    line = f"{float(law.loss(params, tokens)):.6f}"
+    draws = [float(ChinchillaParams.from_dict(p).loss(params, tokens)) for p in fit.get("bootstrap_params", [])]
+    if draws:
+        lo, hi = np.percentile(draws, [2.5, 97.5])
+        line += f" (95% interval {lo:.6f}–{hi:.6f} over {len(draws)} bootstrap refits)"
+    warning = extrapolation_warning(6.0 * params * tokens, fit.get("data_range", {}).get("flops", [0.0, 0.0])[1])
+    return line + (f"\nwarning: {warning}" if warning else "")
