@@ -102,6 +102,7 @@ class Curve:
     steps: np.ndarray
     losses: np.ndarray
     warmup_steps: int = 0
+    model: str = ""  # the model the curve was trained with ("" unknown): one law's constants belong to one model
 
 
 def _curve_areas(curve: Curve, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -90,11 +90,15 @@ def fit_main(argv: list[str]) -> int:
         print(
             f"C={row['compute']:.3g}: N_opt={row['N_opt']:.4g} D_opt={row['D_opt']:.4g} D/N={row['tokens_per_param']:.1f}"
         )
-    for what, label in (("leave_one_out", "leave-one-out"), ("holdout", "held-out")):
+    curves = args.law == "annealing"  # left out one curve at a time, errors over its points
+    for what, label in (
+        ("leave_one_out", "leave-one-curve-out" if curves else "leave-one-out"),
+        ("holdout", "held-out"),
+    ):
         errors = res.get(what)
         if errors and errors.get("n"):
             print(
-                f"{label} error on {errors['n']} runs: mean {100 * errors['mean_rel_error']:.2f}%, max "
+                f"{label} error on {errors['n']} {'points' if curves else 'runs'}: mean {100 * errors['mean_rel_error']:.2f}%, max "
                 f"{100 * errors['max_rel_error']:.2f}% (trivial baseline, the lowest fitted loss: mean "
                 f"{100 * errors['baseline_mean_rel_error']:.2f}%)"
             )

@@ -9,7 +9,8 @@
 **CSV.** Columns ``curve, step, lr, loss``: ``step`` is the law's 0-based step index ``s`` and ``lr`` is ``η_s``;
 ``loss`` may be empty on rows that only give the LR. The schedule of each curve is the LR at every step
 ``0 … max step``, linearly interpolated between the given rows (give every step, or dense enough rows, for an exact
-schedule). Warmup is detected as the steps before the LR first reaches its maximum.
+schedule). Warmup is detected as the steps before the LR first reaches its maximum. An optional ``params`` column
+names each curve's model size (an annealing fit warns when its curves come from different models).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def curve_from_run(run_dir: Path) -> Curve:
     ]
     steps = np.array([p[0] for p in points], dtype=int)
     losses = np.array([p[1] for p in points], dtype=float)
-    return Curve(run_dir.name, lrs, steps, losses, cfg.schedule.warmup_steps)
+    m = cfg.model
+    model = f"d_model={m.d_model}, n_layers={m.n_layers}, n_heads={m.n_heads}, vocab={m.vocab_size}"
+    return Curve(run_dir.name, lrs, steps, losses, cfg.schedule.warmup_steps, model)
 
 
 def curves_from_dir(path: Path) -> tuple[list[Curve], dict[str, str]]:
@@ -88,6 +91,7 @@ def curves_from_csv(path: Path) -> list[Curve]:
                 np.array([p[0] for p in pts], dtype=int),
                 np.array([p[1] for p in pts], dtype=float),
                 detect_warmup(lrs),
+                str(items[0].get("params") or ""),
             )
         )
     return curves

@@ -1,4 +1,4 @@
-"""How far to trust a Chinchilla fit: errors on runs the fit did not see, beside a trivial baseline, and warnings.
+"""How far to trust a fit: errors on runs the fit did not see, beside a trivial baseline, and warnings.
 
 A law is worth its five parameters only if it predicts runs it was not fitted on better than doing nothing clever.
 Here, for a fit of ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1):
@@ -11,16 +11,22 @@ Here, for a fit of ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1):
 - **warnings** for what a reader must know before trusting the numbers: E at its lower bound (no floor found),
   exponents near 0, intervals spanning more than 10×, fewer than 3 model sizes or compute budgets, and
   predictions beyond 10× the largest run's compute.
+
+For an annealing fit (§2): leave-one-curve-out error beside the baseline "the schedule does not matter" (the other
+curves' mean loss at each step), and warnings for constants at their bound, loose intervals, curves of different
+models, and a single curve.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from lmlab.errors import UserError
+from lmlab.science.annealing import AnnealingParams, Curve, fit_annealing
 from lmlab.science.batched_lbfgs import batched_lbfgs
 from lmlab.science.chinchilla import (
     ChinchillaFit,
@@ -177,3 +183,70 @@ def predicted_loss_report(fit: dict, law: ChinchillaParams, params: float, token
         line += f" (95% interval {lo:.6f}–{hi:.6f} over {len(draws)} bootstrap refits)"
     warning = extrapolation_warning(6.0 * params * tokens, fit.get("data_range", {}).get("flops", [0.0, 0.0])[1])
     return line + (f"\nwarning: {warning}" if warning else "")
+
+
+# --------------------------------------------------------------------------- annealing
+
+
+def _after_warmup(curve: Curve) -> np.ndarray:
+    return curve.steps >= curve.warmup_steps
+
+
+def leave_one_curve_out(curves: Sequence[Curve], fit: AnnealingParams, lam: float) -> dict[str, Any]:
+    """Each curve's points (after warmup) predicted by the law refitted on the other curves, from the full fit's
+    constants, beside the trivial baseline "the schedule does not matter": at each step, the mean loss of the other
+    curves (interpolated). Pooled over every point of every curve; ``{"n": 0}`` with fewer than two curves."""
+    if len(curves) < 2:
+        return {"n": 0}
+    start = np.array([[fit.L0, fit.A, fit.C, fit.alpha]])
+    predicted, baseline, actual, per_curve = [], [], [], {}
+    for i, curve in enumerate(curves):
+        others = [c for j, c in enumerate(curves) if j != i]
+        keep = _after_warmup(curve)
+        steps, losses = curve.steps[keep], curve.losses[keep]
+        if not len(steps):
+            continue
+        try:
+            law = fit_annealing(others, lam=lam, grid=start).params
+        except UserError:  # the other curves hold fewer than 5 points
+            continue
+        pred = law.predict(curve.lrs, curve.warmup_steps, lam)[steps]
+        base = np.mean([np.interp(steps, c.steps, c.losses) for c in others], axis=0)
+        per_curve[curve.name] = float(relative_errors(pred, losses).mean())
+        predicted.append(pred)
+        baseline.append(base)
+        actual.append(losses)
+    if not actual:
+        return {"n": 0}
+    out: dict[str, Any] = error_summary(np.concatenate(predicted), np.concatenate(baseline), np.concatenate(actual))
+    out["per_curve"] = per_curve
+    return out
+
+
+def annealing_warnings(
+    params: dict[str, float], intervals: dict, curves: Sequence[Curve], loo: dict | None
+) -> list[str]:
+    """Constants at their bound (0), intervals spanning more than 10×, curves of different models, one curve, and a
+    law that predicts left-out curves worse than the trivial baseline."""
+    out = [f"{k}={v:.3g} is at its lower bound (0)" for k, v in params.items() if v <= 1e-8]
+    for name in ("L0", "A", "C"):
+        lo_hi = intervals.get(name)
+        if lo_hi and (lo_hi[0] <= 0 or lo_hi[1] / lo_hi[0] > INTERVAL_SPAN):
+            out.append(f"{name}'s 95% interval {lo_hi[0]:.3g}–{lo_hi[1]:.3g} spans more than {INTERVAL_SPAN:g}×")
+    models: dict[str, list[str]] = {}
+    for c in curves:
+        if c.model:
+            models.setdefault(c.model, []).append(c.name)
+    if len(models) > 1:
+        listed = "; ".join(f"{m}: {', '.join(names)}" for m, names in models.items())
+        out.append(
+            f"the curves come from {len(models)} different models ({listed}): one annealing law describes one model"
+        )
+    if len(curves) < 2:
+        out.append("one curve: the law's schedule terms are fitted on one schedule and cannot be checked on another")
+    if loo and loo.get("n") and loo["mean_rel_error"] > loo["baseline_mean_rel_error"]:
+        out.append(
+            f"leave-one-curve-out error {100 * loo['mean_rel_error']:.2f}% is worse than the trivial baseline's "
+            f"{100 * loo['baseline_mean_rel_error']:.2f}% (the other curves' mean loss at each step)"
+        )
+    return out

@@ -11,7 +11,8 @@ Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run
 
 Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
 ``fit_error``, ``n_points``, ``excluded`` (runs left out and why) and ``plot``. A Chinchilla fit adds
-``warnings``, ``leave_one_out`` and ``holdout`` errors beside the trivial baseline's, ``data_range`` and ``fixed_E``
+``warnings``, ``leave_one_out`` and ``holdout`` errors beside the trivial baseline's, ``data_range`` and ``fixed_E``;
+an annealing fit adds ``warnings``, the ``leave_one_out`` (one curve at a time) error and the curves' ``models``
 (:mod:`lmlab.science.fit_checks`).
 """
 
@@ -39,9 +40,11 @@ from lmlab.science.chinchilla import (
 )
 from lmlab.science.curves import load_curves
 from lmlab.science.fit_checks import (
+    annealing_warnings,
     error_summary,
     extrapolation_warning,
     fit_warnings,
+    leave_one_curve_out,
     leave_one_out_baseline,
     leave_one_out_predictions,
     split_holdout,
@@ -234,6 +237,7 @@ def fit_annealing_command(
             samples.append([p.L0, p.A, p.C, p.alpha])
         intervals = percentile_intervals(np.array(samples), ["L0", "A", "C", "alpha"])
     predicted = {c.name: fit.params.predict(c.lrs, c.warmup_steps, lam) for c in curves}
+    loo = leave_one_curve_out(curves, fit.params, lam)
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_annealing(out / PLOT_FILE, curves, fit.params, predicted)
     result = {
@@ -244,8 +248,11 @@ def fit_annealing_command(
         "intervals": intervals,
         "bootstrap_resamples": bootstrap,
         "fit_error": {"huber_objective": fit.objective, "max_abs_error": fit.max_abs_error},
+        "leave_one_out": loo,
+        "warnings": annealing_warnings(fit.params.to_dict(), intervals, curves, loo),
         "n_points": fit.n_points,
         "curves": [c.name for c in curves],
+        "models": {c.name: c.model for c in curves if c.model},
         "n_excluded": len(excluded),
         "excluded": excluded,
         "plot": PLOT_FILE,

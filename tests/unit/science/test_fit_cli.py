@@ -183,6 +183,39 @@ def test_fit_annealing_from_run_dirs(tmp_path):
     assert fit["curves"] == ["cos", "flat"]
     for k in ("L0", "A", "C", "alpha"):
         assert fit["params"][k] == pytest.approx(getattr(law, k), rel=1e-3), k
+    # noise-free curves of one law: each curve is predicted from the other almost exactly, far better than by
+    # "the schedule does not matter" (cosine ends below constant); one model, so no warning
+    loo = fit["leave_one_out"]
+    assert loo["n"] == 40 and set(loo["per_curve"]) == {"cos", "flat"}
+    assert loo["mean_rel_error"] < 1e-3 < loo["baseline_mean_rel_error"]
+    assert fit["warnings"] == [] and fit["models"]["cos"] == fit["models"]["flat"]
+    # a curve of another model joins: the fit says so
+    cfg = load_config(None, ["schedule.name=cosine", "schedule.warmup_steps=0", "schedule.min_lr_ratio=0.0",
+                             "optim.lr=2e-3", "train.steps=2000"])  # fmt: skip
+    pred = law.predict(np.array(lr_schedule(2000, 2e-3, cfg.schedule)))
+    _run_dir(sweep / "wide", 2e-3, "cosine", [(k, float(pred[k - 1]) + 0.3) for k in range(100, 2001, 100)])
+    config = (sweep / "wide" / "config.yaml").read_text().replace("d_model: 64", "d_model: 128")
+    (sweep / "wide" / "config.yaml").write_text(config)
+    assert main(["fit", "annealing", str(sweep), "--out", str(out), "--bootstrap", "0"]) == 0
+    fit = json.loads((out / "fit.json").read_text())
+    assert any(w.startswith("the curves come from 2 different models (d_model=64") for w in fit["warnings"])
+    assert fit["leave_one_out"]["n"] == 60
+
+
+def test_annealing_warnings_on_hand_made_numbers():
+    from lmlab.science.annealing import Curve
+    from lmlab.science.fit_checks import annealing_warnings
+
+    one = [Curve("a", np.ones(3), np.arange(3), np.ones(3))]
+    params = {"L0": 2.0, "A": 0.4, "C": 0.0, "alpha": 0.5}
+    loo = {"n": 10, "mean_rel_error": 0.02, "baseline_mean_rel_error": 0.01}
+    assert annealing_warnings(params, {"A": (0.01, 0.9)}, one, loo) == [
+        "C=0 is at its lower bound (0)",
+        "A's 95% interval 0.01–0.9 spans more than 10×",
+        "one curve: the law's schedule terms are fitted on one schedule and cannot be checked on another",
+        "leave-one-curve-out error 2.00% is worse than the trivial baseline's 1.00% (the other curves' mean loss at "
+        "each step)",
+    ]
 
 
 def test_fit_lr_horizon(tmp_path):
