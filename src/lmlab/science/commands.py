@@ -96,7 +96,13 @@ def fit_main(argv: list[str]) -> int:
         ("holdout", "held-out"),
     ):
         errors = res.get(what)
-        if errors and errors.get("n"):
+        if errors and errors.get("n") and "mean_abs_log_error" in errors:
+            print(
+                f"leave-one-out LR* on {errors['n']} sweeps: mean factor {np.exp(errors['mean_abs_log_error']):.3f}, "
+                f"max {errors['max_factor']:.3f} (a constant LR*: mean factor "
+                f"{np.exp(errors['baseline_mean_abs_log_error']):.3f})"
+            )
+        elif errors and errors.get("n"):
             print(
                 f"{label} error on {errors['n']} {'points' if curves else 'runs'}: mean {100 * errors['mean_rel_error']:.2f}%, max "
                 f"{100 * errors['max_rel_error']:.2f}% (trivial baseline, the lowest fitted loss: mean "

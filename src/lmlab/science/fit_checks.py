@@ -14,11 +14,13 @@ Here, for a fit of ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1):
 
 For an annealing fit (§2): leave-one-curve-out error beside the baseline "the schedule does not matter" (the other
 curves' mean loss at each step), and warnings for constants at their bound, loose intervals, curves of different
-models, and a single curve.
+models, and a single curve. For an LR-horizon fit (§3): leave-one-sweep-out error of LR* beside a constant LR*, and
+warnings for vertices outside their sweeps, fewer than 3 horizons and exponents whose interval includes 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,7 @@ from lmlab.science.chinchilla import (
     params_from_raw,
 )
 from lmlab.science.huber import HUBER_DELTA
+from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint
 
 #: E below this fraction of the lowest observed loss is "at its lower bound": the fit found no floor.
 E_FLOOR_FRACTION = 1e-3
@@ -248,5 +251,63 @@ def annealing_warnings(
         out.append(
             f"leave-one-curve-out error {100 * loo['mean_rel_error']:.2f}% is worse than the trivial baseline's "
             f"{100 * loo['baseline_mean_rel_error']:.2f}% (the other curves' mean loss at each step)"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- LR horizon
+
+
+def lr_leave_one_out(vertices: Sequence[dict], joint: bool) -> dict[str, Any]:
+    """Each sweep's LR* predicted by the LR*(N, D) law (``joint``) or the per-size LR*(D) law refitted without it,
+    beside the baseline "LR* does not move" (the geometric mean of the other LR* the law would use). Errors are
+    ``|ln(predicted / measured)|``; ``max_factor`` is the largest ratio either way."""
+    n = np.array([v["params"] for v in vertices], dtype=float)
+    d = np.array([v["tokens"] for v in vertices], dtype=float)
+    lr = np.array([v["lr_opt"] for v in vertices], dtype=float)
+    law_err, base_err = [], []
+    for i in range(len(vertices)):
+        others = np.arange(len(vertices)) != i
+        if not joint:
+            others &= n == n[i]
+        try:
+            if joint:
+                predicted = float(fit_lr_joint(n[others], d[others], lr[others]).lr(n[i], d[i]))
+            else:
+                predicted = float(fit_lr_horizon(d[others], lr[others]).lr(d[i]))
+        except UserError:  # too few sizes or horizons left
+            continue
+        law_err.append(abs(math.log(predicted / lr[i])))
+        base_err.append(abs(float(np.mean(np.log(lr[others]))) - math.log(lr[i])))
+    if not law_err:
+        return {"n": 0}
+    return {
+        "n": len(law_err),
+        "mean_abs_log_error": float(np.mean(law_err)),
+        "max_factor": float(math.exp(max(law_err))),
+        "baseline_mean_abs_log_error": float(np.mean(base_err)),
+        "baseline_max_factor": float(math.exp(max(base_err))),
+    }
+
+
+def lr_horizon_warnings(vertices: Sequence[dict], intervals: dict, loo: dict) -> list[str]:
+    """Vertices outside their swept LRs, fewer than 3 horizons, an exponent whose interval spans 0, and a law no
+    better than a constant LR*."""
+    out = [
+        f"LR* {v['lr_opt']:.3g} at params={v['params']:.3g}, tokens={v['tokens']:.3g} lies outside the swept LRs: "
+        "the parabola is extrapolated (widen that sweep)"
+        for v in vertices
+        if not v["inside"]
+    ]
+    horizons = len({v["tokens"] for v in vertices})
+    if horizons < 3:
+        out.append(f"{horizons} token horizon(s): a power law in D needs at least 3 to be checked")
+    for name, (lo, hi) in intervals.items():
+        if lo <= 0 <= hi:
+            out.append(f"{name}'s 95% interval {lo:.3g}–{hi:.3g} includes 0: the data do not say LR* moves")
+    if loo.get("n") and loo["mean_abs_log_error"] > loo["baseline_mean_abs_log_error"]:
+        out.append(
+            f"leave-one-out LR* error (mean factor {math.exp(loo['mean_abs_log_error']):.2f}) is worse than a constant "
+            f"LR*'s ({math.exp(loo['baseline_mean_abs_log_error']):.2f})"
         )
     return out

@@ -47,6 +47,8 @@ from lmlab.science.fit_checks import (
     leave_one_curve_out,
     leave_one_out_baseline,
     leave_one_out_predictions,
+    lr_horizon_warnings,
+    lr_leave_one_out,
     split_holdout,
 )
 from lmlab.science.isoflop import fit_isoflop
@@ -319,6 +321,7 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
                 continue
         names = ["alpha", "beta"] if joint is not None else ["beta"]
         intervals = percentile_intervals(np.array(samples), names)
+    loo = lr_leave_one_out(vertices, joint=joint is not None)
     out.mkdir(parents=True, exist_ok=True)
     plots.plot_lr_sweeps(out / PLOT_FILE, plot_groups)
     result = {
@@ -331,6 +334,8 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
         "fit_error": {
             "rmse_log": (joint or next(iter(per_size.values())))["rmse_log"],
         },
+        "leave_one_out": loo,
+        "warnings": lr_horizon_warnings(vertices, intervals, loo),
         "n_points": len(sel.rows),
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,

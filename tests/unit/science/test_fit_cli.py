@@ -234,6 +234,38 @@ def test_fit_lr_horizon(tmp_path):
     assert fit["params"]["joint"]["alpha"] == pytest.approx(0.2, abs=1e-6)
     assert fit["params"]["per_size"]["1e+07"]["beta"] == pytest.approx(0.32, abs=1e-6)
     assert len(fit["vertices"]) == 6 and list(fit["excluded"].values()) == ["diverged"]
+    # exact power-law LR*: every sweep's LR* is predicted from the other five to 1e-6, while a constant LR* is off
+    loo = fit["leave_one_out"]
+    assert loo["n"] == 6 and loo["max_factor"] == pytest.approx(1.0, abs=1e-6) and loo["baseline_max_factor"] > 2
+    assert fit["warnings"] == []
+
+
+def test_lr_horizon_warnings_and_leave_one_out_by_hand():
+    from lmlab.science.fit_checks import lr_horizon_warnings, lr_leave_one_out
+
+    def vertex(d, lr, inside=True):
+        return {"params": 1e7, "tokens": d, "lr_opt": lr, "inside": inside}
+
+    # LR* = D^-0.5 measured at D = 1, 100 and 1e4 (0.99 of it at 1e4): per size, each left out is predicted
+    vertices = [vertex(1.0, 1.0), vertex(100.0, 0.1), vertex(1e4, 0.0099, inside=False)]
+    loo = lr_leave_one_out(vertices, joint=False)
+    # left out D=1e4: the line through (1, 1) and (100, 0.1) predicts 0.01 -> |ln(0.01/0.0099)|; left out D=100:
+    # through (1, 1), (1e4, 0.0099) the prediction at 100 is sqrt(0.0099) -> |ln(sqrt(0.0099)/0.1)|; left out D=1:
+    # through (100, 0.1), (1e4, 0.0099) it is 0.1 * (0.1/0.0099) -> |ln(1.0101...)|
+    expected = [abs(math.log(0.1 * 0.1 / 0.0099)), abs(math.log(0.0099**0.5 / 0.1)), abs(math.log(0.01 / 0.0099))]
+    assert loo["mean_abs_log_error"] == pytest.approx(np.mean(expected), rel=1e-9)
+    base = [abs(math.log(1.0) - 0.5 * math.log(0.1 * 0.0099)), abs(math.log(0.1) - 0.5 * math.log(0.0099)),
+            abs(math.log(0.0099) - 0.5 * math.log(0.1))]  # fmt: skip
+    assert loo["baseline_mean_abs_log_error"] == pytest.approx(np.mean(base), rel=1e-9)
+    warnings = lr_horizon_warnings(vertices, {"beta": (-0.1, 0.6)}, loo)
+    assert warnings == [
+        "LR* 0.0099 at params=1e+07, tokens=1e+04 lies outside the swept LRs: the parabola is extrapolated (widen "
+        "that sweep)",
+        "beta's 95% interval -0.1–0.6 includes 0: the data do not say LR* moves",
+    ]
+    assert lr_horizon_warnings(vertices[:2], {}, {"n": 0}) == [
+        "2 token horizon(s): a power law in D needs at least 3 to be checked"
+    ]
 
 
 def test_fit_mixture(tmp_path):
