@@ -15,7 +15,9 @@ Here, for a fit of ``L(N, D) = E + A/N^α + B/D^β`` (docs/science.md §1):
 For an annealing fit (§2): leave-one-curve-out error beside the baseline "the schedule does not matter" (the other
 curves' mean loss at each step), and warnings for constants at their bound, loose intervals, curves of different
 models, and a single curve. For an LR-horizon fit (§3): leave-one-sweep-out error of LR* beside a constant LR*, and
-warnings for vertices outside their sweeps, fewer than 3 horizons and exponents whose interval includes 0.
+warnings for vertices outside their sweeps, fewer than 3 horizons and exponents whose interval includes 0. For a
+mixture fit (§4): per family, leave-one-out error beside "the sampling ratio does not matter", γ ≤ 0 and fewer
+than 3 ratios.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lmlab.science.chinchilla import (
 )
 from lmlab.science.huber import HUBER_DELTA
 from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint
+from lmlab.science.mixture import fit_gamma
 
 #: E below this fraction of the lowest observed loss is "at its lower bound": the fit found no floor.
 E_FLOOR_FRACTION = 1e-3
@@ -310,4 +313,42 @@ def lr_horizon_warnings(vertices: Sequence[dict], intervals: dict, loo: dict) ->
             f"leave-one-out LR* error (mean factor {math.exp(loo['mean_abs_log_error']):.2f}) is worse than a constant "
             f"LR*'s ({math.exp(loo['baseline_mean_abs_log_error']):.2f})"
         )
+    return out
+
+
+# --------------------------------------------------------------------------- mixture
+
+
+def mixture_leave_one_out(n: np.ndarray, d: np.ndarray, p: np.ndarray, loss: np.ndarray) -> dict[str, Any]:
+    """One family's runs each predicted by γ refitted without it (``L(N, D, 1)·p^-γ``), beside the baseline "the
+    sampling ratio does not matter" (the mean loss of the other runs at the same N and D)."""
+    predicted, baseline = np.full(len(loss), np.nan), np.full(len(loss), np.nan)
+    for i in range(len(loss)):
+        others = np.arange(len(loss)) != i
+        same = others & (n == n[i]) & (d == d[i])
+        if not same.any():
+            continue
+        try:
+            g = fit_gamma(n[others], d[others], p[others], loss[others])
+        except UserError:
+            continue
+        predicted[i] = math.exp(g.intercepts[(float(n[i]), float(d[i]))]) * p[i] ** (-g.gamma)
+        baseline[i] = float(np.mean(loss[same]))
+    return error_summary(predicted, baseline, loss)
+
+
+def mixture_warnings(per_family: dict[str, dict], ratios_per_family: dict[str, int]) -> list[str]:
+    """γ ≤ 0 (optimal ratios undefined), fewer than 3 sampling ratios, and a γ worse than a constant loss."""
+    out = []
+    for fam, info in per_family.items():
+        if info["gamma"] <= 0:
+            out.append(f"{fam}: gamma={info['gamma']:.3g} <= 0 (more of this family does not lower its loss)")
+        if ratios_per_family[fam] < 3:
+            out.append(f"{fam}: {ratios_per_family[fam]} sampling ratio(s): a power law in p needs at least 3")
+        loo = info.get("leave_one_out", {})
+        if loo.get("n") and loo["mean_rel_error"] > loo["baseline_mean_rel_error"]:
+            out.append(
+                f"{fam}: leave-one-out error {100 * loo['mean_rel_error']:.2f}% is worse than ignoring the ratio "
+                f"({100 * loo['baseline_mean_rel_error']:.2f}%)"
+            )
     return out

@@ -49,6 +49,8 @@ from lmlab.science.fit_checks import (
     leave_one_out_predictions,
     lr_horizon_warnings,
     lr_leave_one_out,
+    mixture_leave_one_out,
+    mixture_warnings,
     split_holdout,
 )
 from lmlab.science.isoflop import fit_isoflop
@@ -361,6 +363,9 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
         items = [r for r in sel.rows if r["family"] == fam]
         g = fit_gamma(column(items, "params"), column(items, "tokens"), column(items, "p"), column(items, "loss"))
         per_family[fam] = {"gamma": g.gamma, "rmse_log": g.rmse_log}
+        per_family[fam]["leave_one_out"] = mixture_leave_one_out(
+            column(items, "params"), column(items, "tokens"), column(items, "p"), column(items, "loss")
+        )
         key = next(iter(g.intercepts))
         first = [r for r in items if (r["params"], r["tokens"]) == key]
         plot_families.append(
@@ -389,6 +394,9 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
         "weights": dict(zip(families, w)),
         "intervals": {},
         "fit_error": {"rmse_log": max(v["rmse_log"] for v in per_family.values())},
+        "warnings": mixture_warnings(
+            per_family, {f: len({r["p"] for r in sel.rows if r["family"] == f}) for f in families}
+        ),
         "n_points": len(sel.rows),
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,

@@ -281,6 +281,28 @@ def test_fit_mixture(tmp_path):
     ratios = fit["optimal_ratios_normalised"]
     assert ratios["romance"] == pytest.approx(0.258621, abs=1e-6)
     assert ratios["slavic"] == pytest.approx(0.741379, abs=1e-6)
+    # exact power laws in p: each run is predicted from the other three, ignoring p is not
+    loo = fit["params"]["slavic"]["leave_one_out"]
+    assert loo["n"] == 4 and loo["max_rel_error"] < 1e-9 < 0.1 < loo["baseline_mean_rel_error"]
+    assert fit["warnings"] == []
+
+
+def test_mixture_leave_one_out_and_warnings_by_hand():
+    from lmlab.science.fit_checks import mixture_leave_one_out, mixture_warnings
+
+    n, d = np.full(3, 1e8), np.full(3, 1e9)
+    p, loss = np.array([0.25, 0.5, 1.0]), np.array([4.0, 2.0, 2.0])
+    loo = mixture_leave_one_out(n, d, p, loss)
+    # left out p=0.25: γ from (0.5, 2), (1, 2) is 0 -> 2 (error 0.5); left out p=0.5: through (0.25, 4), (1, 2)
+    # γ = 0.5 -> 2·0.5^-0.5 = 2.828 (error 0.414); left out p=1: through (0.25, 4), (0.5, 2) γ = 1 -> 1 (error 0.5)
+    assert loo["mean_rel_error"] == pytest.approx((0.5 + (2 * 2**0.5 - 2) / 2 + 0.5) / 3, rel=1e-9)
+    # ignoring p: the mean of the other two losses -> 2 (0.5), 3 (0.5), 3 (0.5)
+    assert loo["baseline_mean_rel_error"] == pytest.approx(0.5, rel=1e-9)
+    families = {"a": {"gamma": -0.1, "leave_one_out": loo}, "b": {"gamma": 0.2, "leave_one_out": {"n": 0}}}
+    assert mixture_warnings(families, {"a": 3, "b": 2}) == [
+        "a: gamma=-0.1 <= 0 (more of this family does not lower its loss)",
+        "b: 2 sampling ratio(s): a power law in p needs at least 3",
+    ]
 
 
 def test_collect_results_from_run_dirs(tmp_path):
