@@ -10,10 +10,10 @@ Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run
 - ``mixture``: columns ``family, params, tokens, p, loss`` (``p``: the family's sampling ratio); §4.
 
 Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
-``fit_error``, ``n_points``, ``excluded`` (runs left out and why) and ``plot``. A Chinchilla fit adds
-``warnings``, ``leave_one_out`` and ``holdout`` errors beside the trivial baseline's, ``data_range`` and ``fixed_E``;
-an annealing fit adds ``warnings``, the ``leave_one_out`` (one curve at a time) error and the curves' ``models``
-(:mod:`lmlab.science.fit_checks`).
+``fit_error``, ``n_points``, ``excluded`` (runs left out and why), ``plot``, and what says how far to trust it
+(:mod:`lmlab.science.fit_checks`): ``warnings``, ``leave_one_out`` errors beside a trivial baseline's (per family
+for a mixture fit, one curve at a time for an annealing fit) and the ``data_range`` it covers. A Chinchilla fit
+adds ``holdout`` errors (``--holdout``) and ``fixed_E``; an annealing fit the curves' ``models``.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def fit_chinchilla_command(
         "data_range": {
             name: [float(np.min(v)), float(np.max(v))]
             for name, v in (("params", n), ("tokens", d), ("flops", flops), ("loss", loss))
-        },
+        },  # of the fitted runs
         "fit_error": {"huber_objective": fit.objective, "rmse": fit.rmse},
         "n_points": fit.n_points,
         "n_starts": fit.n_starts,
@@ -257,6 +257,10 @@ def fit_annealing_command(
         "n_points": fit.n_points,
         "curves": [c.name for c in curves],
         "models": {c.name: c.model for c in curves if c.model},
+        "data_range": {
+            "steps": [int(min(c.steps.min() for c in curves)), int(max(c.steps.max() for c in curves))],
+            "loss": [float(min(c.losses.min() for c in curves)), float(max(c.losses.max() for c in curves))],
+        },
         "n_excluded": len(excluded),
         "excluded": excluded,
         "plot": PLOT_FILE,
@@ -338,6 +342,7 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
         },
         "leave_one_out": loo,
         "warnings": lr_horizon_warnings(vertices, intervals, loo),
+        "data_range": data_range(sel.rows, ("params", "tokens", "lr", "loss")),
         "n_points": len(sel.rows),
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,
@@ -394,6 +399,7 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
         "weights": dict(zip(families, w)),
         "intervals": {},
         "fit_error": {"rmse_log": max(v["rmse_log"] for v in per_family.values())},
+        "data_range": data_range(sel.rows, ("params", "tokens", "p", "loss")),
         "warnings": mixture_warnings(
             per_family, {f: len({r["p"] for r in sel.rows if r["family"] == f}) for f in families}
         ),
@@ -404,6 +410,11 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
     }
     write_fit(out, result)
     return result
+
+
+def data_range(rows: list[dict], columns: Sequence[str]) -> dict[str, list[float]]:
+    """``{column: [min, max]}`` over the fitted rows: the region where the law was fitted."""
+    return {c: [float(np.min(column(rows, c))), float(np.max(column(rows, c)))] for c in columns}
 
 
 def params_of(fit: dict[str, Any]) -> ChinchillaParams | AnnealingParams:

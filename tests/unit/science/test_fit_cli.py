@@ -189,6 +189,7 @@ def test_fit_annealing_from_run_dirs(tmp_path):
     assert loo["n"] == 40 and set(loo["per_curve"]) == {"cos", "flat"}
     assert loo["mean_rel_error"] < 1e-3 < loo["baseline_mean_rel_error"]
     assert fit["warnings"] == [] and fit["models"]["cos"] == fit["models"]["flat"]
+    assert fit["data_range"]["steps"] == [99, 1999]
     # a curve of another model joins: the fit says so
     cfg = load_config(None, ["schedule.name=cosine", "schedule.warmup_steps=0", "schedule.min_lr_ratio=0.0",
                              "optim.lr=2e-3", "train.steps=2000"])  # fmt: skip
@@ -237,6 +238,7 @@ def test_fit_lr_horizon(tmp_path):
     # exact power-law LR*: every sweep's LR* is predicted from the other five to 1e-6, while a constant LR* is off
     loo = fit["leave_one_out"]
     assert loo["n"] == 6 and loo["max_factor"] == pytest.approx(1.0, abs=1e-6) and loo["baseline_max_factor"] > 2
+    assert fit["data_range"]["tokens"] == [1e8, 1e10]
     assert fit["warnings"] == []
 
 
@@ -284,6 +286,7 @@ def test_fit_mixture(tmp_path):
     # exact power laws in p: each run is predicted from the other three, ignoring p is not
     loo = fit["params"]["slavic"]["leave_one_out"]
     assert loo["n"] == 4 and loo["max_rel_error"] < 1e-9 < 0.1 < loo["baseline_mean_rel_error"]
+    assert fit["data_range"]["p"] == [0.1, 0.9]
     assert fit["warnings"] == []
 
 
