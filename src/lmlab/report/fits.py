@@ -150,6 +150,13 @@ def fit_section(fit_dir: Path, root: Path) -> str:
     facts.update({f"fit_error.{k}": v for k, v in (fit.get("fit_error") or {}).items()})
     if facts:
         parts.append(table([facts]))
+    checks = [
+        {"check": name, **{k: v for k, v in (fit.get(key) or {}).items() if isinstance(v, (int, float))}}
+        for key, name in (("leave_one_out", "leave-one-out"), ("holdout", "held-out runs"))
+        if (fit.get(key) or {}).get("n")
+    ]
+    if checks:  # errors on runs the fit did not see, beside the trivial baseline's (lmlab.science.fit_checks)
+        parts.append("<h4>Errors on unseen runs</h4>" + table(checks))
     if fit.get("excluded"):
         parts.append("<p>Excluded: " + esc(", ".join(f"{k} ({v})" for k, v in fit["excluded"].items())) + "</p>")
     if fit.get("compute_optimal"):

@@ -56,6 +56,9 @@ def test_sweep_report(sweep):
         interval = html.escape(f"{lo:.5g} – {hi:.5g}")
         assert re.search(rf"<td class=text>{name}</td><td[^>]*>[^<]+</td><td class=text>{interval}</td>", text)
     assert "no confidence intervals" not in text
+    # the fit's errors on runs it did not see stand beside the trivial baseline's
+    assert "<h4>Errors on unseen runs</h4>" in text and "<td class=text>leave-one-out</td>" in text
+    assert "baseline_mean_rel_error" in text
     caps = captions(text)
     assert caps[0] == "final validation loss against training FLOPs (finished runs)"
     assert caps[-1] == "chinchilla fit: fit.png"
