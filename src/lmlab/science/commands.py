@@ -54,7 +54,8 @@ def fit_main(argv: list[str]) -> int:
         nargs="+",
         default=[],
         metavar="RUN",
-        help="chinchilla: runs left out of the fit and predicted (names, or top:K = the K largest by compute)",
+        help="runs left out of the fit and predicted: chinchilla run names or top:K (the K largest by compute); "
+        "annealing curve names",
     )
     p.add_argument("--fix-E", type=float, dest="fix_e", help="chinchilla: hold E at this value (a known loss floor)")
     p.add_argument("--momentum", type=float, default=0.999, help="annealing: S2 momentum lambda")
@@ -63,6 +64,8 @@ def fit_main(argv: list[str]) -> int:
     from lmlab.science import fits
 
     out = Path(args.out)
+    if args.holdout and args.law not in ("chinchilla", "annealing"):
+        raise UserError(f"--holdout applies to chinchilla and annealing fits, not {args.law}")
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
     if args.law == "chinchilla":
@@ -79,7 +82,9 @@ def fit_main(argv: list[str]) -> int:
             fixed_E=args.fix_e,
         )
     elif args.law == "annealing":
-        res = fits.fit_annealing_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed, lam=args.momentum)
+        res = fits.fit_annealing_command(
+            args.input, out, bootstrap=args.bootstrap, seed=args.seed, lam=args.momentum, holdout=args.holdout
+        )
     elif args.law == "lr-horizon":
         res = fits.fit_lr_horizon_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed)
     else:

@@ -198,35 +198,54 @@ def _after_warmup(curve: Curve) -> np.ndarray:
     return curve.steps >= curve.warmup_steps
 
 
-def leave_one_curve_out(curves: Sequence[Curve], fit: AnnealingParams, lam: float) -> dict[str, Any]:
-    """Each curve's points (after warmup) predicted by the law refitted on the other curves, from the full fit's
-    constants, beside the trivial baseline "the schedule does not matter": at each step, the mean loss of the other
-    curves (interpolated). Pooled over every point of every curve; ``{"n": 0}`` with fewer than two curves."""
-    if len(curves) < 2:
-        return {"n": 0}
-    start = np.array([[fit.L0, fit.A, fit.C, fit.alpha]])
+def curve_errors(law: AnnealingParams, curves: Sequence[Curve], seen: Sequence[Curve], lam: float) -> dict[str, Any]:
+    """``curves``' points (after warmup) predicted by ``law``, beside the trivial baseline "the schedule does not
+    matter": at each step, the mean loss of the ``seen`` curves (interpolated). Pooled over every point."""
     predicted, baseline, actual, per_curve = [], [], [], {}
-    for i, curve in enumerate(curves):
-        others = [c for j, c in enumerate(curves) if j != i]
+    for curve in curves:
         keep = _after_warmup(curve)
         steps, losses = curve.steps[keep], curve.losses[keep]
         if not len(steps):
             continue
-        try:
-            law = fit_annealing(others, lam=lam, grid=start).params
-        except UserError:  # the other curves hold fewer than 5 points
-            continue
         pred = law.predict(curve.lrs, curve.warmup_steps, lam)[steps]
-        base = np.mean([np.interp(steps, c.steps, c.losses) for c in others], axis=0)
-        per_curve[curve.name] = float(relative_errors(pred, losses).mean())
         predicted.append(pred)
-        baseline.append(base)
+        baseline.append(np.mean([np.interp(steps, c.steps, c.losses) for c in seen], axis=0))
         actual.append(losses)
+        per_curve[curve.name] = float(relative_errors(pred, losses).mean())
     if not actual:
         return {"n": 0}
     out: dict[str, Any] = error_summary(np.concatenate(predicted), np.concatenate(baseline), np.concatenate(actual))
     out["per_curve"] = per_curve
     return out
+
+
+def leave_one_curve_out(curves: Sequence[Curve], fit: AnnealingParams, lam: float) -> dict[str, Any]:
+    """Each curve predicted by the law refitted on the other curves (from the full fit's constants), beside the
+    baseline of :func:`curve_errors`; ``{"n": 0}`` with fewer than two curves."""
+    if len(curves) < 2:
+        return {"n": 0}
+    start = np.array([[fit.L0, fit.A, fit.C, fit.alpha]])
+    parts = []
+    for i, curve in enumerate(curves):
+        others = [c for j, c in enumerate(curves) if j != i]
+        try:
+            law = fit_annealing(others, lam=lam, grid=start).params
+        except UserError:  # the other curves hold fewer than 5 points
+            continue
+        parts.append(curve_errors(law, [curve], others, lam))
+    parts = [x for x in parts if x.get("n")]
+    if not parts:
+        return {"n": 0}
+    n = sum(x["n"] for x in parts)
+    mean = lambda key: sum(x[key] * x["n"] for x in parts) / n  # noqa: E731  (pooled over points)
+    return {
+        "n": n,
+        "mean_rel_error": mean("mean_rel_error"),
+        "max_rel_error": max(x["max_rel_error"] for x in parts),
+        "baseline_mean_rel_error": mean("baseline_mean_rel_error"),
+        "baseline_max_rel_error": max(x["baseline_max_rel_error"] for x in parts),
+        "per_curve": {k: v for x in parts for k, v in x["per_curve"].items()},
+    }
 
 
 def annealing_warnings(

@@ -41,6 +41,7 @@ from lmlab.science.chinchilla import (
 from lmlab.science.curves import load_curves
 from lmlab.science.fit_checks import (
     annealing_warnings,
+    curve_errors,
     error_summary,
     extrapolation_warning,
     fit_warnings,
@@ -220,9 +221,19 @@ def chinchilla_warnings(params: dict, intervals: dict, sel, flops: np.ndarray, c
 
 
 def fit_annealing_command(
-    source: str, out: Path, *, bootstrap: int, seed: int = 42, lam: float = MOMENTUM
+    source: str, out: Path, *, bootstrap: int, seed: int = 42, lam: float = MOMENTUM, holdout: Sequence[str] = ()
 ) -> dict[str, Any]:
+    """``holdout`` names curves left out of the fit and predicted from it (beside the trivial baseline)."""
     curves, excluded = load_curves(source)
+    unknown = [h for h in holdout if h not in {c.name for c in curves}]
+    if unknown:
+        raise UserError(
+            f"--holdout: no usable curve named {', '.join(unknown)} (curves: {', '.join(c.name for c in curves)})"
+        )
+    held_out = [c for c in curves if c.name in holdout]
+    curves = [c for c in curves if c.name not in holdout]
+    if not curves:
+        raise UserError("--holdout leaves no curve to fit")
     fit = fit_annealing(curves, lam=lam)
     intervals: dict = {}
     if bootstrap > 0:
@@ -253,6 +264,7 @@ def fit_annealing_command(
         "bootstrap_resamples": bootstrap,
         "fit_error": {"huber_objective": fit.objective, "max_abs_error": fit.max_abs_error},
         "leave_one_out": loo,
+        "holdout": curve_errors(fit.params, held_out, curves, lam) if held_out else None,
         "warnings": annealing_warnings(fit.params.to_dict(), intervals, curves, loo),
         "n_points": fit.n_points,
         "curves": [c.name for c in curves],

@@ -128,6 +128,19 @@ def test_fit_annealing_from_csv_and_predict_curve(tmp_path, capsys):
     assert data.shape == (20001, 3)
     assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "1e10"]) == 1
     assert "needs a chinchilla fit" in capsys.readouterr().err
+    # the constant curve held out: the law fitted on the cosine curve alone predicts it (noise-free data, but one
+    # schedule cannot pin down the annealing term: the error is reported, not asserted small)
+    held = tmp_path / "held"
+    assert main(["fit", "annealing", str(src), "--out", str(held), "--bootstrap", "0", "--holdout", "constant"]) == 0
+    printed = capsys.readouterr().out
+    fit = json.loads((held / "fit.json").read_text())
+    assert fit["curves"] == ["cosine"] and set(fit["holdout"]["per_curve"]) == {"constant"}
+    assert fit["holdout"]["n"] == 20 and "held-out error on 20 points" in printed
+    assert "warning: one curve" in printed
+    assert main(["fit", "annealing", str(src), "--out", str(held), "--holdout", "wsd"]) == 1
+    assert "no usable curve named wsd (curves: cosine, constant)" in capsys.readouterr().err
+    assert main(["fit", "mixture", str(src), "--out", str(held), "--holdout", "x"]) == 1
+    assert "--holdout applies to chinchilla and annealing fits, not mixture" in capsys.readouterr().err
 
 
 def _run_dir(path, lr, schedule, losses, status="finished"):
