@@ -3,8 +3,10 @@
 - ``lmlab fit {chinchilla,annealing,lr-horizon,mixture} INPUT --out DIR [--compute C ...] [--bootstrap N]``
   writes ``DIR/fit.json`` and ``DIR/fit.png`` (input formats: :mod:`lmlab.science.fits`).
 - ``lmlab predict curve FIT_DIR --schedule cosine|constant|wsd|multistep|rewarm --steps N --lr LR [...]`` prints
-  ``step,lr,loss`` from an annealing fit (schedule conventions: :mod:`lmlab.science.schedules`; ``--out`` writes
-  the CSV of every step); ``lmlab predict loss FIT_DIR --params N --tokens D`` evaluates a Chinchilla fit.
+  ``step,lr,loss`` from an annealing fit, with ``loss_lo,loss_hi`` (the 95% interval over the fit's bootstrap
+  refits) when it has them (schedule conventions: :mod:`lmlab.science.schedules`; ``--out`` writes the CSV of every
+  step); ``lmlab predict loss FIT_DIR --params N --tokens D`` evaluates a Chinchilla fit, with its interval and a
+  warning beyond 10× the fitted compute.
 - ``lmlab sweep SWEEP.yaml --out DIR [--jobs N] [--dry-run] [--tokens-per-s X]`` runs a sweep
   (:mod:`lmlab.science.sweep`); ``lmlab sweep results DIR`` (re)writes ``DIR/results.csv`` from its run dirs.
 """
@@ -141,7 +143,7 @@ def predict_main(argv: list[str]) -> int:
     c.add_argument("--restart", type=int, help="rewarm: step of the restart")
     c.add_argument("--rewarm-steps", type=int, default=0)
     c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
-    c.add_argument("--out", help="write step,lr,loss for every step to this CSV")
+    c.add_argument("--out", help="write step,lr,loss (,loss_lo,loss_hi) for every step to this CSV")
     lo = sub.add_parser("loss", help="loss at N params and D tokens from a Chinchilla fit (docs/science.md §1)")
     lo.add_argument("fit_dir")
     lo.add_argument("--params", type=float, required=True)
@@ -177,20 +179,27 @@ def predict_main(argv: list[str]) -> int:
         restart=args.restart,
         rewarm_steps=args.rewarm_steps,
     )
-    loss = law.predict(lrs, args.warmup, float(fit.get("momentum", 0.999)))
+    momentum = float(fit.get("momentum", 0.999))
+    loss = law.predict(lrs, args.warmup, momentum)
+    columns, header = [np.arange(len(lrs)), lrs, loss], "step,lr,loss"
+    draws = [AnnealingParams.from_dict(p).predict(lrs, args.warmup, momentum) for p in fit.get("bootstrap_params", [])]
+    if draws:  # the 95% interval of the prediction over the fit's bootstrap refits
+        columns += list(np.percentile(np.stack(draws), [2.5, 97.5], axis=0))
+        header += ",loss_lo,loss_hi"
+    table = np.stack(columns, axis=1)
     every = args.every or max(1, args.steps // 20)
     shown = sorted(set(range(max(args.warmup, every), len(lrs), every)) | {len(lrs) - 1})
-    print("step,lr,loss")
+    print(header)
     for s in shown:
-        print(f"{s},{lrs[s]:.6g},{loss[s]:.6f}")
+        print(",".join([f"{s}", f"{lrs[s]:.6g}", *(f"{v:.6f}" for v in table[s, 2:])]))
     if args.out:
         np.savetxt(
             args.out,
-            np.stack([np.arange(len(lrs)), lrs, loss], axis=1),
+            table,
             delimiter=",",
-            header="step,lr,loss",
+            header=header,
             comments="",
-            fmt=["%d", "%.8g", "%.8f"],
+            fmt=["%d", "%.8g"] + ["%.8f"] * (len(columns) - 2),
         )
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

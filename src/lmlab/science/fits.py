@@ -236,9 +236,9 @@ def fit_annealing_command(
         raise UserError("--holdout leaves no curve to fit")
     fit = fit_annealing(curves, lam=lam)
     intervals: dict = {}
+    samples: list[list[float]] = []
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
-        samples = []
         start = np.array([[fit.params.L0, fit.params.A, fit.params.C, fit.params.alpha]])
         for _ in range(bootstrap):
             resampled = []
@@ -261,6 +261,8 @@ def fit_annealing_command(
         "params": fit.params.to_dict(),
         "momentum": lam,
         "intervals": intervals,
+        # the refits themselves, so `lmlab predict curve` can give a prediction interval
+        "bootstrap_params": [dict(zip(("L0", "A", "C", "alpha"), map(float, x))) for x in samples][:MAX_DRAWS_SAVED],
         "bootstrap_resamples": bootstrap,
         "fit_error": {"huber_objective": fit.objective, "max_abs_error": fit.max_abs_error},
         "leave_one_out": loo,

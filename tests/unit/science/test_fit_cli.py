@@ -121,11 +121,12 @@ def test_fit_annealing_from_csv_and_predict_curve(tmp_path, capsys):
     args = ["predict", "curve", str(out), "--schedule", "wsd", "--steps", "20000", "--lr", "2e-4", "--warmup", "500"]
     assert main([*args, "--decay-fraction", "0.2", "--out", str(curve_csv)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "step,lr,loss"
-    last = lines[-1].split(",")
-    assert int(last[0]) == 20000 and float(last[2]) == pytest.approx(2.7782, abs=5e-3)
+    assert lines[0] == "step,lr,loss,loss_lo,loss_hi"  # with the 95% interval over the 5 bootstrap refits
+    last = [float(v) for v in lines[-1].split(",")]
+    assert int(last[0]) == 20000 and last[2] == pytest.approx(2.7782, abs=5e-3)
+    assert last[3] - 1e-4 <= last[2] <= last[4] + 1e-4 and last[4] - last[3] < 0.05
     data = np.loadtxt(curve_csv, delimiter=",", skiprows=1)
-    assert data.shape == (20001, 3)
+    assert data.shape == (20001, 5)
     assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "1e10"]) == 1
     assert "needs a chinchilla fit" in capsys.readouterr().err
     # the constant curve held out: the law fitted on the cosine curve alone predicts it (noise-free data, but one
