@@ -115,8 +115,10 @@ def split_holdout(rows: list[dict], spec: Sequence[str], flops_key: str = "flops
         return HoldoutSplit(list(rows), [])
 
     def compute(r: dict) -> float:
-        c = r.get(flops_key)
-        c = float(c) if c not in (None, "") else float("nan")
+        try:
+            c = float(r.get(flops_key))  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # missing or not a number: 6ND, as the fit itself counts it
+            c = float("nan")
         return c if np.isfinite(c) else 6.0 * float(r["params"]) * float(r["tokens"])
 
     if len(spec) == 1 and spec[0].startswith("top:"):

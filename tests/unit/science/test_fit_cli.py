@@ -466,3 +466,15 @@ def test_fit_warnings_on_hand_made_numbers():
         "2 model size(s) and 2 compute budget(s): a fit needs at least 3 of each",
         "leave-one-out error 5.00% is worse than the trivial baseline's 3.00% (predict the lowest fitted loss)",
     ]
+
+
+def test_holdout_top_k_counts_6nd_where_flops_are_missing():
+    from lmlab.science.fit_checks import split_holdout
+
+    rows = [
+        {"run": "a", "params": 1.0, "tokens": 1.0, "flops": "n/a"},  # 6ND = 6
+        {"run": "b", "params": 2.0, "tokens": 2.0, "flops": ""},  # 6ND = 24
+        {"run": "c", "params": 1.0, "tokens": 1.0, "flops": "10"},
+    ]
+    assert [r["run"] for r in split_holdout(rows, ["top:1"]).held_out] == ["b"]
+    assert [r["run"] for r in split_holdout(rows, ["top:2"]).fitted] == ["a"]
