@@ -147,7 +147,8 @@ def fit_warnings(
 ) -> list[str]:  # fmt: skip
     """The warnings of a Chinchilla fit that are about its numbers (not its inputs)."""
     out = []
-    if fixed_E is None and params["E"] < E_FLOOR_FRACTION * float(np.min(loss)):
+    e_at_bound = fixed_E is None and params["E"] < E_FLOOR_FRACTION * float(np.min(loss))
+    if e_at_bound:
         out.append(
             f"E={params['E']:.3g} is at its lower bound (0): the fit found no loss floor; the other constants absorb "
             "it (fix E with --fix-E when the floor is known)"
@@ -157,7 +158,7 @@ def fit_warnings(
             out.append(
                 f"{name}={params[name]:.3g} is at its lower bound (0): the loss does not follow a power law here"
             )
-    for name in ("E", "A", "B"):
+    for name in ("A", "B") if e_at_bound else ("E", "A", "B"):  # E at 0 was named above
         lo_hi = intervals.get(name)
         if lo_hi and (lo_hi[0] <= 0 or lo_hi[1] / lo_hi[0] > INTERVAL_SPAN):
             out.append(f"{name}'s 95% interval {lo_hi[0]:.3g}–{lo_hi[1]:.3g} spans more than {INTERVAL_SPAN:g}×")
