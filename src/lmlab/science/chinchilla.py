@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from lmlab.errors import UserError
-from lmlab.science.batched_lbfgs import batched_lbfgs
+from lmlab.science.batched_lbfgs import BatchedObjective, batched_lbfgs
 from lmlab.science.huber import HUBER_DELTA, huber, huber_grad
 
 # --------------------------------------------------------------------------- the law
@@ -245,6 +245,30 @@ def free_mask(fixed_E: float | None) -> np.ndarray:
     return mask
 
 
+def masked_objective(
+    args: tuple, delta: float, free: np.ndarray, weights: np.ndarray | None = None
+) -> BatchedObjective:
+    """The batched Huber objective on ``args = (log N, log D, log L)`` with ``weights[rows]`` per start (none: all
+    points once) and its gradient masked by ``free`` (:func:`free_mask`), for :func:`batched_lbfgs`."""
+
+    def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f, g = huber_objective_batched(x, *args, delta, None if weights is None else weights[rows])
+        return f, g * free
+
+    return objective
+
+
+def refit_weighted(
+    n: np.ndarray, d: np.ndarray, loss: np.ndarray, fit: ChinchillaFit, weights: np.ndarray, *,
+    fixed_E: float | None = None, delta: float = HUBER_DELTA,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Refits of ``fit`` with per-point ``weights`` (one row per refit: bootstrap multiplicities, leave-one-out
+    zeros), all from the full-data optimum in one batched L-BFGS; returns raw end points and objectives."""
+    args = (np.log(n), np.log(d), np.log(loss))
+    objective = masked_objective(args, delta, free_mask(fixed_E), weights)
+    return batched_lbfgs(objective, np.tile(fit.raw, (len(weights), 1)), max_iter=1000)
+
+
 def fit_chinchilla(
     n: Sequence[float] | np.ndarray,
     d: Sequence[float] | np.ndarray,
@@ -293,11 +317,7 @@ def fit_chinchilla(
         return f, g * free
 
     if method == "batched":
-
-        def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            f, g = huber_objective_batched(x, *args)
-            return f, g * free
-
+        objective = masked_objective(args[:3], delta, free)
         ends, fs = batched_lbfgs(objective, starts, max_iter=screen_iters)
         survivors = np.argsort(np.where(np.isfinite(fs), fs, np.inf), kind="stable")[:keep]
         ends, fs = batched_lbfgs(objective, ends[survivors])
@@ -359,15 +379,7 @@ def bootstrap_chinchilla_draws(
     counts = counts[ok]
     if len(counts) == 0:
         return np.empty((0, len(BOOTSTRAP_COLUMNS)))
-    args = (np.log(n), np.log(d), np.log(loss))
-    x0 = np.tile(fit.raw, (len(counts), 1))
-    free = free_mask(fixed_E)
-
-    def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, g = huber_objective_batched(x, *args, delta, counts[rows])
-        return f, g * free
-
-    ends, fs = batched_lbfgs(objective, x0, max_iter=1000)
+    ends, fs = refit_weighted(n, d, loss, fit, counts, fixed_E=fixed_E, delta=delta)
     samples = []
     for x, f in zip(ends, fs):
         if np.isfinite(f):

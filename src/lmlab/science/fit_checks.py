@@ -31,14 +31,12 @@ import numpy as np
 
 from lmlab.errors import UserError
 from lmlab.science.annealing import AnnealingParams, Curve, fit_annealing
-from lmlab.science.batched_lbfgs import batched_lbfgs
 from lmlab.science.chinchilla import (
     ChinchillaFit,
     ChinchillaParams,
     chinchilla_loss,
-    free_mask,
-    huber_objective_batched,
     params_from_raw,
+    refit_weighted,
 )
 from lmlab.science.huber import HUBER_DELTA
 from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint
@@ -79,15 +77,7 @@ def leave_one_out_predictions(
     """Each run's loss predicted by the law refitted on the other runs (nan where those leave one model size or
     one token count: the law cannot be fitted)."""
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
-    weights = 1.0 - np.eye(len(n))
-    args = (np.log(n), np.log(d), np.log(loss))
-    free = free_mask(fixed_E)
-
-    def objective(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        f, g = huber_objective_batched(x, *args, delta, weights[rows])
-        return f, g * free
-
-    ends, fs = batched_lbfgs(objective, np.tile(fit.raw, (len(n), 1)), max_iter=1000)
+    ends, fs = refit_weighted(n, d, loss, fit, 1.0 - np.eye(len(n)), fixed_E=fixed_E, delta=delta)
     out = np.full(len(n), np.nan)
     for i, (x, f) in enumerate(zip(ends, fs)):
         others = np.arange(len(n)) != i

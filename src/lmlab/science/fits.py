@@ -172,10 +172,7 @@ def fit_chinchilla_command(
         "leave_one_out": loo,
         "holdout": held,
         "fixed_E": fixed_E,
-        "data_range": {
-            name: [float(np.min(v)), float(np.max(v))]
-            for name, v in (("params", n), ("tokens", d), ("flops", flops), ("loss", loss))
-        },  # of the fitted runs
+        "data_range": data_range({"params": n, "tokens": d, "flops": flops, "loss": loss}),  # of the fitted runs
         "fit_error": {"huber_objective": fit.objective, "rmse": fit.rmse},
         "n_points": fit.n_points,
         "n_starts": fit.n_starts,
@@ -271,10 +268,9 @@ def fit_annealing_command(
         "n_points": fit.n_points,
         "curves": [c.name for c in curves],
         "models": {c.name: c.model for c in curves if c.model},
-        "data_range": {
-            "steps": [int(min(c.steps.min() for c in curves)), int(max(c.steps.max() for c in curves))],
-            "loss": [float(min(c.losses.min() for c in curves)), float(max(c.losses.max() for c in curves))],
-        },
+        "data_range": data_range(
+            {"steps": np.concatenate([c.steps for c in curves]), "loss": np.concatenate([c.losses for c in curves])}
+        ),
         "n_excluded": len(excluded),
         "excluded": excluded,
         "plot": PLOT_FILE,
@@ -356,7 +352,7 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
         },
         "leave_one_out": loo,
         "warnings": lr_horizon_warnings(vertices, intervals, loo),
-        "data_range": data_range(sel.rows, ("params", "tokens", "lr", "loss")),
+        "data_range": data_range({c: column(sel.rows, c) for c in ("params", "tokens", "lr", "loss")}),
         "n_points": len(sel.rows),
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,
@@ -413,7 +409,7 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
         "weights": dict(zip(families, w)),
         "intervals": {},
         "fit_error": {"rmse_log": max(v["rmse_log"] for v in per_family.values())},
-        "data_range": data_range(sel.rows, ("params", "tokens", "p", "loss")),
+        "data_range": data_range({c: column(sel.rows, c) for c in ("params", "tokens", "p", "loss")}),
         "warnings": mixture_warnings(
             per_family, {f: len({r["p"] for r in sel.rows if r["family"] == f}) for f in families}
         ),
@@ -426,9 +422,9 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
     return result
 
 
-def data_range(rows: list[dict], columns: Sequence[str]) -> dict[str, list[float]]:
-    """``{column: [min, max]}`` over the fitted rows: the region where the law was fitted."""
-    return {c: [float(np.min(column(rows, c))), float(np.max(column(rows, c)))] for c in columns}
+def data_range(values: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """``{name: [min, max]}`` of the fitted data: the region where the law was fitted."""
+    return {name: [float(np.min(v)), float(np.max(v))] for name, v in values.items()}
 
 
 def params_of(fit: dict[str, Any]) -> ChinchillaParams | AnnealingParams:

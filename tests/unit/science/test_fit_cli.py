@@ -388,11 +388,20 @@ def test_chinchilla_warnings_name_extrapolation_and_loose_exponents():
     ]
 
 
-def test_chinchilla_fit_reports_leave_one_out_and_held_out_errors_against_the_trivial_baseline(tmp_path, capsys):
+def chinchilla_fit(tmp_path, bootstrap: int) -> tuple[list[dict], object, list[str]]:
+    """The rows of :func:`chinchilla_rows` in a CSV, the fit's output directory and its ``lmlab fit`` arguments."""
     rows = chinchilla_rows()
     src = write_csv(tmp_path / "results.csv", rows)
     out = tmp_path / "fit"
-    args = ["fit", "chinchilla", str(src), "--out", str(out), "--bootstrap", "0", "--grid", "small"]
+    return (
+        rows,
+        out,
+        ["fit", "chinchilla", str(src), "--out", str(out), "--bootstrap", str(bootstrap), "--grid", "small"],
+    )
+
+
+def test_chinchilla_fit_reports_leave_one_out_and_held_out_errors_against_the_trivial_baseline(tmp_path, capsys):
+    rows, out, args = chinchilla_fit(tmp_path, bootstrap=0)
     assert main([*args, "--holdout", "top:6"]) == 0
     printed = capsys.readouterr().out
     fit = json.loads((out / "fit.json").read_text())
@@ -431,10 +440,7 @@ def test_leave_one_out_refits_equal_separate_fits():
 
 
 def test_fixed_E_is_held_and_a_garbage_fit_is_named(tmp_path, capsys):
-    rows = chinchilla_rows()
-    src = write_csv(tmp_path / "results.csv", rows)
-    out = tmp_path / "fit"
-    args = ["fit", "chinchilla", str(src), "--out", str(out), "--bootstrap", "20", "--grid", "small"]
+    rows, out, args = chinchilla_fit(tmp_path, bootstrap=20)
     assert main([*args, "--fix-E", "1.8172"]) == 0
     fit = json.loads((out / "fit.json").read_text())
     assert fit["params"]["E"] == pytest.approx(1.8172, rel=1e-12) and fit["fixed_E"] == 1.8172
