@@ -57,6 +57,16 @@ def world_documents(world: World, seed: int, n_docs: int | None, subset: str | N
     return world.documents_for(subset, seed, n_docs)
 
 
+def world_records(
+    world: World, seed: int, n_docs: int | None, subset: str | None = None
+) -> Iterator[tuple[str, float | None]]:
+    """``(text, −log p)`` of a world's documents: the −log-probability when the world knows it
+    (``documents_with_nll``, e.g. ``zipf_facts``), else None."""
+    if subset is None and hasattr(world, "documents_with_nll"):
+        return world.documents_with_nll(seed, n_docs)
+    return ((text, None) for text in world_documents(world, seed, n_docs, subset))
+
+
 def _tokenizer_settings(cfg: RunConfig) -> tuple[dict, TextTokenizer | None]:
     """The tokenizer's part of the cache key, and the tokenizer itself when it is loaded from a path."""
     t = cfg.tokenizer
@@ -116,7 +126,10 @@ def prepare_synthetic(cfg: RunConfig) -> tuple[Path, TextTokenizer]:
             split_digits=cfg.tokenizer.split_digits,
         )
     source = f"synthetic:{label}"
-    docs = (Document(text, source, i) for i, text in enumerate(world_documents(world, s.seed, s.n_docs, s.subset)))
+    docs = (
+        Document(text, source, i, nll=nll)
+        for i, (text, nll) in enumerate(world_records(world, s.seed, s.n_docs, s.subset))
+    )
     prepare_shards(
         docs,
         tok,

@@ -17,7 +17,10 @@ removed when the next preparation starts (``lmlab.data.tempdirs``). Each shard's
 SHA-256 and largest token id, which ``TokenShards.open`` checks.
 
 The manifest records the train split's unigram entropy H = -Σ_v p(v) log p(v) (nats/token), the
-loss of the best model that ignores context; a trained model's validation loss is compared to it.
+loss of the best model that ignores context; a trained model's validation loss is compared to it. When every
+document of a split carries its −log-probability under its generator (``Document.nll``; the ``zipf_facts``
+world), the split also records ``entropy_floor`` = Σ nll / Σ tokens, the Bayes-optimal loss, and the
+validation documents' values are saved in ``val_doc_nll.npy`` (``lmlab.eval.perplexity`` uses them).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -46,6 +50,7 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 64 * 2**20
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 MANIFEST = "manifest.json"
+VAL_DOC_NLL = "val_doc_nll.npy"  # per validation document −log p, when the generator knows it
 IfExists = Literal["refuse", "replace", "keep"]
 
 
@@ -97,6 +102,7 @@ class Document:
     source: str
     line: int | None = None
     split: Literal["train", "val"] | None = None  # forced (a validation file), else by hash of the index
+    nll: float | None = None  # −log p(document) in nats under its generator (a synthetic world that knows it)
 
 
 # --------------------------------------------------------------------------- reading
@@ -248,14 +254,19 @@ class _ShardWriter:
         self._in_shard = 0
         self._pending: list[np.ndarray] = []  # tokens not yet in ``counts`` (counted in batches)
         self._pending_len = 0
+        self.doc_nll: list[float] | None = []  # each document's −log p while every one has it, else None
 
     def _count(self) -> None:
         if self._pending:
             self.counts += np.bincount(np.concatenate(self._pending), minlength=len(self.counts))
             self._pending, self._pending_len = [], 0
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, nll: float | None = None) -> None:
         self.documents += 1
+        if nll is None:
+            self.doc_nll = None
+        elif self.doc_nll is not None:
+            self.doc_nll.append(float(nll))
         self._pending.append(tokens)
         self._pending_len += len(tokens)
         if self._pending_len >= 1 << 20:
@@ -291,12 +302,16 @@ class _ShardWriter:
     def summary(self) -> dict:
         self._count()
         tokens = int(sum(s["tokens"] for s in self.shards))
-        return {
+        out = {
             "shards": self.shards,
             "tokens": tokens,
             "documents": self.documents,
             "unigram_entropy": unigram_entropy(self.counts),
         }
+        if self.doc_nll and tokens:
+            # The Bayes-optimal model's loss on this split's documents, each seen from its start (EOS included).
+            out["entropy_floor"] = math.fsum(self.doc_nll) / tokens
+        return out
 
 
 # --------------------------------------------------------------------------- tokenizing in a pool
@@ -431,7 +446,7 @@ def _write(
     eos = tokenizer.eos_id
     writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens, vocab) for s in ("train", "val")}
     sources: dict[str, dict] = {}
-    held: np.ndarray | None = None  # the latest train document, written one step late (see below)
+    held: tuple[np.ndarray, float | None] | None = None  # the latest train document, written one step late
     n_docs = 0
     for index, (doc, ids) in enumerate(_encoded(documents, tokenizer, num_workers, chunk_docs)):
         n_docs += 1
@@ -442,11 +457,11 @@ def _write(
         src["documents"] += 1
         src["tokens"] += len(tokens)
         if doc.split == "val" or (doc.split is None and is_val_doc(seed, index, val_fraction)):
-            writers["val"].write(tokens)
+            writers["val"].write(tokens, doc.nll)
         else:
             if held is not None:
-                writers["train"].write(held)
-            held = tokens
+                writers["train"].write(*held)
+            held = (tokens, doc.nll)
     if n_docs == 0:
         raise DataError("no documents to prepare (the input is empty)")
     # At least one validation document when one is asked for: the last train document moves to val.
@@ -456,14 +471,16 @@ def _write(
                 f"only {n_docs} document(s): need at least 2 to make train and val splits (a .txt file is cut at "
                 "blank lines by default; data.txt_documents=chunks cuts one without them)"
             )
-        writers["val"].write(held)
+        writers["val"].write(*held)
     elif held is not None:
-        writers["train"].write(held)
+        writers["train"].write(*held)
     for w in writers.values():
         w.close()
     if writers["train"].documents == 0:
         raise DataError(f"all {n_docs} documents went to the validation split; lower val_fraction")
     splits = {s: w.summary() for s, w in writers.items()}
+    if "entropy_floor" in splits["val"]:  # per-document values, for the loss floor of any evaluation window
+        np.save(tmp / VAL_DOC_NLL, np.asarray(writers["val"].doc_nll, dtype=np.float64))
     for src in sources.values():
         src["sha256"] = (source_hashes or {}).get(src["path"])
     return {

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmlab.config import RunConfig
 from lmlab.data.mixture import build_mixture, prepare_mixture_data
 from lmlab.data.pipeline import prepare_run_data
+from lmlab.data.prepare import VAL_DOC_NLL
 from lmlab.data.sampler import WindowSampler, eval_batches
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import ConfigError
-from lmlab.eval.perplexity import evaluate_lm, evaluate_sources
+from lmlab.eval.perplexity import document_floor, evaluate_lm, evaluate_sources
 from lmlab.eval.samples import write_samples
 from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.recipes.distill import load_teacher
@@ -101,11 +103,21 @@ class PretrainRecipe:
             return batches, mixture_eval, None
         train, val = TokenShards.open(data_dir, "train"), TokenShards.open(data_dir, "val")
         sampler = WindowSampler(train, t.seq_len, seed, rank=ctx.rank, world_size=ctx.world_size)
+        manifest = load_manifest(data_dir)
+        eos, floor = None, None
+        if (data_dir / VAL_DOC_NLL).is_file():  # a generator with an exact entropy floor (zipf_facts)
+            eos = int(manifest["eos_id"])
+            doc_nll = np.load(data_dir / VAL_DOC_NLL)
+            floor = document_floor(val, doc_nll, seq_len=t.seq_len, budget_tokens=t.eval_tokens, eos_id=eos)
 
         def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-            return evaluate_lm(m, eval_batches(val, t.seq_len, t.micro_batch_size, t.eval_tokens), device)
+            batches = eval_batches(val, t.seq_len, t.micro_batch_size, t.eval_tokens)
+            out = evaluate_lm(m, batches, device, eos_id=eos)
+            if floor is not None:
+                out["val_floor"] = floor
+            return out
 
-        entropy = load_manifest(data_dir).get("splits", {}).get("train", {}).get("unigram_entropy")
+        entropy = manifest.get("splits", {}).get("train", {}).get("unigram_entropy")
         return LMBatches(sampler), eval_fn, entropy
 
     def finish(self, job: Job, trainer, result) -> None:

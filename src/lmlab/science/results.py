@@ -2,7 +2,8 @@
 
 A sweep directory holds one run directory per subdirectory (docs/CONTRACTS.md: ``config.yaml``,
 ``metrics.jsonl``, ``summary.json``). :func:`collect_results` turns each into one row with the columns
-:data:`BASE_COLUMNS` plus ``val_loss/<source>`` for every per-source validation loss of its last eval record:
+:data:`BASE_COLUMNS` plus ``val_loss/<source>`` for every per-source validation loss of its last eval record (and
+``val_loss_docs``, ``val_floor`` when the data has an exact entropy floor, ``lmlab.eval.perplexity``):
 
 - ``params``, ``non_embedding_params``, ``tokens``, ``flops``: from ``summary.json``;
 - ``loss``: ``summary.json``'s ``final_val_loss`` (if it is missing, the last eval record's ``val_loss`` when that
@@ -140,7 +141,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "curve": run_dir.name,
     }
     for key, value in last_eval.items():
-        if key.startswith("val_loss/"):
+        if key.startswith("val_loss/") or key in ("val_loss_docs", "val_floor"):
             row[key] = _float(value)
     return row
 
