@@ -320,13 +320,19 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """LR schedule: warmup, then constant / linear / cosine / WSD down to ``min_lr_ratio``·lr."""
+    """LR schedule: warmup, then constant / linear / cosine / WSD down to ``min_lr_ratio``·lr; ``power`` (the Power
+    scheduler, LR capped by a power law of the tokens seen) or ``rewarm`` (cosine, restart, re-warm, re-decay)."""
 
-    name: Literal["constant", "linear", "cosine", "wsd"] = "cosine"
+    name: Literal["constant", "linear", "cosine", "wsd", "power", "rewarm"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    decay_fraction: float = 0.2  # WSD: fraction of the steps spent decaying
-    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # WSD decay shape
+    decay_fraction: float = 0.2  # WSD and power: fraction of the steps spent decaying
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # WSD and power decay shape
+    power_a: float = 4.6  # power: LR = min(optim.lr, batch_sequences · a · tokens^b)
+    power_b: float = -0.51
+    restart_fraction: float = 0.5  # rewarm: where the first cosine ends, as a fraction of the steps
+    rewarm_steps: int = 0  # rewarm: linear re-warmup from the minimum back to restart_lr_ratio·lr
+    restart_lr_ratio: float = 1.0
 
     def validate(self) -> None:
         if self.warmup_steps < 0:
@@ -335,6 +341,15 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ConfigError(f"schedule.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        if not self.power_a > 0 or not self.power_b < 0:
+            raise ConfigError(
+                f"schedule.power_a={self.power_a} must be > 0 and schedule.power_b={self.power_b} < 0 (the LR falls "
+                "as a power of the tokens seen)"
+            )
+        if not 0.0 < self.restart_fraction < 1.0:
+            raise ConfigError(f"schedule.restart_fraction={self.restart_fraction} must be in (0, 1)")
+        if self.rewarm_steps < 0 or not self.restart_lr_ratio > 0:
+            raise ConfigError("schedule.rewarm_steps must be >= 0 and schedule.restart_lr_ratio > 0")
 
 
 @dataclass
@@ -699,6 +714,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if s.warmup_steps > t.steps:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={t.steps}]")
+    if s.name == "rewarm":
+        restart = round(s.restart_fraction * t.steps)
+        if not s.warmup_steps < restart < restart + s.rewarm_steps < t.steps - 1:
+            raise ConfigError(
+                f"schedule rewarm: the restart (step {restart} = restart_fraction·train.steps) must come after "
+                f"warmup_steps={s.warmup_steps}, and the re-warmup (rewarm_steps={s.rewarm_steps}) must end before "
+                f"the last step {t.steps - 1}"
+            )
     if cfg.adapter.enabled and not cfg.init_from and not cfg.unlearn.bench:  # unlearn: the benchmark's target
         raise ConfigError(
             f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen base model: set init_from to its run directory"

@@ -30,7 +30,12 @@ def curve_from_run(run_dir: Path) -> Curve:
     from lmlab.train.schedule import lr_schedule
 
     cfg = load_config(run_dir / "config.yaml")
-    lrs = np.array(lr_schedule(cfg.train.steps, cfg.optim.lr, cfg.schedule), dtype=float)
+    t = cfg.train
+    world_size = int((read_summary(run_dir) or {}).get("world_size") or 1)
+    sequences = t.micro_batch_size * t.grad_accum * world_size  # the power schedule depends on the global batch
+    lrs = np.array(
+        lr_schedule(t.steps, cfg.optim.lr, cfg.schedule, batch_sequences=sequences, seq_len=t.seq_len), dtype=float
+    )
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     points = [
         (int(r["step"]) - 1, float(r["val_loss"]))

@@ -217,7 +217,10 @@ class Trainer:
         GPU inside a step and can queue the next one; ``fit`` reads them only when it logs.
         """
         t = self.cfg.train
-        lr = lr_at(self.step, t.steps, self.cfg.optim.lr, self.cfg.schedule)
+        sequences = t.micro_batch_size * t.grad_accum * self.world_size()
+        lr = lr_at(
+            self.step, t.steps, self.cfg.optim.lr, self.cfg.schedule, batch_sequences=sequences, seq_len=t.seq_len
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group runs at its own peak
         self.model.train()
