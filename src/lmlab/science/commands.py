@@ -1,12 +1,13 @@
 """CLI entry points of the science commands: ``lmlab fit``, ``lmlab predict`` and ``lmlab sweep``.
 
-- ``lmlab fit {chinchilla,annealing,lr-horizon,mixture} INPUT --out DIR [--compute C ...] [--bootstrap N]``
+- ``lmlab fit {chinchilla,annealing,lr-horizon,mixture,step-law} INPUT --out DIR [--compute C ...] [--bootstrap N]``
   writes ``DIR/fit.json`` and ``DIR/fit.png`` (input formats: :mod:`lmlab.science.fits`).
 - ``lmlab predict curve FIT_DIR --schedule cosine|constant|wsd|multistep|rewarm --steps N --lr LR [...]`` prints
   ``step,lr,loss`` from an annealing fit, with ``loss_lo,loss_hi`` (the 95% interval over the fit's bootstrap
   refits) when it has them (schedule conventions: :mod:`lmlab.science.schedules`; ``--out`` writes the CSV of every
   step); ``lmlab predict loss FIT_DIR --params N --tokens D`` evaluates a Chinchilla fit, with its interval and a
-  warning beyond 10× the fitted compute.
+  warning beyond 10× the fitted compute; ``lmlab predict hparams [FIT_DIR] --params N --tokens D`` gives Step Law's
+  optimal LR and batch (the paper's constants, or a ``step-law`` fit's).
 - ``lmlab sweep SWEEP.yaml --out DIR [--jobs N] [--dry-run] [--tokens-per-s X]`` runs a sweep
   (:mod:`lmlab.science.sweep`); ``lmlab sweep results DIR`` (re)writes ``DIR/results.csv`` from its run dirs.
 """
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from lmlab.errors import UserError
+from lmlab.science.step_law import STEP_LAW, StepLaw
 
-LAWS = ("chinchilla", "annealing", "lr-horizon", "mixture")
+LAWS = ("chinchilla", "annealing", "lr-horizon", "mixture", "step-law")
 #: Default bootstrap resamples: enough for a rough 95% interval in seconds (Epoch used 4000; pass --bootstrap 4000).
 DEFAULT_BOOTSTRAP = 100
 
@@ -49,7 +51,9 @@ def fit_main(argv: list[str]) -> int:
         help="chinchilla: batched L-BFGS screen + polish (seconds) or scipy from every start (the literal §1.2 loop)",
     )
     p.add_argument(
-        "--params-column", default="params", help="chinchilla: column used as N (params or non_embedding_params)"
+        "--params-column",
+        help="chinchilla, step-law: column used as N (params or non_embedding_params; default params for chinchilla, "
+        "non_embedding_params for step-law, as each paper counts)",
     )
     p.add_argument(
         "--holdout",
@@ -78,7 +82,7 @@ def fit_main(argv: list[str]) -> int:
             bootstrap=args.bootstrap,
             seed=args.seed,
             grid=args.grid,
-            params_column=args.params_column,
+            params_column=args.params_column or "params",
             method=args.method,
             holdout=args.holdout,
             fixed_E=args.fix_e,
@@ -89,6 +93,14 @@ def fit_main(argv: list[str]) -> int:
         )
     elif args.law == "lr-horizon":
         res = fits.fit_lr_horizon_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed)
+    elif args.law == "step-law":
+        res = fits.fit_step_law_command(
+            args.input,
+            out,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            params_column=args.params_column or "non_embedding_params",
+        )
     else:
         res = fits.fit_mixture_command(args.input, out, weights=args.weights)
     print(f"{args.law} fit on {res['n_points']} points -> {out / fits.FIT_FILE}")
@@ -103,7 +115,13 @@ def fit_main(argv: list[str]) -> int:
         ("holdout", "held-out"),
     ):
         errors = res.get(what)
-        if errors and errors.get("n") and "mean_abs_log_error" in errors:
+        if errors and errors.get("n") and "lr_mean_factor" in errors:
+            print(
+                f"leave-one-out on {errors['n']} grids: LR* mean factor {errors['lr_mean_factor']:.3f}, batch* "
+                f"{errors['batch_mean_factor']:.3f} (constant hyperparameters: {errors['lr_base_mean_factor']:.3f}, "
+                f"{errors['batch_base_mean_factor']:.3f})"
+            )
+        elif errors and errors.get("n") and "mean_abs_log_error" in errors:
             print(
                 f"leave-one-out LR* on {errors['n']} sweeps: mean factor {np.exp(errors['mean_abs_log_error']):.3f}, "
                 f"max {errors['max_factor']:.3f} (a constant LR*: mean factor "
@@ -144,6 +162,13 @@ def predict_main(argv: list[str]) -> int:
     c.add_argument("--rewarm-steps", type=int, default=0)
     c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
     c.add_argument("--out", help="write step,lr,loss (,loss_lo,loss_hi) for every step to this CSV")
+    hp = sub.add_parser(
+        "hparams", help="optimal LR and batch size at N params and D tokens by Step Law (docs/science.md §26)"
+    )
+    hp.add_argument("fit_dir", nargs="?", help="a step-law fit (default: the paper's constants)")
+    hp.add_argument("--params", type=float, required=True, help="non-embedding parameters N")
+    hp.add_argument("--tokens", type=float, required=True, help="training tokens D")
+    hp.add_argument("--seq-len", type=int, help="also give the batch in sequences of this length")
     lo = sub.add_parser("loss", help="loss at N params and D tokens from a Chinchilla fit (docs/science.md §1)")
     lo.add_argument("fit_dir")
     lo.add_argument("--params", type=float, required=True)
@@ -155,6 +180,8 @@ def predict_main(argv: list[str]) -> int:
     from lmlab.science.fits import params_of, read_fit
     from lmlab.science.schedules import make_schedule
 
+    if args.what == "hparams":
+        return _predict_hparams(args, read_fit(args.fit_dir) if args.fit_dir else None)
     fit = read_fit(args.fit_dir)
     law = params_of(fit)
     if args.what == "loss":
@@ -202,6 +229,26 @@ def predict_main(argv: list[str]) -> int:
             fmt=["%d", "%.8g"] + ["%.8f"] * (len(columns) - 2),
         )
         print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _predict_hparams(args: argparse.Namespace, fit: dict | None) -> int:
+    """Step Law's optimal LR and batch: the paper's constants, or those of ``fit`` (a step-law fit.json)."""
+    if args.params <= 0 or args.tokens <= 0:
+        raise UserError("--params and --tokens must be positive")
+    if fit is not None:
+        if fit.get("law") != "step-law":
+            raise UserError(f"{args.fit_dir} holds a {fit.get('law')} fit; 'predict hparams' needs a step-law fit")
+        law, source = StepLaw(**fit["params"]), f"the fit in {args.fit_dir}"
+        n_range, d_range = (fit["data_range"].get(c) for c in (fit["params_column"], "tokens"))
+    else:
+        law, source, n_range, d_range = STEP_LAW, "Step Law (Li et al. 2025)", None, None
+    lr, batch = float(law.lr(args.params, args.tokens)), float(law.batch_tokens(args.params, args.tokens))
+    print(f"N={args.params:.4g} D={args.tokens:.4g} by {source}: lr*={lr:.4g}, batch*={batch:.4g} tokens", end="")
+    print(f" ({batch / args.seq_len:.1f} sequences of {args.seq_len})" if args.seq_len else "")
+    for name, value, span in (("N", args.params, n_range), ("D", args.tokens, d_range)):
+        if span and not span[0] / 10 <= value <= span[1] * 10:
+            print(f"warning: {name}={value:.3g} is more than 10x outside the fitted {span[0]:.3g}–{span[1]:.3g}")
     return 0
 
 

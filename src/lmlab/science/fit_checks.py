@@ -328,6 +328,30 @@ def lr_horizon_warnings(vertices: Sequence[dict], intervals: dict, loo: dict) ->
     return out
 
 
+def step_law_warnings(optima: Sequence, intervals: dict, loo: dict) -> list[str]:
+    """Grid optima on a grid's edge, fewer than 3 sizes or budgets, exponents whose interval spans 0, and a law no
+    better than constant hyperparameters."""
+    out = [
+        f"the optimum at N={o.params:.3g}, D={o.tokens:.3g} is the grid's best point, not a convex vertex inside "
+        "it: widen that grid"
+        for o in optima
+        if not o.inside
+    ]
+    for what, values in (("model sizes", {o.params for o in optima}), ("token budgets", {o.tokens for o in optima})):
+        if len(values) < 3:
+            out.append(f"{len(values)} {what}: a power law needs at least 3 to be checked")
+    for name, (lo, hi) in intervals.items():
+        if lo <= 0 <= hi:
+            out.append(f"{name}'s 95% interval {lo:.3g}–{hi:.3g} includes 0: the data do not fix that exponent")
+    for what in ("lr", "batch"):
+        if loo.get("n") and loo[f"{what}_mean_factor"] > loo[f"{what}_base_mean_factor"]:
+            out.append(
+                f"leave-one-out {what} error (mean factor {loo[f'{what}_mean_factor']:.2f}) is worse than holding it "
+                f"constant ({loo[f'{what}_base_mean_factor']:.2f})"
+            )
+    return out
+
+
 # --------------------------------------------------------------------------- mixture
 
 

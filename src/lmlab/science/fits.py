@@ -8,6 +8,8 @@ Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run
 - ``annealing``: a directory of runs or a ``curve, step, lr, loss`` CSV (:mod:`lmlab.science.curves`), §2.
 - ``lr-horizon``: columns ``params, tokens, lr, loss``; one LR sweep per (params, tokens); §3.
 - ``mixture``: columns ``family, params, tokens, p, loss`` (``p``: the family's sampling ratio); §4.
+- ``step-law``: columns ``non_embedding_params, tokens, lr, batch_tokens, loss``; one LR × batch grid per
+  (N, D); §26.
 
 Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
 ``fit_error``, ``n_points``, ``excluded`` (runs left out and why), ``plot``, and what says how far to trust it
@@ -53,11 +55,13 @@ from lmlab.science.fit_checks import (
     mixture_leave_one_out,
     mixture_warnings,
     split_holdout,
+    step_law_warnings,
 )
 from lmlab.science.isoflop import fit_isoflop
 from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, lr_vertex
 from lmlab.science.mixture import fit_gamma, optimal_ratios
 from lmlab.science.results import column, load_results, require_columns, usable_rows
+from lmlab.science.step_law import STEP_LAW, GridOptimum, fit_step_law, grid_optimum, step_law_leave_one_out
 
 FIT_FILE = "fit.json"
 MAX_DRAWS_SAVED = 500  # bootstrap refits kept in fit.json for the report's bands
@@ -353,6 +357,66 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
         "leave_one_out": loo,
         "warnings": lr_horizon_warnings(vertices, intervals, loo),
         "data_range": data_range({c: column(sel.rows, c) for c in ("params", "tokens", "lr", "loss")}),
+        "n_points": len(sel.rows),
+        "n_excluded": len(sel.excluded),
+        "excluded": sel.excluded,
+        "plot": PLOT_FILE,
+    }
+    write_fit(out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- Step Law
+
+
+def fit_step_law_command(
+    source: str, out: Path, *, bootstrap: int, seed: int = 42, params_column: str = "non_embedding_params"
+) -> dict[str, Any]:
+    """Grid optima per (N, D) from an LR × batch sweep, then the Step Law constants (docs/science.md §26)."""
+    columns = [params_column, "tokens", "lr", "batch_tokens", "loss"]
+    rows = load_results(source)
+    require_columns(rows, columns, source)
+    sel = usable_rows(rows, columns)
+    groups = _groups(sel.rows, (params_column, "tokens"))
+
+    def optima_of(grouped: dict[tuple, list[dict]]) -> list[GridOptimum]:
+        found = []
+        for (n, d), items in sorted(grouped.items()):
+            try:
+                found.append(grid_optimum(n, d, *(column(items, c) for c in ("lr", "batch_tokens", "loss"))))
+            except UserError as err:
+                raise UserError(f"{source}: grid at {params_column}={n:.4g}, tokens={d:.4g}: {err}") from None
+        return found
+
+    optima = optima_of(groups)
+    law = fit_step_law(optima)
+    intervals: dict = {}
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = []
+        for _ in range(bootstrap):
+            resampled = {k: [v[i] for i in rng.integers(0, len(v), len(v))] for k, v in groups.items()}
+            try:
+                refit = fit_step_law(optima_of(resampled))
+            except UserError:  # a resample with fewer than 3 distinct LRs or batches
+                continue
+            draws.append([refit.lr_n, refit.lr_d, refit.batch_d])
+        intervals = percentile_intervals(np.array(draws), ["lr_n", "lr_d", "batch_d"]) if draws else {}
+    loo = step_law_leave_one_out(optima)
+    out.mkdir(parents=True, exist_ok=True)
+    plots.plot_step_law(out / PLOT_FILE, optima, law)
+    result = {
+        "law": "step-law",
+        "input": str(source),
+        "params": law.to_dict(),
+        "paper_params": STEP_LAW.to_dict(),
+        "params_column": params_column,
+        "optima": [vars(o) for o in optima],
+        "intervals": intervals,
+        "bootstrap_resamples": bootstrap,
+        "leave_one_out": loo,
+        "warnings": step_law_warnings(optima, intervals, loo),
+        "data_range": data_range({c: column(sel.rows, c) for c in columns}),
         "n_points": len(sel.rows),
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,

@@ -103,6 +103,33 @@ def plot_lr_sweeps(path: Path, groups: list[dict]) -> Path:
     return path
 
 
+def plot_step_law(path: Path, optima: Sequence, law) -> Path:
+    """Measured grid optima (η*, B*) against the fitted Step Law's, one panel each (log-log, y = x dashed)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, measured, predicted, label in (
+        (axes[0], [o.lr_opt for o in optima], [law.lr(o.params, o.tokens) for o in optima], "learning rate η*"),
+        (
+            axes[1],
+            [o.batch_opt for o in optima],
+            [law.batch_tokens(o.params, o.tokens) for o in optima],
+            "batch B* (tokens)",
+        ),
+    ):
+        ax.plot(predicted, measured, "o", ms=5)
+        lo, hi = min(measured + predicted) / 1.3, max(measured + predicted) * 1.3
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"predicted {label}")
+        ax.set_ylabel(f"grid optimum {label}")
+    fig.suptitle("Step Law: grid optima vs the fitted law")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_mixture(path: Path, families: list[dict]) -> Path:
     """``families``: dicts with ``name``, ``p``, ``loss`` and ``gamma``, ``scale`` for the fitted ``scale·p^-γ``."""
     plt = pyplot()

@@ -9,6 +9,7 @@ A sweep directory holds one run directory per subdirectory (docs/CONTRACTS.md: `
 - ``loss``: ``summary.json``'s ``final_val_loss`` (if it is missing, the last eval record's ``val_loss`` when that
   record is at the run's final step);
 - ``lr``, ``schedule``, ``seed``: ``optim.lr``, ``schedule.name``, ``train.seed`` of ``config.yaml``;
+- ``batch_tokens``: tokens per optimizer update (``train.micro_batch_size × grad_accum × seq_len`` × ranks);
 - ``status``: the summary's own status (``finished``; ``diverged``, which the trainer writes for a NaN/inf loss;
   ``running`` for an interrupted run); ``diverged`` also for a "finished" run with an infinite loss, ``no final
   loss`` for one without a loss; ``missing`` when there is no ``summary.json``;
@@ -39,6 +40,7 @@ BASE_COLUMNS = [
     "flops",
     "loss",
     "lr",
+    "batch_tokens",
     "schedule",
     "seed",
     "status",
@@ -135,6 +137,7 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         "flops": _float(s.get("flops")),
         "loss": loss,
         "lr": _float(_get(config, "optim.lr")),
+        "batch_tokens": _batch_tokens(config, s),
         "schedule": _get(config, "schedule.name", ""),
         "seed": _get(config, "train.seed", ""),
         "status": status,
@@ -144,6 +147,12 @@ def run_row(run_dir: Path) -> dict[str, Any]:
         if key.startswith("val_loss/") or key in ("val_loss_docs", "val_floor"):
             row[key] = _float(value)
     return row
+
+
+def _batch_tokens(config: dict, summary: dict) -> float:
+    """Tokens per optimizer update: rows (micro-batch × accumulation × ranks) × ``train.seq_len``."""
+    parts = [_float(_get(config, f"train.{k}")) for k in ("micro_batch_size", "grad_accum", "seq_len")]
+    return math.prod(parts) * _float(summary.get("world_size", 1))
 
 
 def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:

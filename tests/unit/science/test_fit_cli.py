@@ -353,6 +353,7 @@ def test_collect_results_from_run_dirs(tmp_path):
         "flops",
         "loss",
         "lr",
+        "batch_tokens",
         "schedule",
         "seed",
         "status",
