@@ -200,6 +200,9 @@ class DataConfig:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     mixture: list[MixtureSourceConfig] = field(default_factory=list)
     mixture_temperature: float = 1.0  # sampling ratio p_i ∝ weight_i^(1/T)
+    mixture_temperature_end: float | None = None  # Cooldown: T moves linearly to this by the last step
+    mixture_by_size: bool = False  # weight_i × the source's training tokens (p_i ∝ n_i^(1/T))
+    mixture_balance: Literal["sample", "upweight"] = "sample"  # upweight: draw by size, weight the loss p_i/q_i
     files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)  # the validation split (else val_fraction of files)
     text_field: str = "text"
@@ -230,6 +233,14 @@ class DataConfig:
         self.synthetic.validate()
         if self.source == "mixture":
             self._validate_mixture()
+        else:
+            mixture_only = {
+                "mixture_temperature_end": self.mixture_temperature_end is not None,
+                "mixture_by_size": self.mixture_by_size,
+                "mixture_balance": self.mixture_balance != "sample",
+            }
+            for key in (k for k, is_set in mixture_only.items() if is_set):
+                raise ConfigError(f"data.{key} applies to data.source=mixture (this run's source is {self.source})")
 
     def _validate_mixture(self) -> None:
         if len(self.mixture) < 1:
@@ -246,6 +257,8 @@ class DataConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"data.mixture names must be unique, got {names}")
         _positive("data.mixture_temperature", self.mixture_temperature)
+        if self.mixture_temperature_end is not None:
+            _positive("data.mixture_temperature_end", self.mixture_temperature_end)
 
 
 @dataclass

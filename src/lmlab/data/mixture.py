@@ -15,11 +15,13 @@ import dataclasses
 import itertools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lmlab.config import RunConfig
 from lmlab.data import tempdirs
@@ -30,6 +32,9 @@ from lmlab.data.shards import TokenShards
 from lmlab.data.synthetic import get_world
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
+from lmlab.objectives.base import LossOutput
+
+LOSS_WEIGHTS = "loss_weights"  # the batch key of per-row loss weights (mixture_balance=upweight)
 
 
 def mixture_ratios(weights: list[float], temperature: float = 1.0) -> np.ndarray:
@@ -108,28 +113,87 @@ def prepare_mixture_data(cfg: RunConfig) -> tuple[dict[str, Path], TextTokenizer
     return dirs, tok
 
 
-class MixtureSampler:
-    """Rows from several ``WindowSampler``s in fixed ratios; ``next_batch(b)`` -> inputs, labels, source ids."""
+@dataclass(frozen=True)
+class MixturePlan:
+    """Target ratios over training and how rows are drawn (docs/science.md §4.5).
 
-    def __init__(self, samplers: dict, ratios: dict[str, float], *, rank: int = 0, world_size: int = 1):
+    The target after global row n is ``p(n) ∝ w^(1/T(n))``, with T moving linearly from ``temperature`` to
+    ``temperature_end`` over ``total_rows`` (Cooldown; constant without an end). ``balance="sample"`` draws rows
+    with p(n) (upsampling); ``"upweight"`` draws them with the sources' natural shares q (their sizes) and weights
+    each row's loss by p_i(n)/q_i, which has the same expected gradient (Wang et al. 2024, arXiv 2410.04579:
+    the two agree under full-batch descent, not under SGD).
+    """
+
+    weights: tuple[float, ...]
+    temperature: float = 1.0
+    temperature_end: float | None = None
+    total_rows: int = 0
+    balance: str = "sample"
+    natural: tuple[float, ...] = ()
+
+    @property
+    def scheduled(self) -> bool:
+        return self.temperature_end is not None and self.temperature_end != self.temperature
+
+    def target(self, row: int) -> np.ndarray:
+        """p(row): the ratios the mixture should have at global row ``row`` (0-based)."""
+        temperature = self.temperature
+        if self.scheduled:
+            frac = min(1.0, row / max(1, self.total_rows - 1))
+            temperature += (self.temperature_end - self.temperature) * frac
+        return mixture_ratios(list(self.weights), temperature)
+
+    def draw(self, row: int) -> np.ndarray:
+        """The ratios rows are drawn with at ``row``."""
+        return np.asarray(self.natural) if self.balance == "upweight" else self.target(row)
+
+    def loss_weight(self, source: int, row: int) -> float:
+        """The loss weight of a row of ``source`` drawn at ``row``: p_i/q_i when upweighting, else 1."""
+        if self.balance != "upweight":
+            return 1.0
+        return float(self.target(row)[source] / self.natural[source])
+
+
+class MixtureSampler:
+    """Rows from several ``WindowSampler``s in fixed ratios (or a ``MixturePlan``); ``next_batch(b)`` -> inputs,
+    labels, source ids (and, with an upweighting plan, the rows' loss weights)."""
+
+    def __init__(
+        self,
+        samplers: dict,
+        ratios: dict[str, float],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        plan: MixturePlan | None = None,
+    ):
         self.names = list(samplers)
         self.samplers = samplers
         self.ratios = np.array([ratios[n] for n in self.names], dtype=float)
         self.counts = np.zeros(len(self.names), dtype=np.int64)
+        self.targets = np.zeros(len(self.names), dtype=float)  # Σ of the draw ratios so far (changing ratios)
         self.rank = rank
         self.world_size = world_size
+        self.plan = plan
 
     def _assign(self, n: int) -> list[int]:
         """Source index of each of the next ``n`` global rows (smooth weighted round-robin)."""
         out = []
+        changing = self.plan is not None and (self.plan.scheduled or self.plan.balance == "upweight")
         for _ in range(n):
             total = int(self.counts.sum()) + 1
-            i = int(np.argmax(self.ratios * total - self.counts))
+            if changing:
+                self.targets += self.plan.draw(total - 1)
+                deficit = self.targets - self.counts
+            else:
+                deficit = self.ratios * total - self.counts
+            i = int(np.argmax(deficit))
             self.counts[i] += 1
             out.append(i)
         return out
 
-    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        first_row = int(self.counts.sum())
         sources = self._assign(batch_size * self.world_size)
         need = np.bincount(sources, minlength=len(self.names))
         drawn = {i: self.samplers[self.names[i]].next_batch(int(k)) for i, k in enumerate(need) if k > 0}
@@ -142,12 +206,16 @@ class MixtureSampler:
             taken[i] += 1
         mine = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
         src = torch.tensor(sources, dtype=torch.long)[mine]
-        return torch.stack(xs)[mine], torch.stack(ys)[mine], src
+        if self.plan is None or self.plan.balance != "upweight":
+            return torch.stack(xs)[mine], torch.stack(ys)[mine], src
+        weights = [self.plan.loss_weight(i, first_row + k) for k, i in enumerate(sources)]
+        return torch.stack(xs)[mine], torch.stack(ys)[mine], src, torch.tensor(weights, dtype=torch.float32)[mine]
 
     def state_dict(self) -> dict:
         return {
             "names": list(self.names),
             "counts": [int(c) for c in self.counts],
+            "targets": [float(t) for t in self.targets],
             "samplers": {n: s.state_dict() for n, s in self.samplers.items()},
         }
 
@@ -155,6 +223,7 @@ class MixtureSampler:
         if list(state["names"]) != self.names:
             raise DataError(f"the checkpoint's mixture sources {state['names']} differ from this run's {self.names}")
         self.counts = np.array(state["counts"], dtype=np.int64)
+        self.targets = np.array(state.get("targets", [0.0] * len(self.names)), dtype=float)
         for n, s in self.samplers.items():
             s.load_state_dict(state["samplers"][n])
 
@@ -166,8 +235,11 @@ class MixtureBatches:
         self.sampler = sampler
 
     def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        x, y, src = self.sampler.next_batch(batch_size)
-        return {"input_ids": x, "labels": y, "source_ids": src}
+        x, y, src, *weights = self.sampler.next_batch(batch_size)
+        batch = {"input_ids": x, "labels": y, "source_ids": src}
+        if weights:
+            batch[LOSS_WEIGHTS] = weights[0]
+        return batch
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -177,13 +249,45 @@ class MixtureBatches:
 
 
 def build_mixture(cfg: RunConfig, dirs: dict[str, Path], *, seed: int, rank: int = 0, world_size: int = 1):
-    """``(MixtureBatches, validation splits by source, ratios by source)`` for a prepared mixture."""
-    t = cfg.train
-    ratios = dict(zip(dirs, mixture_ratios([m.weight for m in cfg.data.mixture], cfg.data.mixture_temperature)))
+    """``(MixtureBatches, validation splits by source, target ratios by source at the end of training)``."""
+    t, d = cfg.train, cfg.data
+    train = {name: TokenShards.open(path, "train") for name, path in dirs.items()}
+    sizes = np.array([len(tokens) for tokens in train.values()], dtype=float)
+    weights = np.array([m.weight for m in d.mixture], dtype=float) * (sizes if d.mixture_by_size else 1.0)
+    total_rows = t.steps * t.micro_batch_size * t.grad_accum * world_size
+    plan = MixturePlan(
+        tuple(weights), d.mixture_temperature, d.mixture_temperature_end, total_rows, d.mixture_balance,
+        tuple(sizes / sizes.sum()),
+    )  # fmt: skip
+    ratios = dict(zip(dirs, plan.target(total_rows - 1)))
     samplers = {
-        name: WindowSampler(TokenShards.open(d, "train"), t.seq_len, seed + 7919 * i)
-        for i, (name, d) in enumerate(dirs.items())
+        name: WindowSampler(tokens, t.seq_len, seed + 7919 * i) for i, (name, tokens) in enumerate(train.items())
     }
-    batches = MixtureBatches(MixtureSampler(samplers, ratios, rank=rank, world_size=world_size))
-    val = {name: TokenShards.open(d, "val") for name, d in dirs.items()}
+    batches = MixtureBatches(MixtureSampler(samplers, ratios, rank=rank, world_size=world_size, plan=plan))
+    val = {name: TokenShards.open(path, "val") for name, path in dirs.items()}
     return batches, val, ratios
+
+
+def upweighted_loss(loss_fn: Callable[[nn.Module, dict], LossOutput]) -> Callable[[nn.Module, dict], LossOutput]:
+    """``loss_fn`` with each row's loss scaled by the batch's ``loss_weights`` (``mixture_balance=upweight``). Rows
+    of one source share a weight, so the loss runs once per source present; ``count`` and the metrics (plain
+    cross-entropy) stay unweighted, so logged losses remain comparable."""
+
+    def weighted(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if LOSS_WEIGHTS not in batch:
+            return loss_fn(model, batch)
+        weights, sources = batch[LOSS_WEIGHTS], batch["source_ids"]
+        total: LossOutput | None = None
+        for source in torch.unique(sources).tolist():
+            rows = sources == source
+            part = loss_fn(model, {k: v[rows] for k, v in batch.items() if k != LOSS_WEIGHTS})
+            scaled = LossOutput(part.loss_sum * weights[rows][0], part.count, part.metrics)
+            total = scaled if total is None else _add(total, scaled)
+        return total
+
+    return weighted
+
+
+def _add(a: LossOutput, b: LossOutput) -> LossOutput:
+    metrics = {k: a.metrics.get(k, 0) + b.metrics.get(k, 0) for k in a.metrics.keys() | b.metrics.keys()}
+    return LossOutput(a.loss_sum + b.loss_sum, a.count + b.count, metrics)

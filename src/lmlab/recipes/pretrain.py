@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from lmlab.config import RunConfig
-from lmlab.data.mixture import build_mixture, prepare_mixture_data
+from lmlab.data.mixture import build_mixture, prepare_mixture_data, upweighted_loss
 from lmlab.data.pipeline import prepare_run_data
 from lmlab.data.prepare import VAL_DOC_NLL
 from lmlab.data.sampler import WindowSampler, eval_batches
@@ -66,6 +66,9 @@ class PretrainRecipe:
                 )
             teacher = load_teacher(cfg.objective.distill.teacher, tokenizer, cfg.model.vocab_size, job.device)
         self.cfg, self.tokenizer = cfg, tokenizer
+        loss_fn = build_lm_loss(cfg.objective, teacher)
+        if cfg.data.source == "mixture" and cfg.data.mixture_balance == "upweight":
+            loss_fn = upweighted_loss(loss_fn)  # rows drawn by size, each source's loss weighted p_i/q_i
         t, world = cfg.train, job.ctx.world_size
         where = f"{world} processes ({job.ctx.strategy}, {job.ctx.backend})" if world > 1 else str(job.device)
         headline = (
@@ -79,7 +82,7 @@ class PretrainRecipe:
             cfg,
             model,
             batches,
-            build_lm_loss(cfg.objective, teacher),
+            loss_fn,
             tokenizer,
             eval_fn=eval_fn,
             summary={"unigram_entropy": entropy, "data_dir": str(data_dir)},
