@@ -203,6 +203,10 @@ class DataConfig:
     mixture_temperature_end: float | None = None  # Cooldown: T moves linearly to this by the last step
     mixture_by_size: bool = False  # weight_i × the source's training tokens (p_i ∝ n_i^(1/T))
     mixture_balance: Literal["sample", "upweight"] = "sample"  # upweight: draw by size, weight the loss p_i/q_i
+    # Continual pre-training: a share of rows from the parent's data (init_from's, or replay_dir), whose validation
+    # loss is logged as val_loss/parent; 0 tracks that loss without replaying. None: off.
+    replay_fraction: float | None = None
+    replay_dir: str | None = None  # a prepared data directory to replay (default: the init_from run's data)
     files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)  # the validation split (else val_fraction of files)
     text_field: str = "text"
@@ -231,6 +235,16 @@ class DataConfig:
         if self.source == "prepared" and not self.prepared_dir:
             raise ConfigError("data.source=prepared needs data.prepared_dir")
         self.synthetic.validate()
+        if self.replay_fraction is not None and not 0.0 <= self.replay_fraction < 1.0:
+            raise ConfigError(f"data.replay_fraction={self.replay_fraction} must be in [0, 1)")
+        if self.replay_dir and self.replay_fraction is None:
+            raise ConfigError(
+                "data.replay_dir is set but data.replay_fraction is not (0 only tracks the parent's loss)"
+            )
+        if self.source == "mixture" and self.replay_fraction is not None:
+            raise ConfigError(
+                "data.replay_fraction is for a single data source; with a mixture, add the old data as a source"
+            )
         if self.source == "mixture":
             self._validate_mixture()
         else:
@@ -735,6 +749,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                 f"warmup_steps={s.warmup_steps}, and the re-warmup (rewarm_steps={s.rewarm_steps}) must end before "
                 f"the last step {t.steps - 1}"
             )
+    if cfg.data.replay_fraction is not None and not (cfg.init_from or cfg.data.replay_dir):
+        raise ConfigError(
+            "data.replay_fraction replays the data of the run this one continues: set init_from (or data.replay_dir)"
+        )
     if cfg.adapter.enabled and not cfg.init_from and not cfg.unlearn.bench:  # unlearn: the benchmark's target
         raise ConfigError(
             f"adapter.kind={cfg.adapter.kind} trains adapters on a frozen base model: set init_from to its run directory"

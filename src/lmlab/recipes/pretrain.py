@@ -11,9 +11,16 @@ import numpy as np
 import torch
 
 from lmlab.config import RunConfig
-from lmlab.data.mixture import build_mixture, prepare_mixture_data, upweighted_loss
+from lmlab.data.mixture import (
+    MixtureBatches,
+    MixtureSampler,
+    build_mixture,
+    prepare_mixture_data,
+    upweighted_loss,
+)
 from lmlab.data.pipeline import prepare_run_data
 from lmlab.data.prepare import VAL_DOC_NLL
+from lmlab.data.replay import replay_data_dir
 from lmlab.data.sampler import WindowSampler, eval_batches
 from lmlab.data.shards import TokenShards, load_manifest
 from lmlab.errors import ConfigError
@@ -23,7 +30,7 @@ from lmlab.objectives.lm_objective import attach_objective_hooks, build_lm_loss
 from lmlab.recipes.distill import load_teacher
 from lmlab.recipes.launch import run_command
 from lmlab.train.engine import Job, Plan, execute, print_report
-from lmlab.train.pretrained import fit_vocabulary, inherit_from_init
+from lmlab.train.pretrained import fit_vocabulary, inherit_from_init, run_directory
 
 
 class LMBatches:
@@ -57,7 +64,7 @@ class PretrainRecipe:
         cfg = fit_vocabulary(cfg, tokenizer)
         model = job.start_model(cfg)
         attach_objective_hooks(model, cfg.objective, pad_id=None)
-        batches, eval_fn, entropy = self._data(cfg, data_dir, job)
+        batches, eval_fn, entropy = self._data(cfg, data_dir, job, tokenizer)
         teacher = None
         if cfg.objective.distill.teacher:
             if cfg.objective.distill.topk_cache > 0:
@@ -89,8 +96,9 @@ class PretrainRecipe:
             headline=headline,
         )
 
-    def _data(self, cfg: RunConfig, data_dir, job: Job):
-        """``(batches, eval_fn, unigram entropy)`` of a single corpus or a mixture."""
+    def _data(self, cfg: RunConfig, data_dir, job: Job, tokenizer):
+        """``(batches, eval_fn, unigram entropy)`` of a single corpus (with replay of the parent's data when
+        ``data.replay_fraction`` is set) or a mixture."""
         t, ctx, device = cfg.train, job.ctx, job.device
         seed = cfg.data.seed + cfg.train.seed
         if cfg.data.source == "mixture":
@@ -106,6 +114,22 @@ class PretrainRecipe:
             return batches, mixture_eval, None
         train, val = TokenShards.open(data_dir, "train"), TokenShards.open(data_dir, "val")
         sampler = WindowSampler(train, t.seq_len, seed, rank=ctx.rank, world_size=ctx.world_size)
+        batch_source: Any = LMBatches(sampler)
+        parent_val = None
+        fraction = cfg.data.replay_fraction
+        if fraction is not None:
+            parent = run_directory(cfg.init_from, "init_from run directory") if cfg.init_from else None
+            replay_dir = replay_data_dir(cfg, tokenizer, parent)
+            parent_val = TokenShards.open(replay_dir, "val")
+            if fraction > 0:
+                samplers = {
+                    "new": WindowSampler(train, t.seq_len, seed),
+                    "parent": WindowSampler(TokenShards.open(replay_dir, "train"), t.seq_len, seed + 7919),
+                }
+                ratios = {"new": 1.0 - fraction, "parent": fraction}
+                batch_source = MixtureBatches(
+                    MixtureSampler(samplers, ratios, rank=ctx.rank, world_size=ctx.world_size)
+                )
         manifest = load_manifest(data_dir)
         eos, floor = None, None
         if (data_dir / VAL_DOC_NLL).is_file():  # a generator with an exact entropy floor (zipf_facts)
@@ -118,10 +142,13 @@ class PretrainRecipe:
             out = evaluate_lm(m, batches, device, eos_id=eos)
             if floor is not None:
                 out["val_floor"] = floor
+            if parent_val is not None:  # the old domain's loss: forgetting and the stability gap
+                parent = eval_batches(parent_val, t.seq_len, t.micro_batch_size, t.eval_tokens)
+                out["val_loss/parent"] = evaluate_lm(m, parent, device)["val_loss"]
             return out
 
         entropy = manifest.get("splits", {}).get("train", {}).get("unigram_entropy")
-        return LMBatches(sampler), eval_fn, entropy
+        return batch_source, eval_fn, entropy
 
     def finish(self, job: Job, trainer, result) -> None:
         model = job.plain_model(trainer)
