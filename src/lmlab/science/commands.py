@@ -64,6 +64,11 @@ def fit_main(argv: list[str]) -> int:
         "annealing curve names",
     )
     p.add_argument("--fix-E", type=float, dest="fix_e", help="chinchilla: hold E at this value (a known loss floor)")
+    p.add_argument(
+        "--metric",
+        help="the loss to fit: a results column (default loss, the final validation loss) or, for annealing runs, "
+        "an eval record key (default val_loss); e.g. val_loss_docs on a world with an exact floor",
+    )
     p.add_argument("--momentum", type=float, default=0.999, help="annealing: S2 momentum lambda")
     p.add_argument("--weights", type=float, nargs="*", help="mixture: family weights (default equal)")
     args = p.parse_args(argv)
@@ -72,6 +77,8 @@ def fit_main(argv: list[str]) -> int:
     out = Path(args.out)
     if args.holdout and args.law not in ("chinchilla", "annealing"):
         raise UserError(f"--holdout applies to chinchilla and annealing fits, not {args.law}")
+    if args.metric and args.law == "mixture":
+        raise UserError("--metric does not apply to a mixture fit (it reads each family's loss column)")
     if args.bootstrap < 0:
         raise UserError("--bootstrap must be >= 0")
     if args.law == "chinchilla":
@@ -86,13 +93,22 @@ def fit_main(argv: list[str]) -> int:
             method=args.method,
             holdout=args.holdout,
             fixed_E=args.fix_e,
+            loss_column=args.metric or "loss",
         )
     elif args.law == "annealing":
         res = fits.fit_annealing_command(
-            args.input, out, bootstrap=args.bootstrap, seed=args.seed, lam=args.momentum, holdout=args.holdout
+            args.input,
+            out,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            lam=args.momentum,
+            holdout=args.holdout,
+            metric=args.metric or "val_loss",
         )
     elif args.law == "lr-horizon":
-        res = fits.fit_lr_horizon_command(args.input, out, bootstrap=args.bootstrap, seed=args.seed)
+        res = fits.fit_lr_horizon_command(
+            args.input, out, bootstrap=args.bootstrap, seed=args.seed, loss_column=args.metric or "loss"
+        )
     elif args.law == "step-law":
         res = fits.fit_step_law_command(
             args.input,
@@ -100,6 +116,7 @@ def fit_main(argv: list[str]) -> int:
             bootstrap=args.bootstrap,
             seed=args.seed,
             params_column=args.params_column or "non_embedding_params",
+            loss_column=args.metric or "loss",
         )
     else:
         res = fits.fit_mixture_command(args.input, out, weights=args.weights)

@@ -2,7 +2,7 @@
 
 **Run directories.** ``INPUT`` is a run directory or a directory of them. A run's schedule is rebuilt from its
 ``config.yaml`` with the trainer's own ``lmlab.train.schedule.lr_schedule``; its points are the ``eval`` records of
-``metrics.jsonl``. An eval record at ``step = k`` comes after updates ``0 … k−1``, so it is the law's ``s = k − 1``
+``metrics.jsonl`` (``val_loss``, or another of their losses such as ``val_loss_docs``). An eval record at ``step = k`` comes after updates ``0 … k−1``, so it is the law's ``s = k − 1``
 (``S1(s) = Σ_{i≤s} η_i``). Warmup is ``schedule.warmup_steps``. Runs whose ``summary.json`` is not ``finished``
 (interrupted or diverged) are excluded and named; non-finite losses are dropped.
 
@@ -25,7 +25,7 @@ from lmlab.science.annealing import Curve, detect_warmup
 from lmlab.science.results import is_run_dir, read_csv_rows, read_jsonl, read_summary, require_columns
 
 
-def curve_from_run(run_dir: Path) -> Curve:
+def curve_from_run(run_dir: Path, metric: str = "val_loss") -> Curve:
     from lmlab.config import load_config
     from lmlab.train.schedule import lr_schedule
 
@@ -38,9 +38,9 @@ def curve_from_run(run_dir: Path) -> Curve:
     )
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "eval"]
     points = [
-        (int(r["step"]) - 1, float(r["val_loss"]))
+        (int(r["step"]) - 1, float(r[metric]))
         for r in evals
-        if r.get("val_loss") is not None and math.isfinite(float(r["val_loss"])) and 1 <= int(r["step"]) <= len(lrs)
+        if r.get(metric) is not None and math.isfinite(float(r[metric])) and 1 <= int(r["step"]) <= len(lrs)
     ]
     steps = np.array([p[0] for p in points], dtype=int)
     losses = np.array([p[1] for p in points], dtype=float)
@@ -49,7 +49,7 @@ def curve_from_run(run_dir: Path) -> Curve:
     return Curve(run_dir.name, lrs, steps, losses, cfg.schedule.warmup_steps, model)
 
 
-def curves_from_dir(path: Path) -> tuple[list[Curve], dict[str, str]]:
+def curves_from_dir(path: Path, metric: str = "val_loss") -> tuple[list[Curve], dict[str, str]]:
     """Curves of a run directory or of every run directory under ``path``; returns (curves, excluded runs)."""
     run_dirs = [path] if (path / "config.yaml").is_file() else sorted(p for p in path.iterdir() if is_run_dir(p))
     curves, excluded = [], {}
@@ -59,9 +59,9 @@ def curves_from_dir(path: Path) -> tuple[list[Curve], dict[str, str]]:
         if status != "finished":
             excluded[rd.name] = status
             continue
-        curve = curve_from_run(rd)
+        curve = curve_from_run(rd, metric)
         if len(curve.steps) == 0:
-            excluded[rd.name] = "no finite eval losses"
+            excluded[rd.name] = f"no finite {metric} in its eval records"
             continue
         curves.append(curve)
     if not curves:
@@ -102,9 +102,10 @@ def curves_from_csv(path: Path) -> list[Curve]:
     return curves
 
 
-def load_curves(path: str | Path) -> tuple[list[Curve], dict[str, str]]:
-    """Curves from a directory of runs or a CSV, and the runs excluded (name -> reason)."""
+def load_curves(path: str | Path, metric: str = "val_loss") -> tuple[list[Curve], dict[str, str]]:
+    """Curves from a directory of runs (their eval records' ``metric``) or a CSV, and the runs excluded (name ->
+    reason)."""
     p = Path(path)
     if p.is_dir():
-        return curves_from_dir(p)
+        return curves_from_dir(p, metric)
     return curves_from_csv(p), {}

@@ -102,17 +102,19 @@ def fit_chinchilla_command(
     method: str = "batched",
     holdout: Sequence[str] = (),
     fixed_E: float | None = None,
+    loss_column: str = "loss",
 ) -> dict[str, Any]:
     """``params_column`` picks N: ``params`` (total, Chinchilla's convention) or ``non_embedding_params`` (Kaplan's).
 
     ``holdout`` (run names, or ``["top:K"]``) leaves runs out of the fit and reports the law's error on them beside
     the trivial baseline's; every fit also reports its leave-one-out error (:mod:`lmlab.science.fit_checks`).
-    ``fixed_E`` holds E at a known floor."""
+    ``fixed_E`` holds E at a known floor; ``loss_column`` picks the loss (``loss``, the final validation loss, or
+    e.g. ``val_loss_docs``, the loss on whole documents of a world with an exact floor)."""
     from lmlab.science.chinchilla import small_grid
 
     rows = load_results(source)
-    require_columns(rows, [params_column, "tokens", "loss"], source)
-    rows = [{**r, "params": r[params_column]} for r in rows]
+    require_columns(rows, [params_column, "tokens", loss_column], source)
+    rows = [{**r, "params": r[params_column], "loss": r[loss_column]} for r in rows]
     sel = usable_rows(rows, ["params", "tokens", "loss"])
     split = split_holdout(sel.rows, list(holdout))
     if len(split.fitted) < 6:
@@ -183,6 +185,7 @@ def fit_chinchilla_command(
         "compute_optimal": allocation,
         "isoflop": isoflop.to_dict() if isoflop else None,
         "params_column": params_column,
+        "loss_column": loss_column,
         "method": method,
         "n_excluded": len(sel.excluded),
         "excluded": sel.excluded,
@@ -222,10 +225,18 @@ def chinchilla_warnings(params: dict, intervals: dict, sel, flops: np.ndarray, c
 
 
 def fit_annealing_command(
-    source: str, out: Path, *, bootstrap: int, seed: int = 42, lam: float = MOMENTUM, holdout: Sequence[str] = ()
+    source: str,
+    out: Path,
+    *,
+    bootstrap: int,
+    seed: int = 42,
+    lam: float = MOMENTUM,
+    holdout: Sequence[str] = (),
+    metric: str = "val_loss",
 ) -> dict[str, Any]:
-    """``holdout`` names curves left out of the fit and predicted from it (beside the trivial baseline)."""
-    curves, excluded = load_curves(source)
+    """``holdout`` names curves left out of the fit and predicted from it (beside the trivial baseline); ``metric``
+    is the eval record's loss read from run directories (e.g. ``val_loss_docs``)."""
+    curves, excluded = load_curves(source, metric=metric)
     unknown = [h for h in holdout if h not in {c.name for c in curves}]
     if unknown:
         raise UserError(
@@ -293,9 +304,12 @@ def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
     return out
 
 
-def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int = 42) -> dict[str, Any]:
+def fit_lr_horizon_command(
+    source: str, out: Path, *, bootstrap: int, seed: int = 42, loss_column: str = "loss"
+) -> dict[str, Any]:
     rows = load_results(source)
-    require_columns(rows, ["params", "tokens", "lr", "loss"], source)
+    require_columns(rows, ["params", "tokens", "lr", loss_column], source)
+    rows = [{**r, "loss": r[loss_column]} for r in rows]
     # Diverged runs are part of an LR sweep's story but carry no loss: they are excluded from the parabola.
     sel = usable_rows(rows, ["params", "tokens", "lr", "loss"])
     groups = _groups(sel.rows, ("params", "tokens"))
@@ -370,12 +384,19 @@ def fit_lr_horizon_command(source: str, out: Path, *, bootstrap: int, seed: int 
 
 
 def fit_step_law_command(
-    source: str, out: Path, *, bootstrap: int, seed: int = 42, params_column: str = "non_embedding_params"
+    source: str,
+    out: Path,
+    *,
+    bootstrap: int,
+    seed: int = 42,
+    params_column: str = "non_embedding_params",
+    loss_column: str = "loss",
 ) -> dict[str, Any]:
     """Grid optima per (N, D) from an LR × batch sweep, then the Step Law constants (docs/science.md §26)."""
     columns = [params_column, "tokens", "lr", "batch_tokens", "loss"]
     rows = load_results(source)
-    require_columns(rows, columns, source)
+    require_columns(rows, [*columns[:-1], loss_column], source)
+    rows = [{**r, "loss": r[loss_column]} for r in rows]
     sel = usable_rows(rows, columns)
     groups = _groups(sel.rows, (params_column, "tokens"))
 

@@ -18,6 +18,7 @@ from lmlab.data.synthetic import get_world
 from lmlab.data.synthetic.zipf_facts import FactDocument, ZipfFactsWorld
 from lmlab.eval.perplexity import complete_document_mask, document_floor, evaluate_lm
 from lmlab.recipes.pretrain import run_pretraining
+from lmlab.science.curves import load_curves
 from lmlab.science.results import run_row
 
 from helpers import tiny_config
@@ -162,3 +163,5 @@ def test_a_run_on_the_world_logs_its_loss_on_whole_documents_and_the_floor(tmp_p
     assert 0.5 < evals[-1]["val_floor"] < evals[-1]["val_loss_docs"]  # nothing beats the Bayes-optimal model
     row = run_row(tmp_path / "run")
     assert row["val_loss_docs"] == evals[-1]["val_loss_docs"] and row["val_floor"] == evals[-1]["val_floor"]
+    (curve,), _ = load_curves(tmp_path / "run", metric="val_loss_docs")  # the annealing fit's points
+    assert curve.losses.tolist() == [r["val_loss_docs"] for r in evals]

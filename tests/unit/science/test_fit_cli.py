@@ -485,3 +485,19 @@ def test_holdout_top_k_counts_6nd_where_flops_are_missing():
     ]
     assert [r["run"] for r in split_holdout(rows, ["top:1"]).held_out] == ["b"]
     assert [r["run"] for r in split_holdout(rows, ["top:2"]).fitted] == ["a"]
+
+
+def test_fit_another_loss_column(tmp_path, capsys):
+    # a floor 0.1 nats lower: fitting val_loss_docs moves E by -0.1 and nothing else
+    rows = [{**r, "val_loss_docs": r["loss"] - 0.1} for r in chinchilla_rows(noise=0.0)]
+    path = write_csv(tmp_path / "runs.csv", rows)
+    for metric, out in ((None, "a"), ("val_loss_docs", "b")):
+        extra = ["--metric", metric] if metric else []
+        assert main(["fit", "chinchilla", str(path), "--out", str(tmp_path / out), "--bootstrap", "0", *extra]) == 0
+    a, b = (json.loads((tmp_path / d / "fit.json").read_text()) for d in "ab")
+    assert b["loss_column"] == "val_loss_docs" and a["loss_column"] == "loss"
+    assert b["params"]["E"] == pytest.approx(a["params"]["E"] - 0.1, abs=2e-3)
+    assert main(["fit", "chinchilla", str(path), "--out", str(tmp_path / "c"), "--metric", "nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["fit", "mixture", str(path), "--out", str(tmp_path / "d"), "--metric", "x"]) == 1
+    assert "does not apply to a mixture fit" in capsys.readouterr().err
