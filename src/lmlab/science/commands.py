@@ -70,6 +70,12 @@ def fit_main(argv: list[str]) -> int:
         "an eval record key (default val_loss); e.g. val_loss_docs on a world with an exact floor",
     )
     p.add_argument("--momentum", type=float, default=0.999, help="annealing: S2 momentum lambda")
+    p.add_argument(
+        "--vertex",
+        choices=("local", "global"),
+        default="local",
+        help="lr-horizon: LR* from a parabola through the 5 LRs around the best (with an interval) or the whole sweep",
+    )
     p.add_argument("--weights", type=float, nargs="*", help="mixture: family weights (default equal)")
     args = p.parse_args(argv)
     from lmlab.science import fits
@@ -107,7 +113,12 @@ def fit_main(argv: list[str]) -> int:
         )
     elif args.law == "lr-horizon":
         res = fits.fit_lr_horizon_command(
-            args.input, out, bootstrap=args.bootstrap, seed=args.seed, loss_column=args.metric or "loss"
+            args.input,
+            out,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            loss_column=args.metric or "loss",
+            vertex=args.vertex,
         )
     elif args.law == "step-law":
         res = fits.fit_step_law_command(

@@ -58,7 +58,7 @@ from lmlab.science.fit_checks import (
     step_law_warnings,
 )
 from lmlab.science.isoflop import fit_isoflop
-from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, lr_vertex
+from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, local_lr_vertex, lr_vertex
 from lmlab.science.mixture import fit_gamma, optimal_ratios
 from lmlab.science.results import column, load_results, require_columns, usable_rows
 from lmlab.science.step_law import STEP_LAW, GridOptimum, fit_step_law, grid_optimum, step_law_leave_one_out
@@ -305,8 +305,11 @@ def _groups(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
 
 
 def fit_lr_horizon_command(
-    source: str, out: Path, *, bootstrap: int, seed: int = 42, loss_column: str = "loss"
+    source: str, out: Path, *, bootstrap: int, seed: int = 42, loss_column: str = "loss", vertex: str = "local"
 ) -> dict[str, Any]:
+    """``vertex``: ``local`` (a parabola through the five LRs around the best, with its interval) or ``global``
+    (through the whole sweep)."""
+    find_vertex = local_lr_vertex if vertex == "local" else lr_vertex
     rows = load_results(source)
     require_columns(rows, ["params", "tokens", "lr", loss_column], source)
     rows = [{**r, "loss": r[loss_column]} for r in rows]
@@ -318,10 +321,13 @@ def fit_lr_horizon_command(
         lrs = [r["lr"] for r in items]
         losses = [r["loss"] for r in items]
         try:
-            v = lr_vertex(lrs, losses)
+            v = find_vertex(lrs, losses)
         except UserError as err:
             raise UserError(f"{source}: LR sweep at params={n:.4g}, tokens={d:.4g}: {err}") from None
-        vertices.append({"params": n, "tokens": d, "lr_opt": v.lr_opt, "loss_opt": v.loss_opt, "inside": v.inside})
+        vertices.append(
+            {"params": n, "tokens": d, "lr_opt": v.lr_opt, "loss_opt": v.loss_opt, "inside": v.inside,
+             "lr_interval": list(v.interval) if v.interval else None}
+        )  # fmt: skip
         plot_groups.append({"label": f"N={n:.3g} D={d:.3g}", "lrs": lrs, "losses": losses, "vertex": v})
     per_size: dict[str, Any] = {}
     for n in sorted({v["params"] for v in vertices}):
@@ -344,7 +350,9 @@ def fit_lr_horizon_command(
                 vs = []
                 for (n, d), items in groups.items():
                     idx = rng.integers(0, len(items), len(items))
-                    vs.append((n, d, lr_vertex([items[i]["lr"] for i in idx], [items[i]["loss"] for i in idx]).lr_opt))
+                    vs.append(
+                        (n, d, find_vertex([items[i]["lr"] for i in idx], [items[i]["loss"] for i in idx]).lr_opt)
+                    )
                 ns, ds, lr = zip(*vs)
                 if joint is not None:
                     j = fit_lr_joint(ns, ds, lr)
@@ -362,6 +370,7 @@ def fit_lr_horizon_command(
         "law": "lr-horizon",
         "input": str(source),
         "params": {"per_size": per_size, "joint": joint},
+        "vertex": vertex,
         "vertices": vertices,
         "intervals": intervals,
         "bootstrap_resamples": bootstrap,

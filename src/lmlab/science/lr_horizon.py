@@ -2,6 +2,8 @@
 
 - :func:`lr_vertex`: per (N, D), the final loss over a peak-LR sweep is fitted by a quadratic in ``log LR``; its
   vertex is LR* (the paper's Fig. 1 dashed lines; the procedure is marked *unverified* in §3).
+- :func:`local_lr_vertex`: the same on the five swept LRs around the best one only, with a 95% interval (the
+  default of ``lmlab fit lr-horizon``: the whole-sweep parabola is biased by the sweep's far ends).
 - :func:`fit_lr_horizon`: ``LR*(D) = B·D^-beta`` by least squares in log space (paper joint fit: beta ≈ 0.32).
 - :func:`fit_lr_joint`: ``LR*(N, D) = C·N^-alpha·D^-beta`` (*secondary* form; the published C is unverified
   and deliberately not provided here).
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from lmlab.errors import UserError
 
@@ -24,12 +27,15 @@ BETA_PAPER = 0.32
 
 @dataclass
 class LrVertex:
-    """The vertex of ``loss = c2·x² + c1·x + c0`` with ``x = ln LR``."""
+    """The vertex of ``loss = c2·x² + c1·x + c0`` with ``x = ln LR``; a local vertex adds its 95% interval and the
+    LRs it was fitted on."""
 
     lr_opt: float
     loss_opt: float
     coeffs: tuple[float, float, float]
     inside: bool  # the vertex lies within the swept LR range
+    interval: tuple[float, float] | None = None
+    window: tuple[float, float] | None = None
 
 
 def lr_vertex(lrs: Sequence[float], losses: Sequence[float]) -> LrVertex:
@@ -53,6 +59,54 @@ def lr_vertex(lrs: Sequence[float], losses: Sequence[float]) -> LrVertex:
         loss_opt=float(c0 - c1 * c1 / (4.0 * c2)),
         coeffs=(float(c2), float(c1), float(c0)),
         inside=bool(x.min() <= xv <= x.max()),
+    )
+
+
+def local_lr_vertex(lrs: Sequence[float], losses: Sequence[float], *, half_width: int = 2) -> LrVertex:
+    """LR* from the points near the best LR only: the quadratic in ``ln LR`` through every run (seeds included) at
+    the ``2·half_width + 1`` swept LRs centred on the one with the lowest mean loss (shifted inwards at an edge).
+
+    A parabola through the whole sweep is pulled by the far, asymmetric flanks (divergence on the right, slow
+    training on the left), so its vertex is biased; near the optimum the loss is close to quadratic. The 95%
+    interval of ln LR* is the delta-method standard error of ``−c1/(2·c2)`` from the least-squares covariance,
+    times Student's t at the residual degrees of freedom (the flat-bottom case gives a wide interval, as it
+    should). Non-finite losses are dropped; fewer than 3 LRs, or no minimum, are ``UserError``.
+    """
+    x_all = np.log(np.asarray(lrs, dtype=float))
+    y_all = np.asarray(losses, dtype=float)
+    ok = np.isfinite(x_all) & np.isfinite(y_all)
+    x_all, y_all = x_all[ok], y_all[ok]
+    grid = np.unique(x_all)
+    if len(grid) < 3:
+        raise UserError(f"finding LR* needs at least 3 distinct learning rates with finite losses, got {len(grid)}")
+    means = np.array([y_all[x_all == g].mean() for g in grid])
+    best = int(np.argmin(means))
+    lo = min(max(0, best - half_width), max(0, len(grid) - (2 * half_width + 1)))
+    window = grid[lo : lo + 2 * half_width + 1]
+    take = np.isin(x_all, window)
+    x, y = x_all[take], y_all[take]
+    design = np.stack([x * x, x, np.ones_like(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    c2, c1, c0 = (float(c) for c in coef)
+    if c2 <= 0:
+        raise UserError("the loss-vs-log(LR) parabola near the best LR has no minimum; sweep finer around it")
+    xv = -c1 / (2.0 * c2)
+    dof = len(x) - 3
+    interval = None
+    if dof > 0:
+        sigma2 = float(np.sum((design @ coef - y) ** 2)) / dof
+        cov = sigma2 * np.linalg.pinv(design.T @ design)  # of (c2, c1, c0)
+        grad = np.array([c1 / (2.0 * c2 * c2), -1.0 / (2.0 * c2), 0.0])  # of xv = −c1/(2 c2)
+        se = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+        t = float(stats.t.ppf(0.975, dof))
+        interval = (math.exp(xv - t * se), math.exp(xv + t * se))
+    return LrVertex(
+        lr_opt=float(math.exp(xv)),
+        loss_opt=float(c0 - c1 * c1 / (4.0 * c2)),
+        coeffs=(c2, c1, c0),
+        inside=bool(window.min() <= xv <= window.max()),
+        interval=interval,
+        window=(float(math.exp(window.min())), float(math.exp(window.max()))),
     )
 
 

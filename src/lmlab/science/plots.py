@@ -88,7 +88,8 @@ def plot_lr_sweeps(path: Path, groups: list[dict]) -> Path:
         x = np.log(np.asarray(g["lrs"], dtype=float))
         (pts,) = ax.plot(g["lrs"], g["losses"], "o", ms=4, label=g["label"])
         v = g["vertex"]
-        xs = np.linspace(x.min(), x.max(), 100)
+        lo, hi = (np.log(v.window[0]), np.log(v.window[1])) if v.window else (x.min(), x.max())
+        xs = np.linspace(lo, hi, 100)  # a local vertex's parabola only where it was fitted
         c2, c1, c0 = v.coeffs
         ax.plot(np.exp(xs), c2 * xs**2 + c1 * xs + c0, "-", color=pts.get_color(), lw=1)
         ax.plot([v.lr_opt], [v.loss_opt], "k*", ms=9)

@@ -10,7 +10,7 @@ import pytest
 from lmlab.errors import UserError
 from lmlab.science.chinchilla import PRESETS, ChinchillaParams
 from lmlab.science.isoflop import fit_isoflop
-from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, lr_vertex, transfer_lr
+from lmlab.science.lr_horizon import fit_lr_horizon, fit_lr_joint, local_lr_vertex, lr_vertex, transfer_lr
 from lmlab.science.mixture import (
     family_brackets,
     fit_family_law,
@@ -136,3 +136,31 @@ def test_isoflop_recovers_allocation_exponent():
     assert fit.a + fit.b == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(UserError, match="two compute budgets"):
         fit_isoflop(n_all[:9], c_all[:9], l_all[:9])
+
+
+def test_local_vertex_ignores_the_far_flanks_that_bias_the_global_one():
+    lr_star = 3e-3
+    lrs = lr_star * 2.0 ** (np.arange(-6, 7) / 2)  # √2 spacing, 13 LRs
+    x = np.log(lrs / lr_star)
+    losses = 3 + 0.1 * x**2 + np.where(x > 1.2, 2.0 * (x - 1.2) ** 2, 0.0)  # steep on the right (near divergence)
+    local = local_lr_vertex(lrs, losses)
+    assert local.lr_opt == pytest.approx(lr_star, rel=1e-9) and local.inside
+    assert local.window == pytest.approx((lr_star / 2, lr_star * 2))
+    assert abs(math.log(lr_vertex(lrs, losses).lr_opt / lr_star)) > 0.2  # the whole-sweep parabola is pulled left
+    lo, hi = local.interval
+    assert lo == pytest.approx(lr_star, rel=1e-6) and hi == pytest.approx(lr_star, rel=1e-6)  # exact: zero width
+
+
+def test_local_vertex_interval_covers_the_optimum_under_noise():
+    rng = np.random.default_rng(0)
+    lr_star, covered, widths = 1e-2, 0, []
+    lrs = np.repeat(lr_star * 2.0 ** (np.arange(-4, 5) / 2), 2)  # 2 seeds per LR
+    for _ in range(200):
+        losses = 2 + 0.05 * np.log(lrs / lr_star) ** 2 + 0.002 * rng.standard_normal(len(lrs))
+        v = local_lr_vertex(lrs, losses)
+        covered += v.interval[0] <= lr_star <= v.interval[1]
+        widths.append(v.interval[1] / v.interval[0])
+    assert covered / 200 == pytest.approx(0.95, abs=0.04)
+    assert np.median(widths) < 1.5
+    with pytest.raises(UserError, match="at least 3 distinct"):
+        local_lr_vertex([1e-3, 2e-3], [1.0, 1.1])
