@@ -9,19 +9,25 @@
   warning beyond 10× the fitted compute; ``lmlab predict hparams [FIT_DIR] --params N --tokens D`` gives Step Law's
   optimal LR and batch (the paper's constants, or a ``step-law`` fit's).
 - ``lmlab sweep SWEEP.yaml --out DIR [--jobs N] [--dry-run] [--tokens-per-s X]`` runs a sweep
-  (:mod:`lmlab.science.sweep`); ``lmlab sweep results DIR`` (re)writes ``DIR/results.csv`` from its run dirs.
+  (:mod:`lmlab.science.sweep`); ``--launcher slurm [--slurm-partition P --slurm-time MIN --slurm-gpus N ...]``
+  runs it as one Slurm job array (:mod:`lmlab.science.slurm`); ``lmlab sweep results DIR`` (re)writes
+  ``DIR/results.csv`` from its run dirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from lmlab.errors import UserError
+from lmlab.errors import ConfigError, UserError
+from lmlab.science.results import collect_results, write_results_csv
+from lmlab.science.slurm import slurm_launcher
 from lmlab.science.step_law import STEP_LAW, StepLaw
+from lmlab.science.sweep import Launcher, SweepSpec, load_sweep, plan_table, run_sweep
 
 LAWS = ("chinchilla", "annealing", "lr-horizon", "mixture", "step-law")
 #: Default bootstrap resamples: enough for a rough 95% interval in seconds (Epoch used 4000; pass --bootstrap 4000).
@@ -281,9 +287,6 @@ def _predict_hparams(args: argparse.Namespace, fit: dict | None) -> int:
 
 
 def sweep_main(argv: list[str]) -> int:
-    from lmlab.science.results import collect_results, write_results_csv
-    from lmlab.science.sweep import load_sweep, plan_table, run_sweep
-
     if argv and argv[0] == "results":
         p = argparse.ArgumentParser(prog="lmlab sweep results", description="Collect a sweep's runs into results.csv.")
         p.add_argument("dir")
@@ -300,16 +303,28 @@ def sweep_main(argv: list[str]) -> int:
     )
     p.add_argument("sweep", help="sweep YAML file")
     p.add_argument("--out", required=True, help="sweep directory (one run directory per run)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local", help="where the runs train")
+    p.add_argument("--jobs", type=int, help="runs at a time (--launcher local; default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--tokens-per-s", type=float, default=20000.0, help="throughput for the dry-run time estimate")
+    g = p.add_argument_group("--launcher slurm (each overrides the same key of the sweep file's slurm: section)")
+    g.add_argument("--slurm-partition", metavar="NAME", help="partition (default: the cluster's default)")
+    g.add_argument("--slurm-time", type=int, metavar="MIN", help="time limit per run in minutes (default 60)")
+    g.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per run (default 0)")
+    g.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per run (default 1)")
+    g.add_argument("--slurm-mem", metavar="SIZE", help="memory per run, e.g. 16G (default: the partition's)")
+    g.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="runs at a time (default 256)")
+    g.add_argument(
+        "--slurm-opt", action="append", default=[], metavar="KEY=VALUE", help="any sbatch option (repeatable)"
+    )
     args = p.parse_args(argv)
     spec = load_sweep(args.sweep)
     out = Path(args.out)
+    launcher = _launcher(args, spec, out)
     if args.dry_run:
         print(plan_table(spec, out, args.tokens_per_s))
         return 0
-    outcome = run_sweep(spec, out, jobs=args.jobs)
+    outcome = run_sweep(spec, out, jobs=args.jobs or 1, launcher=launcher)
     print(
         f"{len(outcome.started)} started, {len(outcome.resumed)} resumed, {len(outcome.skipped)} skipped (finished), "
         f"{len(outcome.failed)} failed -> {out / 'results.csv'}"
@@ -317,3 +332,26 @@ def sweep_main(argv: list[str]) -> int:
     for name, rc in outcome.failed.items():
         print(f"  failed: {name} (exit {rc}; see {out / 'logs' / (name + '.log')})")
     return 1 if outcome.failed else 0
+
+
+def _launcher(args: argparse.Namespace, spec: SweepSpec, out: Path) -> Launcher | None:
+    """None for the local launcher; the Slurm launcher with the file's ``slurm:`` section under the options."""
+    given = [
+        f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k.startswith("slurm_") and v not in (None, [])
+    ]
+    if args.launcher == "local":
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --launcher slurm")
+        return None
+    if args.jobs is not None:
+        raise ConfigError("--jobs is for --launcher local; with slurm, --slurm-array-parallelism sets runs at a time")
+    cli = {k: getattr(args, f"slurm_{k}") for k in ("partition", "time", "gpus", "cpus", "mem", "array_parallelism")}
+    sbatch = dict(spec.slurm.sbatch)
+    for item in args.slurm_opt:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise UserError(f"--slurm-opt {item!r}: expected KEY=VALUE (an sbatch option), e.g. account=lab")
+        sbatch[key.lstrip("-")] = value if sep else True
+    options = replace(spec.slurm, **{k: v for k, v in cli.items() if v is not None}, sbatch=sbatch)
+    options.validate(f"{spec.path} with the --slurm-* options")
+    return slurm_launcher(options, out / "slurm", f"lmlab-{spec.path.stem}")

@@ -15,6 +15,12 @@ A sweep file (YAML)::
       tokens_per_param: 20             # one run per budget: the size whose D/N is closest to this
       isoflop: false                   # true: every size at every budget (IsoFLOP profiles, Approach 2)
 
+    slurm:                             # only read by ``--launcher slurm`` (lmlab.science.slurm); the
+      partition: gpu                   # --slurm-* options override it key by key
+      time: 240                        # minutes per run; a run past it is checkpointed and requeued
+      gpus: 1                          # per run; also cpus, mem (16G), array_parallelism
+      sbatch: {account: lab}           # any other sbatch option
+
 ``grid`` and ``runs`` combine as ``runs × grid``; a ladder is combined with them the same way. Each run is the
 subprocess ``[*train_command, base, "--out", run_dir, "--quiet", *overrides]`` where ``train_command`` defaults
 to ``[sys.executable, "-m", "lmlab", "train"]`` and can be replaced by the environment variable
@@ -23,6 +29,10 @@ to ``[sys.executable, "-m", "lmlab", "train"]`` and can be replaced by the envir
 ``[*train_command, "--resume", run_dir, "--quiet"]``; anything else starts fresh (``--overwrite`` when a
 directory without a checkpoint is left). Each run's output goes to
 ``OUT/logs/<run>.log``; the plan is written to ``OUT/sweep.json`` and, at the end, ``OUT/results.csv``.
+
+Where the runs execute is the launcher's business: here, ``jobs`` subprocesses at a time on this machine; with
+``lmlab sweep --launcher slurm``, one Slurm job array (:mod:`lmlab.science.slurm`). Either way a launcher calls
+one :class:`RunTask` per unfinished run, which decides train or resume only when it starts.
 """
 
 from __future__ import annotations
@@ -36,11 +46,11 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -48,8 +58,21 @@ from lmlab.errors import ConfigError, UserError
 from lmlab.science.results import collect_results, read_summary, write_results_csv
 
 TRAIN_CMD_ENV = "LMLAB_SWEEP_TRAIN_CMD"
-SWEEP_KEYS = {"base", "overrides", "grid", "runs", "ladder", "name"}
+SWEEP_KEYS = {"base", "overrides", "grid", "runs", "ladder", "name", "slurm"}
 LADDER_KEYS = {"compute", "sizes", "tokens_per_param", "isoflop"}
+#: sbatch options lmlab sets itself (array, logs, the requeue signal) or through a dedicated ``slurm:`` key.
+SBATCH_RESERVED = {
+    "array": None,
+    "output": None,
+    "error": None,
+    "open-mode": None,
+    "signal": None,
+    "partition": "partition",
+    "time": "time",
+    "gpus-per-node": "gpus",
+    "cpus-per-task": "cpus",
+    "mem": "mem",
+}
 
 
 @dataclass
@@ -62,11 +85,62 @@ class PlannedRun:
 
 
 @dataclass
+class SlurmOptions:
+    """What each run of a sweep asks Slurm for: the sweep file's ``slurm:`` section under the ``--slurm-*`` options."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    time: int = 60  # minutes per run; past it the run is checkpointed and requeued (lmlab.science.slurm)
+    gpus: int = 0  # per run
+    cpus: int = 1  # per run
+    mem: str | None = None  # per run, in sbatch's syntax (16G, 4000M); None: the partition's default
+    array_parallelism: int = 256  # runs of the sweep running at the same time
+    sbatch: dict[str, Any] = field(default_factory=dict)  # any other sbatch option: {account: lab}; true: a flag
+
+    def validate(self, where: str) -> None:
+        """A ``ConfigError`` naming ``where`` and the key for a value sbatch would refuse (or misread)."""
+        if self.partition is not None and (not isinstance(self.partition, str) or not self.partition):
+            raise ConfigError(f"{where}: slurm.partition must be a partition name, got {self.partition!r}")
+        for key, least in (("time", 1), ("gpus", 0), ("cpus", 1), ("array_parallelism", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{where}: slurm.{key} must be an integer >= {least}, got {value!r}")
+        if self.mem is not None and not re.fullmatch(r"[0-9]+[KMGT]?", str(self.mem)):
+            raise ConfigError(f"{where}: slurm.mem must be a size like 16G or 4000M, got {self.mem!r}")
+        for key in self.sbatch:
+            name = key.replace("_", "-")
+            if name in SBATCH_RESERVED:
+                dedicated = SBATCH_RESERVED[name]
+                fix = f"use slurm.{dedicated}" if dedicated else "lmlab sets it for each run"
+                raise ConfigError(f"{where}: slurm.sbatch.{key}: {fix}")
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str) -> SlurmOptions:
+        """The ``slurm:`` section of a sweep file; an unknown key is a ``ConfigError`` naming it."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: 'slurm' must be a mapping of option: value")
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ConfigError(f"{where}: unknown slurm key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        sbatch = data.get("sbatch") or {}
+        if not isinstance(sbatch, dict) or not all(isinstance(v, (str, int, float)) for v in sbatch.values()):
+            raise ConfigError(f"{where}: slurm.sbatch must map sbatch options to single values")
+        options = cls(**{**data, "sbatch": {str(k): v for k, v in sbatch.items()}})
+        if options.mem is not None:
+            options.mem = str(options.mem)
+        options.validate(where)
+        return options
+
+
+@dataclass
 class SweepSpec:
     base: Path
     overrides: list[str]
     runs: list[PlannedRun]
     path: Path
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)  # used by --launcher slurm only
 
 
 def _format_value(value: Any) -> str:
@@ -109,6 +183,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not base.is_file():
         raise ConfigError(f"{path}: base config not found: {base}")
     overrides = [str(o) for o in data.get("overrides") or []]
+    slurm = SlurmOptions.from_mapping(data.get("slurm"), str(path))
     assignments = _expand(data, path)
     ladder = data.get("ladder")
     planned: list[PlannedRun] = []
@@ -128,7 +203,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         planned.append(PlannedRun(run_name(i, shown), extra + [_override(k, v) for k, v in assignment.items()], info))
     if not planned:
         raise ConfigError(f"{path}: the sweep has no runs")
-    return SweepSpec(base, overrides, planned, path)
+    return SweepSpec(base, overrides, planned, path, slurm)
 
 
 def _expand(data: dict, path: Path) -> list[dict[str, Any]]:
@@ -280,8 +355,56 @@ class SweepOutcome:
     failed: dict[str, int] = field(default_factory=dict)  # run -> exit code
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int = 1, cmd: Sequence[str] | None = None) -> SweepOutcome:
-    """Train every planned run (``jobs`` at a time), then write ``OUT/results.csv``."""
+@dataclass
+class RunTask:
+    """One run of a sweep as a callable a launcher can run anywhere; returns the trainer's exit code.
+
+    The command (train, resume, or nothing when finished) is chosen when the task starts, not when it is
+    planned, so a task that a scheduler runs again after an interruption resumes from its checkpoint.
+    """
+
+    spec: SweepSpec
+    run: PlannedRun
+    out: Path
+    cmd: list[str]
+
+    def __call__(self) -> int:
+        action, argv = command_for(self.spec, self.run, self.out, self.cmd)
+        if action == "skip":
+            return 0
+        with (self.out / "logs" / f"{self.run.name}.log").open("a") as log:
+            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {action}: {shlex.join(argv)}\n")
+            log.flush()
+            return self.spawn(argv, log).wait()
+
+    def spawn(self, argv: list[str], log: IO[str]) -> subprocess.Popen:
+        """Start the trainer with its output going to ``log``."""
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+#: A launcher runs the tasks and returns each one's exit code, in order.
+Launcher = Callable[[list[RunTask]], list[int]]
+
+
+def local_launcher(jobs: int = 1) -> Launcher:
+    """Run the tasks on this machine, ``jobs`` subprocesses at a time."""
+
+    def launch(tasks: list[RunTask]) -> list[int]:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            return list(pool.map(lambda task: task(), tasks))
+
+    return launch
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    cmd: Sequence[str] | None = None,
+    launcher: Launcher | None = None,
+) -> SweepOutcome:
+    """Train every unfinished run (``launcher``, by default ``jobs`` at a time here), then write ``OUT/results.csv``."""
     out = Path(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     cmd = list(cmd) if cmd is not None else train_command()
@@ -290,27 +413,18 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, jobs: int = 1, cmd: Sequence[
         json.dumps({"base": str(spec.base), "sweep": str(spec.path), "runs": plan}, indent=1)
     )
     outcome = SweepOutcome()
-    work = []
+    tasks = []
     for run in spec.runs:
-        action, argv = command_for(spec, run, out, cmd)
+        action = run_action(out / run.name)
         if action == "skip":
             outcome.skipped.append(run.name)
-        else:
-            work.append((run.name, action, argv))
-
-    def execute(item: tuple[str, str, list[str]]) -> tuple[str, str, int]:
-        name, action, argv = item
-        with (out / "logs" / f"{name}.log").open("a") as log:
-            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {action}: {shlex.join(argv)}\n")
-            log.flush()
-            rc = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
-        return name, action, rc
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for name, action, rc in pool.map(execute, work):
-            (outcome.resumed if action == "resume" else outcome.started).append(name)
-            if rc != 0:
-                outcome.failed[name] = rc
+            continue
+        (outcome.resumed if action == "resume" else outcome.started).append(run.name)
+        tasks.append(RunTask(spec, run, out, cmd))
+    launch = launcher or local_launcher(jobs)
+    for task, rc in zip(tasks, launch(tasks)):
+        if rc != 0:
+            outcome.failed[task.run.name] = rc
     try:
         write_results_csv(collect_results(out), out / "results.csv")
     except UserError as err:  # no run directory at all (every run failed before creating one)

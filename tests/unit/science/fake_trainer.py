@@ -2,7 +2,10 @@
 
 ``fake_trainer.py BASE --out DIR --quiet key=value ...`` or ``fake_trainer.py --resume DIR --quiet``. The final
 loss is ``3 + (log10(lr) + 2.5)^2`` so LR sweeps have a known optimum; ``FAKE_TRAINER_LOG`` receives one line per
-call; an override ``fake.diverge=true`` writes a NaN loss.
+call; an override ``fake.diverge=true`` writes a NaN loss. With ``fake.wait_for_stop=true`` a fresh start behaves
+like the engine under preemption: it writes ``started``, waits (up to 60 s) for SIGTERM, then leaves a checkpoint
+and an ``interrupted`` summary and exits 75; ``--resume`` finishes the run as usual. ``fake.kill_parent=true``
+kills the process that started the trainer (SIGKILL: a launcher's task dying, as under the OOM killer).
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -38,6 +43,11 @@ def main(argv: list[str]) -> int:
             node[parts[-1]] = yaml.safe_load(value)
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        if cfg.get("fake", {}).get("wait_for_stop"):
+            return wait_for_stop(run)
+        if cfg.get("fake", {}).get("kill_parent"):
+            os.kill(os.getppid(), signal.SIGKILL)
+            return 1
     lr = float(cfg["optim"]["lr"])
     steps = int(cfg["train"]["steps"])
     loss = 3.0 + (math.log10(lr) + 2.5) ** 2
@@ -62,6 +72,21 @@ def main(argv: list[str]) -> int:
     }
     (run / "summary.json").write_text(json.dumps(summary))
     return 0
+
+
+def wait_for_stop(run: Path) -> int:
+    """What lmlab.train.signals does on SIGTERM, without the training: a checkpoint, an interrupted summary, 75."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    (run / "started").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not stop and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not stop:
+        return 1
+    (run / "checkpoints" / "step_0000005").mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": 5, "signal": "SIGTERM"}))
+    return 75
 
 
 if __name__ == "__main__":
