@@ -2,8 +2,8 @@
 # lmlab quick start: `bash scripts/quickstart.sh demo` or `bash scripts/quickstart.sh test`.
 #
 #   demo  create .venv (if needed), install lmlab, train the built-in demo model
-#   test  (re)use .venv, install the test extras (transformers, trl, datasets, lm-eval, torchao, trackers, pytest),
-#         run the suite
+#   test  (re)use .venv, install the test extras (transformers, trl, datasets, lm-eval, torchao, trackers,
+#         submitit, pytest), run the suite
 #
 # CPU machines get torch==2.13.0 (CPU build) pinned through constraints/cpu.txt on every pip call.
 # GPU machines: install the CUDA build of torch into .venv first (see pytorch.org), then run with
@@ -36,7 +36,7 @@ case "$mode" in
     ;;
   test)
     echo "==> installing lmlab with test extras"
-    pip_install -e ".[dev,hf,data,align,peft,qlora,eval,unlearn,tensorboard,wandb,mlflow,float8]"
+    pip_install -e ".[dev,hf,data,align,peft,qlora,eval,unlearn,tensorboard,wandb,mlflow,float8,slurm]"
     echo "==> lint (ruff)"
     "$VENV/bin/ruff" check src tests benchmarks examples
     echo "==> running the test suite"
