@@ -19,6 +19,8 @@ import pytest
 from lmlab.cli import main
 from lmlab.science.sweep import TRAIN_CMD_ENV
 
+from helpers import TINY_OVERRIDES
+
 pytest.importorskip("submitit", reason="submitit not installed: pip install 'lmlab[slurm]'")
 
 FAKE = Path(__file__).parents[1] / "unit" / "science" / "fake_trainer.py"
@@ -108,6 +110,53 @@ def test_task_that_dies_without_a_result_is_a_failed_run(sweep_dir, slurm_cluste
     assert f"{victim}: Slurm job " in captured.err and "left the queue without a result" in captured.err
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["finished", "missing"]  # the dead run never wrote a summary
+
+
+@pytest.mark.slow
+def test_real_trainer_preempted_on_slurm_resumes_with_no_step_lost(tmp_path, slurm_cluster, capsys, monkeypatch):
+    """The same requeue with ``lmlab train`` itself: the engine ignores USR2, checkpoints on the SIGTERM the task
+    forwards, and the requeued task resumes it; every logged step appears exactly once."""
+    monkeypatch.delenv(TRAIN_CMD_ENV, raising=False)
+    overrides = [*TINY_OVERRIDES, "train.steps=600", "train.log_every=10", "train.eval_every=600"]
+    (tmp_path / "sweep.yaml").write_text("base: base.yaml\noverrides: [" + ", ".join(overrides) + "]\nruns: [{}]\n")
+    (tmp_path / "base.yaml").write_text("name: tiny\n")
+    out = tmp_path / "out"
+    codes = []
+    argv = ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out), "--launcher", "slurm", "--slurm-time", "5"]
+    driver = threading.Thread(target=lambda: codes.append(main(argv)))
+    driver.start()
+    run = out / "000"
+    _wait(lambda: any(s >= 30 for s in _train_steps(run)), "the run to train 30 steps", slurm_cluster)
+    job = slurm_cluster.queue()[0].split()[0]
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    _wait(
+        lambda: any(line.startswith(job + " PENDING") for line in slurm_cluster.queue()), "the requeue", slurm_cluster
+    )
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
+    driver.join(TIMEOUT_S)
+    assert not driver.is_alive(), f"the sweep did not finish\n{slurm_cluster.logs()}"
+
+    assert codes == [0], capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 600
+    assert _train_steps(run) == list(range(10, 601, 10))
+    log = (out / "logs" / "000.log").read_text()
+    assert " start: " in log and " resume: " in log
+
+
+def _train_steps(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    steps = []
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line the trainer is still writing
+            continue
+        if record.get("kind") == "train":
+            steps.append(record["step"])
+    return steps
 
 
 def _wait(ready, what: str, cluster) -> None:
