@@ -3,7 +3,7 @@
 
 ``missing_slurm()`` says why no cluster can start here (None when one can). ``SlurmCluster(root).start()``
 writes ``slurm.conf`` (this machine's CPUs and memory as reported by ``slurmd -C``, free ports, no cgroups, no
-accounting, ``SlurmUser=root``), a fresh munge key, starts the three daemons in the foreground as children of
+accounting, ``SlurmUser=root``, a requeued job eligible again after 6 s instead of 2 minutes), a fresh munge key, starts the three daemons in the foreground as children of
 the test process (no systemd needed), points ``SLURM_CONF`` at the config so that sbatch, squeue and friends
 talk to this cluster, and waits until the node is idle. ``stop()`` cancels what is left in the queue and stops
 the daemons it started. A daemon that does not come up is an error with the tail of its log, not a skip.
@@ -118,7 +118,8 @@ class SlurmCluster:
                 f"SlurmdPort={_free_port()}",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={munge_socket}",
+                # A requeued job waits for its old credential to expire (120 s by default) before it starts again.
+                f"AuthInfo=socket={munge_socket},cred_expire=5",
                 "SlurmUser=root",
                 "SlurmdUser=root",
                 f"StateSaveLocation={root / 'state'}",
@@ -141,6 +142,7 @@ class SlurmCluster:
                 "SlurmdParameters=config_overrides",
                 "ReturnToService=2",
                 "KillWait=5",
+                "SchedulerParameters=sched_interval=1,bf_interval=1",  # and then starts within a second
                 "InactiveLimit=0",
                 "MinJobAge=300",
                 f"NodeName={self.node} NodeAddr=127.0.0.1 {' '.join(node_fields)} "
