@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.cli import main
-from lmlab.science.sweep import TRAIN_CMD_ENV
+from lmlab.science.sweep import TRAIN_CMD_ENV, run_action
 
 from helpers import TINY_OVERRIDES
 
@@ -106,6 +107,28 @@ def test_task_that_dies_without_a_result_is_a_failed_run(sweep_dir, slurm_cluste
     assert f"{victim}: Slurm job " in captured.err and "left the queue without a result" in captured.err
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["status"] for r in rows] == ["finished", "missing"]  # the dead run never wrote a summary
+
+
+def test_ctrl_c_cancels_the_array_and_the_same_command_resumes(sweep_dir, slurm_cluster):
+    """Ctrl-C in ``lmlab sweep`` (a separate process here) cancels its job array; the trainer checkpoints on the
+    SIGTERM that scancel sends, and running the same command again resumes the run."""
+    sweep = sweep_dir / "sweep.yaml"
+    sweep.write_text("base: base.yaml\nruns: [{fake.wait_for_stop: true}]\n")
+    out = sweep_dir / "out"
+    argv = ["sweep", str(sweep), "--out", str(out), "--launcher", "slurm"]
+    driver = subprocess.Popen([sys.executable, "-m", "lmlab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = out / "000_wait_for_stop-true"
+    _wait(lambda: (victim / "started").exists(), "the run to start on the cluster", slurm_cluster)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=TIMEOUT_S)
+    assert driver.returncode == 130, err.decode()
+    assert "cancelled Slurm job" in err.decode() and "rerun to resume" in err.decode()
+    _wait(lambda: not slurm_cluster.queue(), "the cancelled job to leave the queue", slurm_cluster)
+    assert run_action(victim) == "resume"
+
+    assert main(argv) == 0
+    assert _calls(sweep_dir)[-1] == ["--resume", str(victim), "--quiet"]
+    assert json.loads((victim / "summary.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.slow

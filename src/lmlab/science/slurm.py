@@ -10,8 +10,10 @@ Preemption and time limits: submitit asks for ``--signal=USR2@90`` and, when the
 task's ``checkpoint()``. :class:`SlurmRunTask` then sends SIGTERM to the trainer, which finishes its step,
 writes a checkpoint and exits (:mod:`lmlab.train.signals`), and returns itself for submitit to requeue; the
 requeued task finds the checkpoint and resumes. Slurm signals every process of the job step, so the trainer
-is started with USR2 ignored (its default action would kill it) and stops only through SIGTERM. A run is
-requeued after at most ``MAX_TIMEOUTS`` time limits; preemptions do not count.
+is started with USR2 ignored (its default action would kill it) and stops only through SIGTERM. A run that
+reaches its time limit is requeued at most ``MAX_TIMEOUTS`` times; preemptions do not count. A SIGTERM from
+Slurm itself (a preemption without the user signal, ``scancel``) reaches the trainer directly: it checkpoints
+and exits 75, which is the run's exit code, as for a local run; the next ``lmlab sweep`` resumes it.
 
 submitit is an optional dependency (``pip install 'lmlab[slurm]'``), imported only here.
 """
@@ -50,7 +52,7 @@ def _preemption_signal() -> signal.Signals:
     return signal.Signals["SIG" + _submitit().JobEnvironment.USR_SIG]
 
 
-def _exited(pid: int) -> bool:
+def child_exited(pid: int) -> bool:
     """Whether a child has exited, without reaping it: its ``Popen`` (perhaps blocked in ``wait()`` in the frame
     this signal handler interrupted) still collects the exit code."""
     try:
@@ -64,20 +66,20 @@ class SlurmRunTask(RunTask):
     """A run that submitit can checkpoint: ``checkpoint()`` stops the trainer cleanly and hands the task back to
     be requeued (it resumes, since the trainer left a checkpoint)."""
 
-    _child: subprocess.Popen | None = field(default=None, init=False, repr=False, compare=False)
+    child: subprocess.Popen | None = field(default=None, init=False, repr=False, compare=False)  # the trainer
 
     def spawn(self, argv: list[str], log: IO[str]) -> subprocess.Popen:
         ignore = functools.partial(signal.signal, _preemption_signal(), signal.SIG_IGN)
-        self._child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignore)
-        return self._child
+        self.child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignore)
+        return self.child
 
     def checkpoint(self) -> Any:
         """SIGTERM to the trainer, up to ``STOP_GRACE_S`` for it to checkpoint and exit; then this task, to rerun."""
-        child = self._child
-        if child is not None and not _exited(child.pid):
+        child = self.child
+        if child is not None and not child_exited(child.pid):
             os.kill(child.pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_GRACE_S
-            while not _exited(child.pid):
+            while not child_exited(child.pid):
                 if time.monotonic() > deadline:
                     os.kill(child.pid, signal.SIGKILL)  # the requeued run resumes from its last periodic checkpoint
                     break
@@ -85,7 +87,7 @@ class SlurmRunTask(RunTask):
         return _submitit().helpers.DelayedSubmission(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_child"}  # a process does not travel
+        return {k: v for k, v in self.__dict__.items() if k != "child"}  # a process does not travel
 
 
 def executor_parameters(options: SlurmOptions, job_name: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The sweep runner: expand a sweep file into runs and train them N at a time, each in its own subprocess.
+"""The sweep runner: expand a sweep file into runs and train each in its own subprocess, N at a time or on Slurm.
 
 A sweep file (YAML)::
 

@@ -17,6 +17,7 @@ import pytest
 
 from lmlab.cli import main
 from lmlab.errors import ConfigError
+from lmlab.science.slurm import SlurmRunTask, child_exited, executor_parameters
 from lmlab.science.sweep import TRAIN_CMD_ENV, SlurmOptions, load_sweep, run_action, train_command
 
 FAKE = Path(__file__).with_name("fake_trainer.py")
@@ -82,9 +83,6 @@ def test_slurm_launcher_without_submitit_says_what_to_install(sweep_dir, capsys,
 
 
 def test_cli_options_override_the_file_key_by_key(sweep_dir, monkeypatch):
-    pytest.importorskip("submitit")
-    from lmlab.science import slurm
-
     seen = {}
     monkeypatch.setattr(
         "lmlab.science.commands.slurm_launcher", lambda options, folder, name: seen.update(o=options, f=folder, n=name)
@@ -97,7 +95,7 @@ def test_cli_options_override_the_file_key_by_key(sweep_dir, monkeypatch):
         partition="a", time=90, gpus=1, mem="8G", sbatch={"account": "lab", "qos": "high", "requeue": True}
     )
     assert seen["f"] == sweep_dir / "out" / "slurm" and seen["n"] == "lmlab-sweep"
-    params = slurm.executor_parameters(seen["o"], seen["n"])
+    params = executor_parameters(seen["o"], seen["n"])
     assert params == {
         "job_name": "lmlab-sweep",
         "time": 90,
@@ -113,8 +111,6 @@ def test_cli_options_override_the_file_key_by_key(sweep_dir, monkeypatch):
 def test_checkpoint_stops_the_trainer_and_requeues_a_resume(sweep_dir, tmp_path):
     """What submitit does on Slurm's USR2, minus Slurm: checkpoint() on the running task, then the requeued task."""
     submitit = pytest.importorskip("submitit")
-    from lmlab.science.slurm import SlurmRunTask, _exited
-
     spec = load_sweep(_sweep(sweep_dir, "runs: [{fake.wait_for_stop: true}]\n"))
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
@@ -127,10 +123,10 @@ def test_checkpoint_stops_the_trainer_and_requeues_a_resume(sweep_dir, tmp_path)
     while not (run_dir / "started").exists():
         assert time.monotonic() < deadline and worker.is_alive(), "the fake trainer did not start"
         time.sleep(0.05)
-    pid = task._child.pid
+    pid = task.child.pid
     os.kill(pid, signal.SIGUSR2)  # Slurm signals every process of the step: the trainer must not die of it
     time.sleep(0.5)
-    assert not _exited(pid)
+    assert not child_exited(pid)
 
     delayed = task.checkpoint()
     worker.join(30)
