@@ -29,6 +29,13 @@ BASE = "name: t\noptim: {lr: 1.0e-3}\ntrain: {steps: 10}\n"
 TIMEOUT_S = 60.0
 
 
+@pytest.fixture(autouse=True)
+def often_look_at_the_queue(monkeypatch):
+    """Look at squeue every half second (not 15 s), so every test also checks that a pending, running or requeued
+    task is never taken for one that left the queue."""
+    monkeypatch.setattr("lmlab.science.slurm.QUEUE_POLL_S", 0.5)
+
+
 @pytest.fixture
 def sweep_dir(tmp_path, monkeypatch, slurm_cluster):
     (tmp_path / "base.yaml").write_text(BASE)
@@ -95,7 +102,6 @@ def test_preempted_run_is_checkpointed_requeued_and_resumed(sweep_dir, slurm_clu
 def test_task_that_dies_without_a_result_is_a_failed_run(sweep_dir, slurm_cluster, capsys, monkeypatch):
     """An array task that dies without writing its result (its process killed, as by the OOM killer) fails its run
     with exit 1, as a crashed local run would, instead of being waited for: the queue says it is gone."""
-    monkeypatch.setattr("lmlab.science.slurm.QUEUE_POLL_S", 0.5)
     sweep = sweep_dir / "sweep.yaml"
     sweep.write_text("base: base.yaml\nruns: [{optim.lr: 1.0e-3}, {fake.kill_parent: true}]\n")
     out = sweep_dir / "out"
