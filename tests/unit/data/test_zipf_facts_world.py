@@ -84,7 +84,7 @@ def test_entity_popularity_is_zipf():
     for rank in (0, 1, 9):
         p = float(world.entity_p[rank])
         assert counts[rank] / n == pytest.approx(p, abs=4 * math.sqrt(p / n))
-    assert world.entity_p[0] / world.entity_p[9] == pytest.approx(10 ** (10 / 7))
+    assert world.entity_p[0] / world.entity_p[9] == pytest.approx((20 / 11) ** (10 / 7))  # (k + 10)^(−s)
 
 
 # ----------------------------------------------------------------------------- the floor through the pipeline

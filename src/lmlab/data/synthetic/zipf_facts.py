@@ -9,15 +9,16 @@ n most frequent quanta has excess loss ∝ n^(−(s−1)); a learner that has se
 and so learnable only by memorising it in the weights. ``lmlab.science.quanta`` computes both predictions
 for this generator.
 
-A document is about one entity, drawn with probability p_k = k^(−s)/Σ_j j^(−s) over ranks k = 1 … K, and
-states 1 to 4 of its 32 relations (distinct, in random order), one sentence each::
+A document states one fact of one entity: the entity drawn with probability p_k ∝ (k + q)^(−s) over ranks
+k = 1 … K (q = 10 keeps any single entity from holding a large share, so that no one quantum is a visible step
+in the loss curve), a relation drawn uniformly from 32::
 
-    Notably, Disilita's glyph is vemi. The harbour of it is sodu. For it, the charm is pani.
+    Notably, Disilita's glyph is vemi.        The harbour of Kojimoma is sodu.
 
 Each sentence uses one of four frames (Zipf-weighted) and, with probability ½, starts with a filler adverb
-(Zipf-weighted). Only the first sentence names the entity; later ones say "it"/"its", so nothing rewards
-copying from the context (a skill that is learned abruptly, not smoothly). Documents are short (≈ 10-40
-tokens), shorter than a training window.
+(Zipf-weighted). ``max_facts`` > 1 states up to that many distinct relations, one sentence each; only the first
+names the entity ("it"/"its" after), but retrieving the name for later values is a circuit that forms abruptly,
+so the default is one fact. Documents are ≈ 11 tokens, far shorter than a training window.
 
 **Exact entropy floor.** Every random choice (entity, number of facts, relations, frames, fillers) is
 visible in the text, and distinct choices give distinct texts (tests/unit/data/test_zipf_facts_world.py
@@ -103,11 +104,11 @@ class ZipfFactsWorld:
     """Facts about Zipf-popular entities with an exact entropy floor; see the module docstring.
 
     ``zipf_exponent`` s sets the exponents: α_N = s − 1 in parameters, α_D = (s − 1)/s in data. The default
-    10/7 gives α_D = 0.3 and α_N ≈ 0.43 (docs/science.md §25).
+    10/7 gives α_D = 0.3 and α_N ≈ 0.43 (docs/science.md §25); ``zipf_offset`` q flattens the head only.
     """
 
     name = "zipf_facts"
-    version = 1  # bump when the generated text changes (invalidates cached shards)
+    version = 3  # bump when the generated text changes (invalidates cached shards)
 
     def __init__(
         self,
@@ -115,8 +116,9 @@ class ZipfFactsWorld:
         n_entities: int = N_ENTITIES,
         n_relations: int = len(RELATIONS),
         n_values: int = 64,
-        max_facts: int = 4,
+        max_facts: int = 1,
         zipf_exponent: float = 10 / 7,
+        zipf_offset: float = 10.0,
         n_frames: int = len(FRAMES),
         n_fillers: int = len(FILLERS),
     ):
@@ -129,7 +131,9 @@ class ZipfFactsWorld:
         if not 1 <= n_fillers <= len(FILLERS) or zipf_exponent <= 1.0:
             raise ValueError("n_fillers out of range or zipf_exponent <= 1")
         self.n_entities, self.n_relations, self.n_values = n_entities, n_relations, n_values
-        self.max_facts, self.zipf_exponent = max_facts, zipf_exponent
+        if zipf_offset < 0:
+            raise ValueError(f"zipf_offset must be >= 0, got {zipf_offset}")
+        self.max_facts, self.zipf_exponent, self.zipf_offset = max_facts, zipf_exponent, zipf_offset
         self.frame_p = zipf_weights(n_frames, 1.0)
         self.filler_p = zipf_weights(n_fillers, 1.0)
 
@@ -137,8 +141,9 @@ class ZipfFactsWorld:
 
     @cached_property
     def entity_p(self) -> np.ndarray:
-        """p_k of entity rank k (0-based index), float64."""
-        weights = np.arange(1, self.n_entities + 1, dtype=np.float64) ** (-self.zipf_exponent)
+        """p_k ∝ (k + q)^(−s) of entity rank k = 1 … K (at 0-based index k − 1), float64."""
+        ranks = np.arange(1, self.n_entities + 1, dtype=np.float64)
+        weights = (ranks + self.zipf_offset) ** (-self.zipf_exponent)
         return weights / weights.sum()
 
     @cached_property
