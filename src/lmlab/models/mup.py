@@ -1,7 +1,7 @@
 """The maximal update parametrization (μP) of the decoder: its config section and the width-dependent factors.
 
 μP (Yang et al. 2022, "Tensor Programs V: Tuning Large Neural Networks via Zero-Shot Hyperparameter Transfer",
-arXiv 2203.03466; docs/science.md, μP) scales the init, the Adam learning rate and a few forward multipliers with
+arXiv 2203.03466; docs/science.md §25) scales the init, the Adam learning rate and a few forward multipliers with
 the width multiplier m_d = d_model / d_base, so that every activation and every update stays of the same size as
 the model widens, and the hyperparameters tuned at width d_base transfer to wider models:
 
@@ -81,7 +81,7 @@ def attention_scale(model: ModelConfig) -> float | None:
     """The attention-logit scale: 1/d_head under μP, None (SDPA's 1/√d_head) under the standard parametrization.
 
     With d_head fixed and width grown by adding heads this is a constant factor 1/√d_head; it matters when d_head
-    grows, where q·k of correlated q and k grows like d_head (TP5, §4)."""
+    grows, where q·k of correlated q and k grows like d_head (TP5)."""
     return 1.0 / model.head_dim if is_mup(model) else None
 
 

@@ -1,6 +1,6 @@
 """The μP coordinate check (``lmlab coord-check``): do activation sizes stay flat as the model widens?
 
-Yang et al. 2022 (Tensor Programs V, arXiv 2203.03466, §D.1 "coordinate check"; docs/science.md §25): train
+Yang et al. 2022 (Tensor Programs V, arXiv 2203.03466, its "coordinate check"; docs/science.md §25): train
 models that differ only in width (d_head fixed, more heads) for a few Adam steps at one learning rate and record
 the mean |coordinate| of the embedding output, every attention and MLP output and the logits at each step. Under
 μP every curve is flat in width; under the standard parametrization (constant init std, one LR) they grow, the

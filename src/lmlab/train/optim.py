@@ -8,8 +8,7 @@ as Muon's authors prescribe.
 
 Under μP (``model.parametrization: mup``; lmlab.models.mup, docs/science.md §25) the hidden matrices form their
 own AdamW group at LR η/m_d, with weight decay λ·m_d so that the decay per step, LR × λ, stays η·λ at every width
-(microsoft/mup's convention; without it wider models would decay less); the embedding, head, gains and biases
-keep η.
+(without it wider models would decay less); the embedding, head, gains and biases keep η.
 """
 
 from __future__ import annotations
@@ -74,6 +73,10 @@ def build_optimizer(
     peak LR, ``optim.muon.lr``, is a scale on ``optim.lr``; μP's hidden matrices run at 1/m_d).
     """
     if cfg.name == "muon":
+        if width_mult is not None:
+            raise ValueError(
+                "μP's per-layer learning rates are AdamW's; Muon has no μP rule (config validation refuses it)"
+            )
         return build_muon(model, cfg, device)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
