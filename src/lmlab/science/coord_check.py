@@ -225,6 +225,9 @@ def coord_check_main(argv: list[str]) -> int:
     p.add_argument("--parametrization", choices=(*PARAMETRIZATIONS, "both"), default="both")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    for name in ("steps", "seeds", "layers", "head_dim", "batch_size", "seq_len"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     widths = sorted(args.widths)

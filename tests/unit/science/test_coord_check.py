@@ -71,3 +71,5 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert len(report["results"]["mup"]["sizes"]["logits"]) == 2  # one row per step
     assert (out / "coord_check.png").stat().st_size > 0
     assert "mup: logits slope" in capsys.readouterr().out
+    assert cli_main([*argv, "--seeds", "0"]) == 1  # a user error: one line, no traceback
+    assert "--seeds must be >= 1" in capsys.readouterr().err
