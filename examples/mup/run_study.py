@@ -14,7 +14,8 @@ tests the same code a ``model.parametrization: mup`` run uses.
     OMP_NUM_THREADS=1 nice -n 10 python examples/mup/run_study.py --out examples/mup/results   # ~15 min, 2 CPUs
     python examples/mup/run_study.py --out /tmp/mup --quick                                      # smoke test
 
-Finished runs are kept in ``OUT/runs.csv`` and skipped when the script is run again. Results: ``OUT/results.json``,
+Finished runs are kept in ``OUT/runs.csv`` and skipped when the script is run again; ``--mean-of DIR DIR`` averages
+the held-out losses of studies run with different ``--seed`` and summarises the mean. Results: ``OUT/results.json``,
 ``OUT/runs.csv``, ``OUT/results.md`` (the tables), ``OUT/lr_transfer.png``.
 """
 
@@ -168,22 +169,20 @@ def markdown(runs: list[dict], summary: dict, widths: list[int], lrs: list[float
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="directory for runs.csv, results.json and lr_transfer.png")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
-    p.add_argument("--quick", action="store_true", help="2 widths, 3 LRs, 5 steps: a smoke test")
-    p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
-    p.add_argument("--lr-exponents", type=int, nargs="+", default=list(LR_EXPONENTS), help="LR = 2^e")
-    p.add_argument("--parametrizations", nargs="+", choices=PARAMETRIZATIONS, default=list(PARAMETRIZATIONS))
-    p.add_argument("--init-std", type=float, default=SETUP.init_std, help="σ (μP: at the base width)")
-    p.add_argument("--seed", type=int, default=0, help="init and batch order (the held-out windows are fixed)")
-    args = p.parse_args()
-    widths = [64, 128] if args.quick else args.widths
-    exponents = [-8, -7, -6] if args.quick else args.lr_exponents
-    steps = 5 if args.quick else STEPS
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def mean_runs(seed_runs: list[list[dict]]) -> list[dict]:
+    """One row per (parametrization, width, LR) present in every list: the mean of their held-out losses."""
+    keyed = [{(r["parametrization"], r["width"], r["lr"]): r for r in runs} for runs in seed_runs]
+    common = set.intersection(*(set(k) for k in keyed))
+    rows = []
+    for key in sorted(common):
+        rows_k = [k[key] for k in keyed]
+        mean = {f: float(np.mean([r[f] for r in rows_k])) for f in ("eval_loss", "final_train_loss", "seconds")}
+        rows.append({"parametrization": key[0], "width": key[1], "lr": key[2], **mean})
+    return rows
+
+
+def train_grid(out: Path, widths: list[int], exponents: list[int], steps: int, args: argparse.Namespace) -> list[dict]:
+    """Every run of the grid not yet in ``OUT/runs.csv``, appended to it as it finishes; all runs."""
     csv_path = out / "runs.csv"
     runs = read_runs(csv_path)
     done = {(r["parametrization"], r["width"], r["lr"]) for r in runs}
@@ -207,9 +206,34 @@ def main() -> None:
             runs.append(row)
             print(f"{row['parametrization']:8s} d={row['width']:4d} lr={row['lr']:.2e}: eval {row['eval_loss']:.4f} "
                   f"({row['seconds']:.0f} s; {time.time() - start:.0f} s so far)", flush=True)  # fmt: skip
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for runs.csv, results.json and lr_transfer.png")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one thread each)")
+    p.add_argument("--quick", action="store_true", help="2 widths, 3 LRs, 5 steps: a smoke test")
+    p.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
+    p.add_argument("--lr-exponents", type=int, nargs="+", default=list(LR_EXPONENTS), help="LR = 2^e")
+    p.add_argument("--parametrizations", nargs="+", choices=PARAMETRIZATIONS, default=list(PARAMETRIZATIONS))
+    p.add_argument("--init-std", type=float, default=SETUP.init_std, help="σ (μP: at the base width)")
+    p.add_argument("--seed", type=int, default=0, help="init and batch order (the held-out windows are fixed)")
+    p.add_argument("--mean-of", nargs="+", metavar="DIR", help="train nothing: summarise the mean of these studies")
+    args = p.parse_args()
+    widths = [64, 128] if args.quick else args.widths
+    exponents = [-8, -7, -6] if args.quick else args.lr_exponents
+    steps = 5 if args.quick else STEPS
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mean_of:
+        runs = mean_runs([read_runs(Path(d) / "runs.csv") for d in args.mean_of])
+    else:
+        runs = train_grid(out, widths, exponents, steps, args)
     summary = summarize(runs, widths)
-    setup = {**vars(SETUP), "init_std": args.init_std, "steps": steps, "batch_size": BATCH, "warmup_steps": WARMUP, "schedule": "cosine to 0.1",
-             "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": args.seed, "data": "stories bytes"}  # fmt: skip
+    setup = {**vars(SETUP), "init_std": args.init_std, "steps": steps, "batch_size": BATCH, "warmup_steps": WARMUP,
+             "schedule": "cosine to 0.1", "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
+             "seed": args.mean_of or args.seed, "data": "stories bytes"}  # fmt: skip
     report = {"widths": widths, "lrs": [2.0**e for e in exponents], "setup": setup, "summary": summary, "runs": runs}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     plot(out / "lr_transfer.png", runs, summary, widths)
