@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("lmlab.science.commands:fit_main", "fit a scaling law to sweep results"),
     "predict": ("lmlab.science.commands:predict_main", "predict from a fitted law"),
     "report": ("lmlab.report.commands:report_main", "write an HTML report for a run or sweep"),
+    "coord-check": ("lmlab.science.coord_check:coord_check_main", "μP coordinate check: activation sizes vs width"),
 }
 
 

@@ -32,6 +32,7 @@ from lmlab.models.component import NOT_IN_WEIGHTS
 from lmlab.models.lora import AdapterConfig
 from lmlab.models.mlp import SwiGLUConfig
 from lmlab.models.moe import MoEConfig
+from lmlab.models.mup import MuPConfig
 from lmlab.models.recurrent import RecurrenceConfig
 from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sizes import SIZES
@@ -88,6 +89,10 @@ class ModelConfig:
     ffn: FFNConfig = slot(FFN_KINDS, "swiglu")
     abacus: AbacusConfig = field(default_factory=AbacusConfig)  # digit-place embeddings (lmlab.models.abacus)
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)  # recurrent depth (models.recurrent)
+    # standard, or μP (lmlab.models.mup): width-dependent init, per-layer Adam LR, embedding/logit multipliers and
+    # q·k/d_head attention, relative to the base width model.mup.base_width
+    parametrization: Literal["standard", "mup"] = "standard"
+    mup: MuPConfig = field(default_factory=MuPConfig)
     # the Hugging Face family an imported model came from; export writes it back where it differs from the family
     # the architecture implies (Phi-3's fused projections), else the implied one
     hf_architecture: str | None = field(default=None, metadata=NOT_IN_WEIGHTS)
@@ -108,6 +113,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m_d = d_model / mup.base_width; 1 under the standard parametrization."""
+        return self.mup.width_mult(self.d_model) if self.parametrization == "mup" else 1.0
 
     @classmethod
     def upgrade(cls, data: dict) -> dict:
@@ -145,6 +155,12 @@ class ModelConfig:
         self.rope_scaling.validate(self, "model.rope_scaling")
         self.abacus.validate(self, "model.abacus")
         self.recurrence.validate(self, "model.recurrence")
+        if self.parametrization == "mup":
+            self.mup.validate(self, "model.mup")
+        elif self.mup != MuPConfig():
+            raise ConfigError(
+                "model.mup is set but model.parametrization=standard; set model.parametrization=mup or remove model.mup"
+            )
 
 
 @dataclass
@@ -766,6 +782,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"unlearn.method.kind={cfg.unlearn.method.kind} trains its assistant as adapters on the starting model: "
             "set adapter.kind=lora (ULD's paper: adapter.rank=16 adapter.alpha=32 adapter.dropout=0.05)"
+        )
+    if m.parametrization == "mup" and cfg.optim.name == "muon":
+        raise ConfigError(
+            "model.parametrization=mup scales AdamW's per-layer learning rates; optim.name=muon sets its own "
+            "update size per matrix (no μP rule here): use optim.name=adamw with μP"
+        )
+    if m.parametrization == "mup" and cfg.adapter.enabled:
+        raise ConfigError(
+            f"model.parametrization=mup has no learning-rate rule for adapter.kind={cfg.adapter.kind} matrices "
+            "(one dimension is the rank, not the width); fine-tune a μP model with all weights trainable"
         )
     if cfg.adapter.enabled and cfg.optim.name == "muon":
         raise ConfigError("optim.name=muon orthogonalises whole weight matrices; train adapters with optim.name=adamw")

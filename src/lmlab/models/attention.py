@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.component import ComponentCount, module_setting, residual_std
+from lmlab.models.component import ComponentCount, hidden_std, module_setting, residual_std
 from lmlab.models.flex import MaskSpec, flex_attention
 from lmlab.models.masks import MaskFn, and_masks, causal, materialize, same_document
+from lmlab.models.mup import attention_scale
 from lmlab.models.norms import RMSNorm
 from lmlab.models.rope import apply_rotary
 
@@ -56,8 +57,9 @@ class GQAConfig:
             qk_norm=self.qk_norm,
             qkv_bias=self.qkv_bias,
             norm_eps=model.norm_eps,
-            init_std=model.init_std,
+            init_std=hidden_std(model),
             out_std=residual_std(model),
+            scale=attention_scale(model),
         )
 
     def count(self, model: ModelConfig, seq_len: int, layer: int = 0) -> ComponentCount:
@@ -172,10 +174,13 @@ def use_explicit_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor 
     )
 
 
-def explicit_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/sqrt(D) + causal mask)·v for q, k, v [B, H, T, D] (the softmax accumulates in float32)."""
+def explicit_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + causal mask)·v for q, k, v [B, H, T, D] (``scale`` None: 1/sqrt(D); the softmax
+    accumulates in float32)."""
     q_len, head_dim = q.shape[-2], q.shape[-1]
-    scores = torch.matmul(q * head_dim**-0.5, k.transpose(-1, -2))  # [B, H, T, T]
+    scores = torch.matmul(q * (head_dim**-0.5 if scale is None else scale), k.transpose(-1, -2))  # [B, H, T, T]
     future = torch.ones(q_len, q_len, dtype=torch.bool, device=q.device).triu(1)
     scores.masked_fill_(future, float("-inf"))  # in place: the matmul's backward needs its inputs, not its output
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -197,9 +202,11 @@ class Attention(nn.Module):
         norm_eps: float = 1e-5,
         init_std: float = 0.02,
         out_std: float = 0.02,
+        scale: float | None = None,
         pattern: MaskFn | None = None,
     ) -> None:
         super().__init__()
+        self.scale = scale  # of the attention logits q·k; None: 1/sqrt(head_dim) (μP: 1/head_dim)
         self.pattern = pattern  # which keys a query may see besides the causal / document / padding rules
         self.topk: int | None = None  # set by ``topk_attention``: each query keeps only its k best keys
         self._mask_cache: dict[tuple, torch.Tensor] = {}  # full_mask's last causal + pattern mask
@@ -257,7 +264,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if isinstance(mask, MaskSpec):  # a forward without a cache that runs FlexAttention (lmlab.models.flex)
             if self.topk is None:
-                out = flex_attention(q, k, v, mask.block_mask(self.pattern, self.n_heads))  # [B, H, T, D]
+                out = flex_attention(q, k, v, mask.block_mask(self.pattern, self.n_heads), self.scale)  # [B, H, T, D]
                 return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim))
             mask = mask.dense()
         if cache is not None:
@@ -267,9 +274,9 @@ class Attention(nn.Module):
         if (self.pattern is not None or topk) and not complete:
             mask = self.full_mask(mask, cache, q_len, k.shape[-2], q.device)
         if topk:
-            out = topk_attention(q, k, v, mask, self.topk)
+            out = topk_attention(q, k, v, mask, self.topk, self.scale)
         elif use_explicit_attention(q, k, mask):
-            out = explicit_causal_attention(q, k, v)  # [B, H, T, D]
+            out = explicit_causal_attention(q, k, v, self.scale)  # [B, H, T, D]
         else:
             out = F.scaled_dot_product_attention(
                 q,
@@ -277,6 +284,7 @@ class Attention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=mask is None and q_len > 1,
+                scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(batch, q_len, self.n_heads * self.head_dim)  # [B, T, H·D]
@@ -312,22 +320,26 @@ class Attention(nn.Module):
         q_len = x.shape[1]
         q, k, _ = self.project(x, rope)
         k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, H, T, D]
-        scores = (q.float() @ k.float().transpose(-1, -2)) / self.head_dim**0.5  # [B, H, T, T]
+        scores = q.float() @ k.float().transpose(-1, -2)  # [B, H, T, T]
+        scores = scores / self.head_dim**0.5 if self.scale is None else scores * self.scale
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
 
 
-def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, top: int) -> torch.Tensor:
+def topk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, top: int, scale: float | None = None
+) -> torch.Tensor:
     """Attention in which each query keeps only its ``top`` highest-scoring allowed keys (docs/science.md §9.1).
 
-    The exact form of Synk et al. 2025 (arXiv 2502.06766) with a flat index: scores q·kᵀ/sqrt(D) of the keys
+    The exact form of Synk et al. 2025 (arXiv 2502.06766) with a flat index: scores q·kᵀ·scale (None: 1/sqrt(D)) of the keys
     ``mask`` [B|1, H|1, T_q, T_k] allows, every score below the query's ``top``-th largest set to −inf, then
     the softmax over what is left (float32) and the weighted sum of values. q [B, H, T_q, D]; k, v
     [B, H_kv, T_k, D] (grouped-query heads share their key/value head)."""
     groups = q.shape[1] // k.shape[1]
     keys = k.repeat_interleave(groups, dim=1).float()  # [B, H, T_k, D]
     values = v.repeat_interleave(groups, dim=1).float()
-    scores = (q.float() @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, T_q, T_k]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ keys.transpose(-1, -2)) * scale  # [B, H, T_q, T_k]
     scores = scores.masked_fill(~mask, float("-inf"))
     kth = scores.topk(top, dim=-1).values[..., -1:]  # [B, H, T_q, 1]
     scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -70,10 +70,17 @@ class ComponentConfig(Protocol):
         ...
 
 
+def hidden_std(model: ModelConfig) -> float:
+    """Init std of the hidden matrices (q, k, v, gate, up): ``init_std``, divided by sqrt(m_d) under μP
+    (variance σ²/m_d with m_d = ``model.width_mult``, 1 under the standard parametrization; lmlab.models.mup)."""
+    return model.init_std if model.width_mult == 1.0 else model.init_std / model.width_mult**0.5
+
+
 def residual_std(model: ModelConfig) -> float:
-    """Init std of projections that write into the residual stream: ``init_std / sqrt(2·n_layers)``
-    (GPT-2, Radford et al. 2019: two residual writes per block keep the stream's variance bounded)."""
-    return model.init_std / (2 * model.n_layers) ** 0.5
+    """Init std of projections that write into the residual stream: ``init_std / sqrt(2·n_layers·m_d)``
+    (GPT-2, Radford et al. 2019: two residual writes per block keep the stream's variance bounded; m_d as in
+    ``hidden_std``)."""
+    return model.init_std / (2 * model.n_layers * model.width_mult) ** 0.5
 
 
 @contextmanager

@@ -1,5 +1,7 @@
 """The Llama-style decoder: token embeddings, pre-norm blocks (an attention and an FFN component,
 each with a residual), a final RMSNorm and the output projection (tied to the embeddings or not).
+Under μP (``model.parametrization: mup``, ``lmlab.models.mup``) the embeddings and logits carry their
+multipliers α_in and α_out/m_d.
 
 The attention and FFN modules come from the config's slots (``cfg.attention.build``,
 ``cfg.ffn.build``; ``lmlab.models.component``), so a new variant never edits this file.
@@ -23,6 +25,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.abacus import AbacusEmbedding
 from lmlab.models.attention import KVCache, LayerKVCache, attention_mask
 from lmlab.models.flex import MaskSpec, use_flex
+from lmlab.models.mup import input_mult, logit_mult
 from lmlab.models.norms import RMSNorm, autocast_dtype
 from lmlab.models.recurrent import Recurrence
 from lmlab.models.rope import RotaryEmbedding
@@ -107,6 +110,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # Tied: the output projection reuses tok_embeddings.weight and has no parameter of its own.
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.input_mult = input_mult(cfg)  # μP's α_in on the embeddings; None: none (standard)
+        self.logit_mult = logit_mult(cfg)  # μP's α_out/m_d on the logits; None: none (standard)
         self._init_own_weights()
 
     @torch.no_grad()
@@ -179,7 +184,7 @@ class Decoder(nn.Module):
             mask = MaskSpec(seq, doc_ids, input_ids.device)  # FlexAttention block masks (lmlab.models.flex)
         else:
             mask = attention_mask(seq, past, doc_ids, input_ids.device, key_mask)
-        hidden = self.tok_embeddings(input_ids)  # [B, T, d]
+        hidden = self.embed(input_ids)  # [B, T, d]
         if self.abacus is not None:  # a number may continue across cached calls: its run length is carried
             places, carry = self.abacus(input_ids, getattr(kv_cache, "digit_carry", None))
             hidden = hidden + places
@@ -219,8 +224,19 @@ class Decoder(nn.Module):
             state = block(state, rope, mask, cache(n_pre + c))
         return state
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [...] -> embeddings [..., d] (times μP's α_in)."""
+        hidden = self.tok_embeddings(input_ids)
+        return hidden if self.input_mult is None else hidden * self.input_mult
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the output projection reads: the final hidden states, times μP's α_out/m_d (the logit multiplier,
+        applied before the projection so a fused loss given only the hidden states and the weight sees it too)."""
+        return hidden if self.logit_mult is None else hidden * self.logit_mult
+
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden [..., d] -> logits [..., V]."""
+        hidden = self.head_input(hidden)
         if self.lm_head is None:
             return F.linear(hidden, self.tok_embeddings.weight)
         return self.lm_head(hidden)
@@ -246,7 +262,7 @@ class Decoder(nn.Module):
         """
         hidden = self.forward_hidden(input_ids, position_ids=position_ids, doc_ids=doc_ids, kv_cache=kv_cache)
         if head_fn is not None:
-            return head_fn(hidden, self.head_weight())
+            return head_fn(self.head_input(hidden), self.head_weight())
         return self.output(hidden)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -65,14 +65,16 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """softmax(q·kᵀ/sqrt(D) where the block mask allows)·v for q [B, H, T, D], k and v [B, H_kv, T, D]: compiled
-    on CUDA (eager FlexAttention materialises the scores), eager elsewhere."""
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale where the block mask allows)·v for q [B, H, T, D], k and v [B, H_kv, T, D] (``scale``
+    None: 1/sqrt(D)): compiled on CUDA (eager FlexAttention materialises the scores), eager elsewhere."""
     if q.is_cuda and not torch.compiler.is_compiling():
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     from torch.nn.attention.flex_attention import flex_attention as eager
 
-    return eager(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
+    return eager(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def use_flex(backend: str, device: torch.device, patterned: bool) -> bool:

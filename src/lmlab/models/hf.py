@@ -66,6 +66,7 @@ from lmlab.errors import CheckpointError, UserError
 from lmlab.models.attention import GQAConfig
 from lmlab.models.mlp import SwiGLUConfig, ffn_hidden_size
 from lmlab.models.moe import MoEConfig
+from lmlab.models.mup import exports_untied, fold_multipliers
 from lmlab.models.rope import RopeScalingConfig
 from lmlab.models.sparse_attention import SlidingWindowConfig
 
@@ -312,8 +313,11 @@ def hf_state_dict_to_lmlab(
 def lmlab_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """Rename our weights to HF names (contiguous copies, safe to write with safetensors). A MoE model needs
     its ``cfg`` (the family decides the names); its ``expert_bias`` buffers are dropped when they change no
-    routing decision (zero, or ``bias_update_rate = 0`` so lmlab ignores them too), else refused."""
+    routing decision (zero, or ``bias_update_rate = 0`` so lmlab ignores them too), else refused. A μP model
+    needs its ``cfg`` too: its multipliers are folded into the weights (``lmlab.models.mup.fold_multipliers``)."""
     arch = export_architecture(cfg) if cfg is not None and isinstance(cfg.ffn, MoEConfig) else None
+    if cfg is not None:
+        state = fold_multipliers(state, cfg)
     out = {}
     for name, tensor in state.items():
         if _EXPERT_BIAS.match(name) and cfg is not None and isinstance(cfg.ffn, MoEConfig):
@@ -640,7 +644,7 @@ def model_config_to_hf_config(
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
         **_rope_scaling_config(cfg),
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings and not exports_untied(cfg),
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,

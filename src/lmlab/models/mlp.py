@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.component import ComponentCount, residual_std
+from lmlab.models.component import ComponentCount, hidden_std, residual_std
 
 if TYPE_CHECKING:
     from lmlab.config import ModelConfig
@@ -47,7 +47,7 @@ class SwiGLUConfig:
 
     def build(self, model: ModelConfig, layer: int) -> SwiGLU:
         return SwiGLU(
-            model.d_model, self.hidden_size(model.d_model), init_std=model.init_std, out_std=residual_std(model)
+            model.d_model, self.hidden_size(model.d_model), init_std=hidden_std(model), out_std=residual_std(model)
         )
 
     def count(self, model: ModelConfig, seq_len: int, layer: int = 0) -> ComponentCount:

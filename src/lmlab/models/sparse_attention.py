@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Literal
 
 from lmlab.errors import ConfigError
 from lmlab.models.attention import Attention, GQAConfig
-from lmlab.models.component import ComponentCount, residual_std
+from lmlab.models.component import ComponentCount, hidden_std, residual_std
 from lmlab.models.masks import MaskFn, s2_shards, sliding_window
+from lmlab.models.mup import attention_scale
 
 if TYPE_CHECKING:
     from lmlab.config import ModelConfig
@@ -40,8 +41,9 @@ def _attention(model: ModelConfig, qk_norm: bool, qkv_bias: bool, pattern: MaskF
         qk_norm=qk_norm,
         qkv_bias=qkv_bias,
         norm_eps=model.norm_eps,
-        init_std=model.init_std,
+        init_std=hidden_std(model),
         out_std=residual_std(model),
+        scale=attention_scale(model),
         pattern=pattern,
     )
 

@@ -200,7 +200,7 @@ def decode_step(model: Decoder, cache: StaticKVCache, tokens: torch.Tensor, posi
     try:
         cache.begin(1)
         rope = model.rope(positions, cache.max_len - 1)  # cos, sin: [B, 1, head_dim]
-        hidden = model.tok_embeddings(tokens)  # [B, 1, d]
+        hidden = model.embed(tokens)  # [B, 1, d]
         for layer, layer_cache in zip(model.layers, cache.layers, strict=True):
             hidden = layer(hidden, rope, None, layer_cache)
         cache.end(1)

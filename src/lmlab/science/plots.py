@@ -5,6 +5,7 @@
 - :func:`plot_annealing`: measured vs predicted loss curves.
 - :func:`plot_lr_sweeps`: loss vs LR per (N, D) with the fitted parabola and its vertex.
 - :func:`plot_mixture`: loss vs sampling ratio per family with the fitted ``c·p^-γ``.
+- :func:`plot_coord_check`: μP's coordinate check, mean |activation| vs width per step and parametrization.
 """
 
 from __future__ import annotations
@@ -146,5 +147,33 @@ def plot_mixture(path: Path, families: list[dict]) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_coord_check(path: Path, report: dict) -> Path:
+    """One row per parametrization, one panel per activation (embedding, one attention and MLP output per block,
+    logits): mean |coordinate| vs width, one line per training step (dark: early, light: late)."""
+    plt = pyplot()
+    results = report["results"]
+    names = list(next(iter(results.values()))["sizes"])
+    fig, axes = plt.subplots(
+        len(results), len(names), figsize=(2.6 * len(names), 2.6 * len(results)), squeeze=False, sharex=True
+    )
+    colors = plt.cm.viridis(np.linspace(0, 0.9, report["steps"]))
+    for row, (parametrization, result) in enumerate(results.items()):
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            for step, values in enumerate(result["sizes"][name]):
+                ax.plot(report["widths"], values, "-o", ms=2, lw=1, color=colors[step])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{parametrization}: {name}\nslope {result['slopes'][name]:+.2f}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if row == len(results) - 1:
+                ax.set_xlabel("width", fontsize=8)
+        axes[row, 0].set_ylabel("mean |activation|", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -29,6 +29,7 @@ from torch import nn
 
 from lmlab.config import RunConfig
 from lmlab.models.moe import auxiliary_losses, balance_experts
+from lmlab.models.mup import mup_width_mult
 from lmlab.objectives.base import LossOutput
 from lmlab.train import checkpoint as ckpt_io
 from lmlab.train.callbacks import Callback
@@ -115,7 +116,7 @@ class Trainer:
         self.dist = dist or DistContext(device=device)
         self.forward_model = prepare_model(model, cfg, self.dist)
         self.model = unwrap(self.forward_model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, device, mup_width_mult(cfg.model))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
         self.step = 0
         self.tokens = 0

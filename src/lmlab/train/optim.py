@@ -5,6 +5,10 @@ default (as in GPT-2/Llama recipes); an untied output head is a matrix and is de
 ``optim.name: muon`` the 2-D weights inside the transformer blocks (attention and FFN projections)
 go to Muon (``lmlab.train.muon``); the embedding, the output head and any other head stay on AdamW,
 as Muon's authors prescribe.
+
+Under μP (``model.parametrization: mup``; lmlab.models.mup, docs/science.md §25) the hidden matrices form their
+own AdamW group at LR η/m_d, with weight decay λ·m_d so that the decay per step, LR × λ, stays η·λ at every width
+(without it wider models would decay less); the embedding, head, gains and biases keep η.
 """
 
 from __future__ import annotations
@@ -28,9 +32,20 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset()) -> list[dict]:
-    """Split parameters (other than ``exclude``, by id) into AdamW's decayed and non-decayed groups."""
+def param_groups(
+    model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset(), width_mult: float | None = None
+) -> list[dict]:
+    """Split parameters (other than ``exclude``, by id) into AdamW's decayed and non-decayed groups; with μP's
+    ``width_mult`` m_d, the hidden matrices first, in a group at LR η/m_d (``lr_scale``) and decay λ·m_d."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    mup_groups = []
+    if width_mult is not None:
+        hidden = [p for p in hidden_matrices(model) if id(p) not in exclude]
+        scale = 1.0 / width_mult
+        mup_groups = [
+            {"params": hidden, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": cfg.weight_decay * width_mult}
+        ]
+        exclude = set(exclude) | {id(p) for p in hidden}
     decay, no_decay = [], []
     seen: set[int] = set(exclude)
     for _, p in model.named_parameters():
@@ -42,25 +57,33 @@ def param_groups(model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozens
             decay.append(p)
         else:
             no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    groups = [*mup_groups, {"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, width_mult: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA when ``cfg.fused`` is None or True), or Muon + AdamW for ``cfg.name == "muon"``.
+    ``width_mult``: μP's m_d (``lmlab.models.mup.mup_width_mult``; None: the standard parametrization).
 
     Every group may carry ``lr_scale``: the trainer sets ``lr = schedule(step) · lr_scale`` (Muon's own
-    peak LR, ``optim.muon.lr``, is a scale on ``optim.lr``).
+    peak LR, ``optim.muon.lr``, is a scale on ``optim.lr``; μP's hidden matrices run at 1/m_d).
     """
     if cfg.name == "muon":
+        if width_mult is not None:
+            raise ValueError(
+                "μP's per-layer learning rates are AdamW's; Muon has no μP rule (config validation refuses it)"
+            )
         return build_muon(model, cfg, device)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fused:
         kwargs["fused"] = True
-    return torch.optim.AdamW(param_groups(model, cfg), **kwargs)
+    groups = param_groups(model, cfg, width_mult=width_mult)
+    return torch.optim.AdamW([g for g in groups if g["params"]] if width_mult is not None else groups, **kwargs)
 
 
 def build_muon(model: nn.Module, cfg: OptimConfig, device: torch.device) -> MuonWithAdamW:
