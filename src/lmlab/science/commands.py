@@ -197,7 +197,7 @@ def predict_main(argv: list[str]) -> int:
     c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
     c.add_argument("--out", help="write step,lr,loss (,loss_lo,loss_hi) for every step to this CSV")
     hp = sub.add_parser(
-        "hparams", help="optimal LR and batch size at N params and D tokens by Step Law (docs/science.md §26)"
+        "hparams", help="optimal LR and batch size at N params and D tokens by Step Law (docs/science.md §27)"
     )
     hp.add_argument("fit_dir", nargs="?", help="a step-law fit (default: the paper's constants)")
     hp.add_argument("--params", type=float, required=True, help="non-embedding parameters N")

@@ -9,7 +9,7 @@ Inputs (a sweep directory, whose ``results.csv`` is used or rebuilt from its run
 - ``lr-horizon``: columns ``params, tokens, lr, loss``; one LR sweep per (params, tokens); §3.
 - ``mixture``: columns ``family, params, tokens, p, loss`` (``p``: the family's sampling ratio); §4.
 - ``step-law``: columns ``non_embedding_params, tokens, lr, batch_tokens, loss``; one LR × batch grid per
-  (N, D); §26.
+  (N, D); §27.
 
 Every ``fit.json`` has ``law``, ``input``, ``params``, ``intervals`` (95% bootstrap; empty with ``--bootstrap 0``),
 ``fit_error``, ``n_points``, ``excluded`` (runs left out and why), ``plot``, and what says how far to trust it
@@ -401,7 +401,7 @@ def fit_step_law_command(
     params_column: str = "non_embedding_params",
     loss_column: str = "loss",
 ) -> dict[str, Any]:
-    """Grid optima per (N, D) from an LR × batch sweep, then the Step Law constants (docs/science.md §26)."""
+    """Grid optima per (N, D) from an LR × batch sweep, then the Step Law constants (docs/science.md §27)."""
     columns = [params_column, "tokens", "lr", "batch_tokens", "loss"]
     rows = load_results(source)
     require_columns(rows, [*columns[:-1], loss_column], source)

@@ -14,7 +14,7 @@ likely). Two idealised learners, both exact for this generator:
 
 ``simulate_data_limited`` runs the first learner on the generator's own documents (Monte Carlo, with the
 same draws as the text), so the theory is checked against the code that writes the corpus. docs/science.md
-§25 lists the slopes.
+§26 lists the slopes.
 """
 
 from __future__ import annotations
@@ -82,6 +82,6 @@ def local_slopes(xs: Sequence[float], ys: Sequence[float]) -> np.ndarray:
 
 
 def expected_exponents(world: ZipfFactsWorld) -> dict[str, float]:
-    """α_N = s − 1 and α_D = (s − 1)/s for the world's Zipf exponent s (docs/science.md §25)."""
+    """α_N = s − 1 and α_D = (s − 1)/s for the world's Zipf exponent s (docs/science.md §26)."""
     s = world.zipf_exponent
     return {"alpha_N": s - 1.0, "alpha_D": (s - 1.0) / s}

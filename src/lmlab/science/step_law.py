@@ -9,7 +9,7 @@ with N the non-embedding parameters (``n_layer·(4h² + 3h·d_ff)`` for their mo
 The plug-and-play predictor is :data:`STEP_LAW`; :func:`fit_step_law` refits the constants from an LR × batch
 grid at several (N, D): each grid's optimum comes from a quadratic surface in (ln η, ln B) through its points
 (the paper finds the landscape convex, with a plateau around the optimum), then ln η* and ln B* are fitted
-linearly in ln N and ln D. docs/science.md §26.
+linearly in ln N and ln D. docs/science.md §27.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ class ZipfFactsWorld:
     """Facts about Zipf-popular entities with an exact entropy floor; see the module docstring.
 
     ``zipf_exponent`` s sets the exponents: α_N = s − 1 in parameters, α_D = (s − 1)/s in data. The default
-    10/7 gives α_D = 0.3 and α_N ≈ 0.43 (docs/science.md §25); ``zipf_offset`` q flattens the head only.
+    10/7 gives α_D = 0.3 and α_N ≈ 0.43 (docs/science.md §26); ``zipf_offset`` q flattens the head only.
     """
 
     name = "zipf_facts"
