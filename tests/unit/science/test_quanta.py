@@ -19,7 +19,7 @@ def test_expected_exponents_of_the_default_world():
 
 
 def test_data_limited_learner_matches_hutters_test_vectors():
-    # One fact per document, one relation: the excess / log V is Σ_k p_k (1 − p_k)^D, the §19 quantity, whose
+    # One fact per document, one relation: the excess / log V is Σ_k p_k (1 − p_k)^D (docs/science.md §26), whose
     # test vectors are for an infinite Zipf law (normalised by ζ(s)). The world stops at K entities and
     # normalises by H_K = Σ_{k≤K} k^−s; for k > K, p_k·D < 1e-4, so the missing terms are their mass alone.
     s, k = 10 / 7, 2**24
