@@ -380,10 +380,7 @@ def fit_lr_horizon_command(
         "leave_one_out": loo,
         "warnings": lr_horizon_warnings(vertices, intervals, loo),
         "data_range": data_range({c: column(sel.rows, c) for c in ("params", "tokens", "lr", "loss")}),
-        "n_points": len(sel.rows),
-        "n_excluded": len(sel.excluded),
-        "excluded": sel.excluded,
-        "plot": PLOT_FILE,
+        **rows_used(sel),
     }
     write_fit(out, result)
     return result
@@ -447,10 +444,7 @@ def fit_step_law_command(
         "leave_one_out": loo,
         "warnings": step_law_warnings(optima, intervals, loo),
         "data_range": data_range({c: column(sel.rows, c) for c in columns}),
-        "n_points": len(sel.rows),
-        "n_excluded": len(sel.excluded),
-        "excluded": sel.excluded,
-        "plot": PLOT_FILE,
+        **rows_used(sel),
     }
     write_fit(out, result)
     return result
@@ -507,13 +501,15 @@ def fit_mixture_command(source: str, out: Path, *, weights: list[float] | None =
         "warnings": mixture_warnings(
             per_family, {f: len({r["p"] for r in sel.rows if r["family"] == f}) for f in families}
         ),
-        "n_points": len(sel.rows),
-        "n_excluded": len(sel.excluded),
-        "excluded": sel.excluded,
-        "plot": PLOT_FILE,
+        **rows_used(sel),
     }
     write_fit(out, result)
     return result
+
+
+def rows_used(sel) -> dict[str, Any]:
+    """The ``fit.json`` entries on the rows a fit used (``n_points``) and left out (``excluded``, with reasons)."""
+    return {"n_points": len(sel.rows), "n_excluded": len(sel.excluded), "excluded": sel.excluded, "plot": PLOT_FILE}
 
 
 def data_range(values: dict[str, np.ndarray]) -> dict[str, list[float]]:
