@@ -144,17 +144,20 @@ QUEUE_POLL_S = 15.0
 
 
 def wait_for_jobs(jobs: list[Any], array_id: str) -> None:
-    """Return once every job has written its result or has left Slurm's queue without one (twice in a row, so a
-    result file still on its way through a shared file system is not missed).
+    """Return once every job has written its final result or has left Slurm's queue without one (twice in a row, so
+    a result file still on its way through a shared file system is not missed).
 
     The queue, not submitit's ``sacct`` polling, tells a job that died (cancelled, killed at its time limit, its
-    node lost) from one still pending or requeued: it works on clusters without an accounting database too.
+    node lost) from one still pending or requeued: it works on clusters without an accounting database too. A
+    failed result is final only once its task has left the queue: submitit requeues a preempted task with
+    ``scontrol requeue``, and the SIGTERM that the requeue sends to the job's processes can kill that very
+    ``scontrol`` first, leaving a failed result behind a task that was requeued and will write a new one.
     """
     pending = list(jobs)
     missing: set[str] = set()
     last_look = time.monotonic()
     while pending:
-        pending = [job for job in pending if not job.paths.result_pickle.exists()]
+        pending = [job for job in pending if not _succeeded(job)]
         if pending and time.monotonic() - last_look >= QUEUE_POLL_S:
             last_look = time.monotonic()
             queued = _queued(array_id)
@@ -164,6 +167,17 @@ def wait_for_jobs(jobs: list[Any], array_id: str) -> None:
                 missing = gone
         if pending:
             time.sleep(1.0)
+
+
+def _succeeded(job: Any) -> bool:
+    """Whether the job's result file holds a success (a failure, or a file half written, is not final yet)."""
+    if not job.paths.result_pickle.exists():
+        return False
+    try:
+        outcome, _ = _submitit().core.utils.pickle_load(job.paths.result_pickle)
+    except Exception:  # noqa: BLE001 - a result being written: look again in a second
+        return False
+    return outcome == "success"
 
 
 def _queued(array_id: str) -> set[str] | None:
