@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 from lmlab.config import RunConfig, load_config
 
 TINY_OVERRIDES = [
@@ -89,3 +91,12 @@ def write_pairs_and_chat(root, n: int = 24):
             pair = json.loads(line)
             f.write(json.dumps({"prompt": pair["prompt"], "completion": pair["chosen"]}) + "\n")
     return pairs, chat
+
+
+def write_csv(path, rows):
+    """``rows`` (dicts with the same keys) as a CSV file at ``path``; returns the path."""
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -15,13 +14,7 @@ from lmlab.science.chinchilla import PRESETS
 from lmlab.science.results import collect_results, usable_rows, write_results_csv
 from lmlab.science.schedules import constant_schedule, cosine_schedule
 
-
-def write_csv(path, rows):
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
+from helpers import write_csv
 
 
 def chinchilla_rows(noise=0.003, seed=0):

@@ -3,7 +3,6 @@ constants from LR × batch grids, ``lmlab fit step-law`` and ``lmlab predict hpa
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -23,6 +22,8 @@ from lmlab.science.step_law import (
     step_law_leave_one_out,
     step_law_params,
 )
+
+from helpers import write_csv
 
 
 @pytest.mark.parametrize(
@@ -105,14 +106,6 @@ def test_leave_one_out_by_hand():
     opts.append(GridOptimum(10.0, 10.0, 2.0 / 10.0, 10.0, 1.0, True))
     loo = step_law_leave_one_out(opts)
     assert loo["n"] == 4 and loo["lr_max_factor"] == pytest.approx(2.0)
-
-
-def write_csv(path, rows):
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def test_fit_and_predict_cli(tmp_path, capsys):
