@@ -2,7 +2,7 @@
 
 - ``lmlab fit {chinchilla,annealing,lr-horizon,mixture,step-law} INPUT --out DIR [--compute C ...] [--bootstrap N]``
   writes ``DIR/fit.json`` and ``DIR/fit.png`` (input formats: :mod:`lmlab.science.fits`).
-- ``lmlab predict curve FIT_DIR --schedule cosine|constant|wsd|multistep|rewarm --steps N --lr LR [...]`` prints
+- ``lmlab predict curve FIT_DIR --schedule cosine|constant|wsd|multistep|rewarm|power --steps N --lr LR [...]`` prints
   ``step,lr,loss`` from an annealing fit, with ``loss_lo,loss_hi`` (the 95% interval over the fit's bootstrap
   refits) when it has them (schedule conventions: :mod:`lmlab.science.schedules`; ``--out`` writes the CSV of every
   step); ``lmlab predict loss FIT_DIR --params N --tokens D`` evaluates a Chinchilla fit, with its interval and a
@@ -25,6 +25,7 @@ import numpy as np
 
 from lmlab.errors import ConfigError, UserError
 from lmlab.science.results import collect_results, write_results_csv
+from lmlab.science.schedules import SCHEDULES
 from lmlab.science.slurm import slurm_launcher
 from lmlab.science.step_law import STEP_LAW, StepLaw
 from lmlab.science.sweep import Launcher, SweepSpec, load_sweep, plan_table, run_sweep
@@ -183,7 +184,7 @@ def predict_main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("curve", help="loss curve of an LR schedule from an annealing fit (docs/science.md §2)")
     c.add_argument("fit_dir")
-    c.add_argument("--schedule", required=True, choices=("constant", "cosine", "wsd", "multistep", "rewarm"))
+    c.add_argument("--schedule", required=True, choices=SCHEDULES)
     c.add_argument("--steps", type=int, required=True)
     c.add_argument("--lr", type=float, required=True, help="peak learning rate")
     c.add_argument("--warmup", type=int, default=0)
@@ -194,6 +195,13 @@ def predict_main(argv: list[str]) -> int:
     c.add_argument("--factor", type=float, default=0.1, help="multistep: LR multiplier at each milestone")
     c.add_argument("--restart", type=int, help="rewarm: step of the restart")
     c.add_argument("--rewarm-steps", type=int, default=0)
+    c.add_argument("--power-a", type=float, default=4.6, help="power: LR = min(lr, batch_sequences·a·tokens^b)")
+    c.add_argument("--power-b", type=float, default=-0.51)
+    c.add_argument("--batch-sequences", type=int, help="power: sequences per optimizer update")
+    c.add_argument("--seq-len", type=int, help="power: tokens per sequence")
+    c.add_argument(
+        "--min-lr-ratio", type=float, default=0.0, help="power: the decay ends at this fraction of its start"
+    )
     c.add_argument("--every", type=int, default=0, help="print every K steps (default: about 20 lines)")
     c.add_argument("--out", help="write step,lr,loss (,loss_lo,loss_hi) for every step to this CSV")
     hp = sub.add_parser(
@@ -239,6 +247,7 @@ def predict_main(argv: list[str]) -> int:
         factor=args.factor,
         restart=args.restart,
         rewarm_steps=args.rewarm_steps,
+        power=_power_args(args) if args.schedule == "power" else None,
     )
     momentum = float(fit.get("momentum", 0.999))
     loss = law.predict(lrs, args.warmup, momentum)
@@ -264,6 +273,19 @@ def predict_main(argv: list[str]) -> int:
         )
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _power_args(args: argparse.Namespace) -> dict:
+    """The Power scheduler's settings for ``predict curve`` (the batch is needed: its LR depends on tokens seen)."""
+    if not args.batch_sequences or not args.seq_len:
+        raise UserError("--schedule power needs --batch-sequences and --seq-len (its LR depends on the tokens seen)")
+    return {
+        "a": args.power_a,
+        "b": args.power_b,
+        "batch_sequences": args.batch_sequences,
+        "seq_len": args.seq_len,
+        "min_lr_ratio": args.min_lr_ratio,
+    }
 
 
 def _predict_hparams(args: argparse.Namespace, fit: dict | None) -> int:

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from lmlab.errors import UserError
+from lmlab.train.schedule import power_lr
 
-SCHEDULES = ("constant", "cosine", "wsd", "multistep", "rewarm")
+SCHEDULES = ("constant", "cosine", "wsd", "multistep", "rewarm", "power")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 
 
@@ -125,6 +126,43 @@ def rewarm_schedule(
     return np.concatenate([first, second])
 
 
+def power_schedule(
+    steps: int,
+    lr: float,
+    *,
+    a: float,
+    b: float,
+    batch_sequences: int,
+    seq_len: int,
+    decay_fraction: float = 0.2,
+    min_lr_ratio: float = 0.0,
+    warmup: int = 0,
+    shape: str = "linear",
+) -> np.ndarray:
+    """The Power scheduler (Shen et al. 2024; docs/science.md §2.6) as the trainer runs it: ``min(lr, β·a·n^b)``
+    with n the tokens trained before step ``s`` (β = ``batch_sequences`` rows of ``seq_len`` tokens per step)
+    until ``s0 = steps − round(decay_fraction·steps)``, then ``shape`` from its value P at ``s0`` to
+    ``min_lr_ratio·P`` at ``steps``; the warmup scales the first steps by ``(s+1)/warmup``."""
+    _check(steps, lr, warmup)
+    if batch_sequences < 1 or seq_len < 1:
+        raise UserError(f"a power schedule needs the batch: got {batch_sequences} sequences of {seq_len} tokens")
+    if not a > 0 or not b < 0:
+        raise UserError(f"a power schedule needs a > 0 and b < 0, got a={a}, b={b}")
+    if not 0.0 < decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+    s0 = max(warmup, steps - int(round(decay_fraction * steps)))
+    s = np.arange(steps + 1)
+    tokens = np.minimum(s, s0) * float(batch_sequences * seq_len)
+    lrs = np.array([power_lr(t, batch_sequences, lr, a, b) for t in tokens])
+    x = np.clip((s - s0) / max(steps - s0, 1), 0.0, 1.0)
+    lrs = lrs * (min_lr_ratio + (1.0 - min_lr_ratio) * decay_curve(x, shape))
+    if warmup > 0:
+        lrs[:warmup] *= (np.arange(warmup) + 1.0) / warmup
+    return lrs
+
+
 def make_schedule(
     name: str,
     steps: int,
@@ -138,6 +176,7 @@ def make_schedule(
     factor: float = 0.1,
     restart: int | None = None,
     rewarm_steps: int = 0,
+    power: dict | None = None,
 ) -> np.ndarray:
     """Build a schedule by name (one of :data:`SCHEDULES`); used by ``lmlab predict curve``."""
     if name == "constant":
@@ -154,4 +193,6 @@ def make_schedule(
         if restart is None:
             raise UserError("a rewarm schedule needs --restart (the step of the restart)")
         return rewarm_schedule(steps, lr, restart=restart, rewarm_steps=rewarm_steps, min_lr=min_lr, warmup=warmup)
+    if name == "power":  # power: a, b, batch_sequences, seq_len and optionally min_lr_ratio
+        return power_schedule(steps, lr, decay_fraction=decay_fraction, warmup=warmup, shape=shape, **(power or {}))
     raise UserError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")

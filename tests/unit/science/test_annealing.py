@@ -23,6 +23,7 @@ from lmlab.science.schedules import (
     cosine_schedule,
     make_schedule,
     multistep_schedule,
+    power_schedule,
     rewarm_schedule,
     wsd_schedule,
 )
@@ -161,6 +162,30 @@ def test_schedule_shapes():
         make_schedule("multistep", 10, 1.0)
     with pytest.raises(UserError, match="unknown schedule"):
         make_schedule("triangle", 10, 1.0)
+
+
+def test_power_schedule_is_the_trainers_power_schedule():
+    """The science array (decay ends at s = steps) equals the trainer's LRs (decay ends at the last update) where
+    they share a convention: before the decay, step by step; and the decay from the same start value P."""
+    from lmlab.config import ScheduleConfig
+    from lmlab.train.schedule import lr_at
+
+    kw = {"a": 0.5, "b": -0.51, "batch_sequences": 64, "seq_len": 128}
+    lrs = power_schedule(1000, 0.02, warmup=10, decay_fraction=0.2, min_lr_ratio=0.1, **kw)
+    trainer = ScheduleConfig(name="power", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1, power_a=0.5)
+    ref = [lr_at(s, 1000, 0.02, trainer, batch_sequences=64, seq_len=128) for s in range(801)]
+    np.testing.assert_allclose(lrs[:801], ref, rtol=1e-12)
+    # by hand: β·a·n^b at n = 400 updates × 8,192 tokens, under the 0.02 cap; then a linear decay to 0.1·P
+    p = 64 * 0.5 * (400 * 64 * 128) ** -0.51
+    assert lrs[400] == pytest.approx(p) and p < 0.02
+    p800 = 64 * 0.5 * (800 * 64 * 128) ** -0.51
+    assert lrs[900] == pytest.approx(p800 * (0.1 + 0.9 * 0.5)) and lrs[1000] == pytest.approx(0.1 * p800)
+    assert lrs[0] == pytest.approx(0.02 / 10)  # tokens seen 0: the cap, scaled by the warmup
+    np.testing.assert_allclose(make_schedule("power", 1000, 0.02, warmup=10, power={**kw, "min_lr_ratio": 0.1}), lrs)
+    with pytest.raises(UserError, match="batch"):
+        power_schedule(100, 0.02, a=4.6, b=-0.51, batch_sequences=0, seq_len=128)
+    with pytest.raises(UserError, match="b < 0"):
+        power_schedule(100, 0.02, a=4.6, b=0.5, batch_sequences=8, seq_len=128)
 
 
 def test_params_round_trip():

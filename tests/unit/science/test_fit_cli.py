@@ -122,6 +122,15 @@ def test_fit_annealing_from_csv_and_predict_curve(tmp_path, capsys):
     assert data.shape == (20001, 5)
     assert main(["predict", "loss", str(out), "--params", "1e9", "--tokens", "1e10"]) == 1
     assert "needs a chinchilla fit" in capsys.readouterr().err
+    # the Power scheduler: its LR falls with the tokens seen, so the curve needs the batch
+    power = ["predict", "curve", str(out), "--schedule", "power", "--steps", "20000", "--lr", "2e-4", "--warmup", "500"]
+    assert main(power) == 1
+    assert "needs --batch-sequences and --seq-len" in capsys.readouterr().err
+    assert main([*power, "--batch-sequences", "64", "--seq-len", "128", "--power-a", "1e-3"]) == 0
+    rows = [[float(v) for v in line.split(",")] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    lr_mid = 64 * 1e-3 * (10000 * 64 * 128) ** -0.51  # below the 2e-4 cap: the power law sets the LR
+    assert [r[1] for r in rows if r[0] == 10000] == [pytest.approx(lr_mid)]
+    assert rows[-1][0] == 20000 and rows[-1][1] == 0.0  # decayed to 0 (--min-lr-ratio 0)
     # the constant curve held out: the law fitted on the cosine curve alone predicts it (noise-free data, but one
     # schedule cannot pin down the annealing term: the error is reported, not asserted small)
     held = tmp_path / "held"
