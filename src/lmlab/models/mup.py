@@ -38,11 +38,14 @@ class MuPConfig:
     ``base_width`` is d_base, the width whose tuned hyperparameters (LR, init std, multipliers) transfer: at
     d_model = base_width a μP model has the standard init and learning rates. ``input_mult`` (α_in) multiplies
     the token embeddings, ``output_mult`` (α_out) the logits (together with 1/m_d); both are tunable at d_base.
+    ``scale_eps`` divides Adam's ε by m_d on the hidden matrices, whose per-entry gradients shrink as 1/m_d under
+    μP, so that ε keeps the same weight against them at every width (off by default, as in Tensor Programs V).
     """
 
     base_width: int | None = None
     input_mult: float = 1.0
     output_mult: float = 1.0
+    scale_eps: bool = False
 
     def validate(self, model: ModelConfig, key: str) -> None:
         if self.base_width is None or self.base_width <= 0:

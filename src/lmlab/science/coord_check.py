@@ -137,7 +137,9 @@ def train_width(
     initialisation), ``losses`` (per step) and, with ``eval_tokens`` [N, T + 1], ``eval_loss`` after training."""
     torch.manual_seed(seed)
     model = build_model(cfg)
-    optim = build_optimizer(model, train.optim_config(), torch.device("cpu"), mup_width_mult(cfg))
+    optim = build_optimizer(
+        model, train.optim_config(), torch.device("cpu"), mup_width_mult(cfg), scale_eps=cfg.mup.scale_eps
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     sizes, losses = [], []
     with activation_probe(model) as probe:

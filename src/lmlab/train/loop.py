@@ -116,7 +116,9 @@ class Trainer:
         self.dist = dist or DistContext(device=device)
         self.forward_model = prepare_model(model, cfg, self.dist)
         self.model = unwrap(self.forward_model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, device, mup_width_mult(cfg.model))
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, device, mup_width_mult(cfg.model), scale_eps=cfg.model.mup.scale_eps
+        )
         self.scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
         self.step = 0
         self.tokens = 0

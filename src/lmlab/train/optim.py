@@ -8,7 +8,8 @@ as Muon's authors prescribe.
 
 Under μP (``model.parametrization: mup``; lmlab.models.mup, docs/science.md §25) the hidden matrices form their
 own AdamW group at LR η/m_d, with weight decay λ·m_d so that the decay per step, LR × λ, stays η·λ at every width
-(without it wider models would decay less); the embedding, head, gains and biases keep η.
+(without it wider models would decay less), and with ``model.mup.scale_eps`` Adam's ε/m_d (their gradients
+shrink as 1/m_d); the embedding, head, gains and biases keep η and ε.
 """
 
 from __future__ import annotations
@@ -33,18 +34,29 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
 
 
 def param_groups(
-    model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset(), width_mult: float | None = None
+    model: nn.Module,
+    cfg: OptimConfig,
+    exclude: set[int] = frozenset(),
+    width_mult: float | None = None,
+    scale_eps: bool = False,
 ) -> list[dict]:
     """Split parameters (other than ``exclude``, by id) into AdamW's decayed and non-decayed groups; with μP's
-    ``width_mult`` m_d, the hidden matrices first, in a group at LR η/m_d (``lr_scale``) and decay λ·m_d."""
+    ``width_mult`` m_d, the hidden matrices first, in a group at LR η/m_d (``lr_scale``) and decay λ·m_d (and
+    ε/m_d with ``scale_eps``)."""
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     mup_groups = []
     if width_mult is not None:
         hidden = [p for p in hidden_matrices(model) if id(p) not in exclude]
         scale = 1.0 / width_mult
-        mup_groups = [
-            {"params": hidden, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": cfg.weight_decay * width_mult}
-        ]
+        group = {
+            "params": hidden,
+            "lr": cfg.lr * scale,
+            "lr_scale": scale,
+            "weight_decay": cfg.weight_decay * width_mult,
+        }
+        if scale_eps:
+            group["eps"] = cfg.eps * scale
+        mup_groups = [group]
         exclude = set(exclude) | {id(p) for p in hidden}
     decay, no_decay = [], []
     seen: set[int] = set(exclude)
@@ -64,10 +76,15 @@ def param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device: torch.device, width_mult: float | None = None
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    width_mult: float | None = None,
+    scale_eps: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA when ``cfg.fused`` is None or True), or Muon + AdamW for ``cfg.name == "muon"``.
-    ``width_mult``: μP's m_d (``lmlab.models.mup.mup_width_mult``; None: the standard parametrization).
+    ``width_mult``: μP's m_d (``lmlab.models.mup.mup_width_mult``; None: the standard parametrization);
+    ``scale_eps``: ``model.mup.scale_eps`` (ε/m_d on the hidden matrices).
 
     Every group may carry ``lr_scale``: the trainer sets ``lr = schedule(step) · lr_scale`` (Muon's own
     peak LR, ``optim.muon.lr``, is a scale on ``optim.lr``; μP's hidden matrices run at 1/m_d).
@@ -82,7 +99,7 @@ def build_optimizer(
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if fused:
         kwargs["fused"] = True
-    groups = param_groups(model, cfg, width_mult=width_mult)
+    groups = param_groups(model, cfg, width_mult=width_mult, scale_eps=scale_eps)
     return torch.optim.AdamW([g for g in groups if g["params"]] if width_mult is not None else groups, **kwargs)
 
 

@@ -100,6 +100,32 @@ def test_per_layer_learning_rates_and_weight_decay():
     assert float(step_emb.max()) == pytest.approx(0.01, rel=1e-3)
 
 
+def test_scale_eps_follows_the_hidden_gradients():
+    """Under μP the hidden matrices' per-entry gradients shrink as 1/m_d (measured at init, widths 64–512), so
+    ``model.mup.scale_eps`` gives their group ε/m_d: ε's weight against the gradient is then the same at every
+    width, where a fixed ε weighs 8× more at width 512 than at 64."""
+    x = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(3))
+    rms, eps = {}, {}
+    for width in (64, 128, 256, 512):
+        torch.manual_seed(0)
+        cfg = model_cfg(vocab_size=97, d_model=width, n_layers=2, n_heads=width // 16, max_seq_len=64, **MUP18)
+        model = Decoder(cfg)
+        logits = model(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 97), x[:, 1:].reshape(-1)).backward()
+        rms[width] = float(torch.cat([p.grad.flatten() for p in hidden_matrices(model)]).pow(2).mean().sqrt())
+        opt = build_optimizer(model, OptimConfig(eps=1e-8), torch.device("cpu"), width / 64, scale_eps=True)
+        eps[width] = opt.param_groups[0]["eps"]
+        assert all(g["eps"] == 1e-8 for g in opt.param_groups[1:])  # embedding, head, gains keep ε
+        fixed = build_optimizer(model, OptimConfig(eps=1e-8), torch.device("cpu"), width / 64)
+        assert fixed.param_groups[0]["eps"] == 1e-8  # off by default
+    assert eps == {w: pytest.approx(1e-8 * 64 / w) for w in rms}
+    assert rms[512] / rms[64] == pytest.approx(1 / 8, rel=0.15)
+    ratios = [eps[w] / rms[w] for w in rms]
+    assert max(ratios) / min(ratios) < 1.15
+    cfg = load_config(None, ["model.parametrization=mup", "model.mup.base_width=64", "model.mup.scale_eps=true"])
+    assert cfg.model.mup.scale_eps is True
+
+
 def test_attention_scale_is_one_over_d_head():
     """A μP attention equals a standard one whose q is scaled by 1/sqrt(d_head): q·k/d = (q/sqrt(d))·k/sqrt(d).
     Checked on every attention path: SDPA, the explicit bf16 CPU path, the diagnostic probabilities, top-k."""
