@@ -7,8 +7,8 @@ Pretraining* (arXiv 2503.04715), fitted on ~3,700 models:
 
 with N the non-embedding parameters (``n_layer·(4h² + 3h·d_ff)`` for their models) and D the training tokens.
 The plug-and-play predictor is :data:`STEP_LAW`; :func:`fit_step_law` refits the constants from an LR × batch
-grid at several (N, D): each grid's optimum comes from a quadratic surface in (ln η, ln B) through its points
-(the paper finds the landscape convex, with a plateau around the optimum), then ln η* and ln B* are fitted
+grid at several (N, D): each grid's optimum comes from a quadratic surface in (ln η, ln B) through the 3 × 3
+block of runs around its best one (the paper finds the landscape convex, with a plateau around the optimum), then ln η* and ln B* are fitted
 linearly in ln N and ln D. docs/science.md §27.
 """
 
@@ -70,22 +70,33 @@ class GridOptimum:
 def grid_optimum(
     params: float, tokens: float, lrs: Sequence[float], batches: Sequence[float], losses: Sequence[float]
 ) -> GridOptimum:
-    """Fit ``loss ≈ c + g·x + xᵀHx/2`` in x = (ln η, ln B) by least squares and take its vertex when H is positive
-    definite and the vertex lies within the grid; else the best grid point. Needs 3 LRs and 3 batches at least."""
+    """Fit ``loss ≈ c + g·x + xᵀHx/2`` in x = (ln η, ln B) by least squares to the 3 × 3 block of grid values
+    around the best run and take its vertex when H is positive definite and the vertex lies within the block;
+    else (the best run on the grid's edge, a surface not convex there) the best run itself. Local, because the
+    landscape is a bowl only near its optimum: runs far from it (a diverging high LR) would bend a quadratic
+    through the whole grid. Needs 3 LRs and 3 batches at least."""
     lr, bs, loss = (np.asarray(v, dtype=float) for v in (lrs, batches, losses))
-    if len(np.unique(lr)) < 3 or len(np.unique(bs)) < 3:
+    lr_values, bs_values = np.unique(lr), np.unique(bs)
+    if len(lr_values) < 3 or len(bs_values) < 3:
         raise UserError(f"a Step Law grid needs at least 3 learning rates and 3 batch sizes, got {len(lr)} runs")
-    x, y = np.log(lr), np.log(bs)
-    design = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
-    c, *_ = np.linalg.lstsq(design, loss, rcond=None)
-    hessian = np.array([[2 * c[3], c[5]], [c[5], 2 * c[4]]])
     best = int(np.argmin(loss))
+    fallback = GridOptimum(params, tokens, float(lr[best]), float(bs[best]), float(loss[best]), False)
+    i, j = int(np.searchsorted(lr_values, lr[best])), int(np.searchsorted(bs_values, bs[best]))
+    if not (0 < i < len(lr_values) - 1 and 0 < j < len(bs_values) - 1):
+        return fallback
+    near = np.isin(lr, lr_values[i - 1 : i + 2]) & np.isin(bs, bs_values[j - 1 : j + 2])
+    x, y = np.log(lr[near]), np.log(bs[near])
+    design = np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], axis=1)
+    if np.linalg.matrix_rank(design) < 6:  # e.g. a bootstrap resample that lost the block's corners
+        return fallback
+    c, *_ = np.linalg.lstsq(design, loss[near], rcond=None)
+    hessian = np.array([[2 * c[3], c[5]], [c[5], 2 * c[4]]])
     if np.all(np.linalg.eigvalsh(hessian) > 0):
         vx, vy = np.linalg.solve(hessian, -c[1:3])
         if x.min() <= vx <= x.max() and y.min() <= vy <= y.max():
             value = float(c[0] + c[1] * vx + c[2] * vy + c[3] * vx**2 + c[4] * vy**2 + c[5] * vx * vy)
             return GridOptimum(params, tokens, math.exp(vx), math.exp(vy), value, True)
-    return GridOptimum(params, tokens, float(lr[best]), float(bs[best]), float(loss[best]), False)
+    return fallback
 
 
 def fit_step_law(optima: Sequence[GridOptimum], *, batch_on_params: bool = False) -> StepLaw:

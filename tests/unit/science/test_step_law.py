@@ -72,6 +72,21 @@ def test_grid_optimum_is_the_vertex_of_a_convex_quadratic():
     assert opt.loss_opt == pytest.approx(2.0, abs=1e-12)
 
 
+def test_grid_optimum_is_local_to_the_best_run():
+    """A diverged run far from the optimum (loss 10 at the highest LR and batch) leaves the vertex where the
+    3 × 3 block around the best run puts it; a quadratic through the whole grid would move."""
+    rows = grid_rows(1e7, 1e9)
+    lrs, batches, losses = ([r[k] for r in rows] for k in ("lr", "batch_tokens", "loss"))
+    far = max(range(len(rows)), key=lambda k: (lrs[k], batches[k]))
+    losses[far] = 10.0
+    opt = grid_optimum(1e7, 1e9, lrs, batches, losses)
+    assert opt.inside and opt.lr_opt == pytest.approx(float(STEP_LAW.lr(1e7, 1e9)), rel=1e-9)
+    assert opt.batch_opt == pytest.approx(float(STEP_LAW.batch_tokens(1e7, 1e9)), rel=1e-9)
+    # the best run on the grid's edge: no block around it, so the best run itself
+    edge = [landscape(lr, b, max(lrs), 3e4) for lr, b in zip(lrs, batches)]
+    assert not grid_optimum(1e7, 1e9, lrs, batches, edge).inside
+
+
 def test_grid_optimum_off_the_grid_falls_back_to_its_best_point():
     lrs, batches = np.meshgrid(LRS, BATCHES)
     losses = [landscape(lr, b, 1.0, 3e4) for lr, b in zip(lrs.ravel(), batches.ravel())]  # optimum LR far above
