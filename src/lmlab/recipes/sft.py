@@ -2,7 +2,8 @@
 
 Reads JSONL records (conversations, prompt/completion pairs or plain ``text`` documents;
 ``lmlab.data.chat``), or the facts world's Q&A when ``data.synthetic.world=facts`` and no file is
-given. Renders them with the chat template, learns the assistant tokens only (``sft.loss_on``), packs
+given; ``sft.refusal_tokens`` starts each reply with its control token (``lmlab.data.refusal_tokens``). Renders
+them with the chat template, learns the assistant tokens only (``sft.loss_on``), packs
 them into rows of ``train.seq_len`` with per-example attention isolation (``lmlab.data.packing``) and
 trains with the configured LM objective (goldfish, NEFTune, label smoothing, z-loss, distillation from a
 teacher, each logged per component). ``init_from`` gives the architecture, the weights and (unless
@@ -22,6 +23,7 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.data.chat import SFTRecord, read_records, resolve_template
 from lmlab.data.packing import PackStats, Row, RowBatches, build_rows, iterate_batches
+from lmlab.data.refusal_tokens import add_control_tokens, needed_tokens, require_tokens, with_control_tokens
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.data.training_order import TRAINING_ORDER_FILE, training_order_jsonl
 from lmlab.errors import ConfigError, DataError
@@ -168,9 +170,15 @@ class SFTRecipe:
         cfg = inherit_from_init(job.requested)
         train_records, val_records = load_records(cfg)
         own = job.run.path / "tokenizer.json"  # a continued run keeps the tokenizer it trained
-        tokenizer = (
-            TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
-        )
+        kept = job.run.resuming and own.is_file()
+        tokenizer = TextTokenizer.load(own) if kept else load_tokenizer(cfg, train_records)
+        mode = cfg.sft.refusal_tokens
+        train_records, val_records = with_control_tokens(train_records, mode), with_control_tokens(val_records, mode)
+        tokens = needed_tokens(train_records + val_records, mode)
+        if kept or cfg.tokenizer.path:
+            require_tokens(tokenizer, tokens, f"sft.refusal_tokens={mode}")
+        else:
+            tokenizer = add_control_tokens(tokenizer, tokens)
         cfg = fit_vocabulary(cfg, tokenizer)
         tokenizer = with_run_template(tokenizer, cfg)
         s, t, ctx = cfg.sft, cfg.train, job.ctx
