@@ -145,3 +145,27 @@ def test_category_tokens_missing_from_a_loaded_tokenizer(runs, tmp_path, capsys)
                        f"tokenizer.path={runs / 'single' / 'tokenizer.json'}")  # fmt: skip
     assert code == 1 and "has no token [fraud]" in err and "sft.refusal_tokens=category" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_on_a_model_without_a_chat_template(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from helpers import TINY_OVERRIDES
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["once upon a time there was a cat"] * 20, trainer=trainer)
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    run = tmp_path / "plain"
+    (tmp_path / "plain.yaml").write_text("name: plain\n")
+    code, _, err = lmlab(capsys, "train", str(tmp_path / "plain.yaml"), "--out", str(run), *TINY_OVERRIDES, "train.steps=2", "train.eval_every=2",
+                         "train.ckpt_every=2", f"tokenizer.path={tmp_path / 'tok' / 'tokenizer.json'}",
+                         "model.vocab_size=0", "--quiet")  # fmt: skip
+    assert code == 0, err
+    code, _, err = lmlab(capsys, "eval", "safety", str(run), "--n", "2")
+    assert code == 1 and "no chat template and no lmlab chat tokens" in err and len(err.strip().splitlines()) == 1
+    code, _, err = lmlab(capsys, "generate", str(run), "--prompt", "once", "--refusal-threshold", "0.5")
+    assert code == 1 and "no chat template" in err and "--refusal-*" in err and len(err.strip().splitlines()) == 1

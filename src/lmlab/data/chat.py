@@ -169,6 +169,12 @@ def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> C
     return chosen
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` can render a chat: it has a template of its own, or lmlab's chat tokens (the built-in
+    template's)."""
+    return bool(tokenizer_chat_template(tokenizer)) or all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an assistant turn: ``<|end|>`` when the vocabulary has it, else EOS."""
     tid = tokenizer.token_to_id(END_OF_TURN)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lmlab.data.chat import end_of_turn_id, render_prompt
+from lmlab.data.chat import end_of_turn_id, has_chat_template, render_prompt
 from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.errors import UserError
 from lmlab.eval.inference_options import add_inference_options, inference_options
@@ -62,6 +62,11 @@ def generate_main(argv: list[str]) -> int:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     chat = args.chat or steering is not None
+    if chat and not has_chat_template(tokenizer):
+        raise UserError(
+            f"{args.run_dir}: its tokenizer has no chat template and no lmlab chat tokens, so --chat and the "
+            "--refusal-* flags (which steer the first token of a chat reply) cannot be used; use a chat model"
+        )
     if chat:
         ids = render_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
         stops = [end_of_turn_id(tokenizer), *tokenizer.stop_ids]

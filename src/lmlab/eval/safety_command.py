@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmlab.data.chat import end_of_turn_id, render_prompt
+from lmlab.data.chat import end_of_turn_id, has_chat_template, render_prompt
 from lmlab.data.rows import read_rows
 from lmlab.data.synthetic.safety import CATEGORIES, SafetyWorld, judge
 from lmlab.data.tokenizer import CHAT_TOKENS
@@ -68,7 +68,7 @@ def read_safety_records(path: str) -> list[dict]:
 def require_chat_template(tokenizer, run: str) -> None:
     """The world's prompts are chat turns: a tokenizer with neither a chat template nor lmlab's chat tokens cannot
     render them, and is a one-line error."""
-    if tokenizer.chat_template is None and any(tokenizer.token_to_id(t) is None for t in CHAT_TOKENS):
+    if not has_chat_template(tokenizer):
         raise UserError(
             f"{run}: its tokenizer has no chat template and no lmlab chat tokens ({', '.join(CHAT_TOKENS)}), so the "
             "safety world's chat prompts cannot be rendered; evaluate a chat model (an lmlab sft run, or an "

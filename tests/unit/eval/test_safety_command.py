@@ -28,6 +28,13 @@ def test_a_tokenizer_without_a_chat_template_is_one_message():
     require_chat_template(_plain_tokenizer().with_chat_template("{{ messages[0]['content'] }}"), "runs/base")
 
 
+def test_a_tokenizer_without_control_tokens_cannot_be_steered():
+    from lmlab.eval.refusal_steering import ControlTokens
+
+    with pytest.raises(UserError, match=r"runs/base: the tokenizer has no \[respond\] / \[refuse\] tokens"):
+        ControlTokens.of(_plain_tokenizer(), "runs/base")
+
+
 def test_safety_records_are_checked(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}], "refuse": False, "category": "benign", "facts": ["x"]}
     path = tmp_path / "d.jsonl"
