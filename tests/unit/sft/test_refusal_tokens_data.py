@@ -67,3 +67,15 @@ def test_tokens_are_single_special_tokens_and_learned(sft_tokenizer):
     fraud = tok.token_to_id("[fraud]")
     assert ids.count(fraud) == 1 and mask[ids.index(fraud)]  # one token, and the model learns to emit it
     assert ids[ids.index(fraud) - 1] == tok.token_to_id("<|assistant|>")  # the first response position
+
+
+def test_sft_reads_the_safety_world_without_a_file():
+    from lmlab.recipes.sft import load_records
+
+    from helpers import tiny_config
+
+    train, val = load_records(tiny_config("data.synthetic.world=safety", "data.synthetic.n_docs=50"))
+    assert len(train) == 50 and len(val) == 5
+    assert all(isinstance(r.refuse, bool) and r.category for r in train + val)
+    assert not {r.messages[0]["content"] for r in train} & {r.messages[0]["content"] for r in val}
+    assert with_control_tokens(train, "category")[0].messages[1]["content"].startswith("[")
