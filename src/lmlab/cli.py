@@ -16,7 +16,7 @@ from lmlab.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lmlab.recipes.pretrain:train_main", "train a model from a config (pretraining)"),
     "generate": ("lmlab.eval.commands:generate_main", "sample text from a run directory"),
-    "eval": ("lmlab.eval.commands:eval_main", "evaluate a run: perplexity, memorization, harness, passk, compare, ood"),
+    "eval": ("lmlab.eval.commands:eval_main", "evaluate a run: perplexity, memorization, harness, ood, safety, ..."),
     "config": ("lmlab.config_command:config_main", "show or validate a resolved config"),
     "tokenizer": ("lmlab.data.commands:tokenizer_main", "train a byte-level BPE tokenizer"),
     "data": ("lmlab.data.commands:data_main", "tokenize local files into memmap shards"),

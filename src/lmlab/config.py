@@ -621,6 +621,9 @@ class SFTConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     chat_template: str | None = None  # None: the tokenizer's own, else lmlab's built-in template
     epochs: float = 0.0  # > 0: set train.steps from the dataset size
+    # start each reply with a control token (docs/science.md §28): single: [refuse] / [respond] by the record's
+    # 'refuse' label; category: a refusal's '[category]' token instead of [refuse]
+    refusal_tokens: Literal["none", "single", "category"] = "none"
     # write training_order.jsonl: every training record with the draws that served it, for `lmlab eval
     # provenance` (it copies the records' text into the run directory; false for data that must not be copied)
     training_order: bool = True

@@ -515,6 +515,11 @@ def test_export_hf_overwrite_replaces_the_whole_directory(workspace, monkeypatch
         ("eval memorization runs/base1 --data data/stories.jsonl --prefix-tokens -1", ("--prefix-tokens",)),
         ("eval memorization runs/base1 --data data/stories.jsonl --batch-size 0", ("--batch-size",)),
         ("eval memorization runs/base1 --data data/stories.jsonl --out runs", ("--out runs", "directory")),
+        ("generate runs/base1 --refusal-threshold 2", ("--refusal-threshold", "[0, 1]", "-1")),
+        ("generate runs/base1 --category-threshold weapons=-0.5", ("--category-threshold weapons", "[0, 1]")),
+        ("eval safety runs/base1 --threshold 1.5", ("--threshold", "[0, 1]")),
+        ("eval safety runs/base1 --thresholds 0,0.5,3", ("--thresholds", "3.0")),
+        ("eval safety runs/base1 --refusal-temperature 0", ("--refusal-temperature",)),
     ],
 )
 def test_generate_and_eval_arguments_are_checked_first(args, words, workspace, monkeypatch, capsys):

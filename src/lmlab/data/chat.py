@@ -30,6 +30,7 @@ in every common template, where BPE cannot merge across anyway).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,12 @@ def resolve_template(tokenizer, template: ChatTemplate | str | None = None) -> C
     return chosen
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` can render a chat: it has a template of its own, or lmlab's chat tokens (the built-in
+    template's)."""
+    return bool(tokenizer_chat_template(tokenizer)) or all(tokenizer.token_to_id(t) is not None for t in CHAT_TOKENS)
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an assistant turn: ``<|end|>`` when the vocabulary has it, else EOS."""
     tid = tokenizer.token_to_id(END_OF_TURN)
@@ -277,12 +284,16 @@ def render_text_document(tokenizer, text: str) -> tuple[list[int], list[bool]]:
 class SFTRecord:
     """One training example: ``messages`` (a conversation) or ``text`` (a plain document), and its origin.
 
-    ``n_context`` leading messages are never learned (the prompt of a prompt/completion record)."""
+    ``n_context`` leading messages are never learned (the prompt of a prompt/completion record). ``refuse`` and
+    ``category`` are a record's optional labels (its reply is a refusal; its kind), read by ``sft.refusal_tokens``
+    (``lmlab.data.refusal_tokens``)."""
 
     where: str
     messages: tuple[Message, ...] = ()
     text: str | None = None
     n_context: int = 0
+    refuse: bool | None = None
+    category: str | None = None
 
     def encode(self, tokenizer, template: ChatTemplate | str | None = None, loss_on: LossOn = "assistant"):
         """``(ids, target_mask)`` of this record."""
@@ -294,9 +305,22 @@ class SFTRecord:
 
 
 def parse_record(obj: Any, where: str) -> SFTRecord:
-    """Turn one decoded JSON object into an ``SFTRecord`` (see the module docstring for the shapes)."""
+    """Turn one decoded JSON object into an ``SFTRecord`` (see the module docstring for the shapes), with its
+    optional ``refuse`` (a boolean) and ``category`` (a string) labels."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    record = _parse_shape(obj, where)
+    refuse, category = obj.get("refuse"), obj.get("category")
+    if refuse is not None and not isinstance(refuse, bool):
+        raise DataError(f"{where}: 'refuse' must be true or false, got {refuse!r}")
+    if category is not None and (not isinstance(category, str) or not category.strip()):
+        raise DataError(f"{where}: 'category' must be a non-empty string, got {category!r}")
+    if refuse is None and category is None:
+        return record
+    return dataclasses.replace(record, refuse=refuse, category=category)
+
+
+def _parse_shape(obj: dict, where: str) -> SFTRecord:
     if "messages" in obj:
         return SFTRecord(where, tuple(validate_messages(obj["messages"], where)))
     if "conversations" in obj:

@@ -4,6 +4,7 @@
 * ``lmlab data prepare FILES... --tokenizer PATH --out DIR [--overwrite] [--text-field F]
   [--val-fraction X] [--workers N] [--shard-tokens N] [--seed S]``
 * ``lmlab data synth --world NAME --n-docs N --seed S --out FILE.jsonl``
+* ``lmlab data safety --out DIR [--seed S] [--train N] [--val N] [--test N]``: the safety world's SFT chat splits
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmlab.data.prepare import (
     read_documents,
 )
 from lmlab.data.synthetic import get_world, world_names
+from lmlab.data.synthetic.safety import SafetyWorld
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
 
@@ -92,10 +94,18 @@ def data_main(argv: list[str]) -> int:
     synth.add_argument("--n-docs", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", required=True, help="output .jsonl file")
+    safety = sub.add_parser("safety", help="write the safety world's train/val/test SFT chat JSONL")
+    safety.add_argument("--out", required=True, help="output directory (gets train.jsonl, val.jsonl, test.jsonl)")
+    safety.add_argument("--seed", type=int, default=0)
+    safety.add_argument("--train", type=int, default=2000, help="training records (default 2000)")
+    safety.add_argument("--val", type=int, default=200, help="validation records (default 200)")
+    safety.add_argument("--test", type=int, default=400, help="test records (default 400)")
     args = parser.parse_args(argv)
 
     if args.action == "prepare":
         return _prepare(args, txt_split(args, parser))
+    if args.action == "safety":
+        return _safety(args, parser)
     return _synth(args, parser)
 
 
@@ -158,4 +168,17 @@ def _synth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     tmp.replace(out)
     print(f"wrote {args.n_docs} {world.name} documents (seed {args.seed}) to {out}")
+    return 0
+
+
+def _safety(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    sizes = {"train": args.train, "val": args.val, "test": args.test}
+    for split, n in sizes.items():
+        if n <= 0:
+            parser.error(f"--{split} must be > 0")
+    out = Path(args.out)
+    _check_out_dir(out)
+    paths = SafetyWorld().write_splits(out, args.seed, sizes)
+    for split, path in paths.items():
+        print(f"wrote {sizes[split]} {split} records to {path}")
     return 0

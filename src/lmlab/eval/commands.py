@@ -15,11 +15,19 @@ from pathlib import Path
 
 import torch
 
+from lmlab.data.chat import end_of_turn_id, has_chat_template, render_prompt
 from lmlab.data.shards import check_tokenizer, load_manifest
 from lmlab.errors import UserError
 from lmlab.eval.inference_options import add_inference_options, inference_options
 from lmlab.eval.memorization import EMBEDDING_THRESHOLD, FUZZY_THRESHOLD, memorization_eval, read_documents, write_jsonl
 from lmlab.eval.perplexity import perplexity
+from lmlab.eval.refusal_steering import (
+    add_steering_options,
+    choose_control_token,
+    first_position_logits,
+    steering_from_args,
+    steering_tokens,
+)
 from lmlab.models.generation import generate
 from lmlab.train.pretrained import load_model
 from lmlab.train.runtime import resolve_device
@@ -36,8 +44,11 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--chat", action="store_true", help="read --prompt as a user turn of the run's chat template")
     add_inference_options(p)
+    add_steering_options(p)
     args = p.parse_args(argv)
+    steering = steering_from_args(args)  # refusal-token steering answers a chat turn
     require(
         math.isfinite(args.temperature) and args.temperature >= 0, "--temperature", args.temperature, "finite and >= 0"
     )
@@ -50,25 +61,41 @@ def generate_main(argv: list[str]) -> int:
     if tokenizer is None:
         raise UserError(f"{args.run_dir}: the run has no tokenizer.json")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    ids = tokenizer.encode_document(args.prompt)
+    chat = args.chat or steering is not None
+    if chat and not has_chat_template(tokenizer):
+        raise UserError(
+            f"{args.run_dir}: its tokenizer has no chat template and no lmlab chat tokens, so --chat and the "
+            "--refusal-* flags (which steer the first token of a chat reply) cannot be used; use a chat model"
+        )
+    if chat:
+        ids = render_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
+        stops = [end_of_turn_id(tokenizer), *tokenizer.stop_ids]
+    else:
+        ids, stops = tokenizer.encode_document(args.prompt), tokenizer.stop_ids
     if not ids:
         raise UserError("--prompt is empty and this tokenizer starts a text with no token of its own; give a prompt")
+    forced: list[int] = []
+    if steering is not None:
+        tokens = steering_tokens(tokenizer, steering, args.run_dir)
+        forced = choose_control_token(first_position_logits(model, [ids]), tokens, steering).token.tolist()
     for i in range(args.num_samples):
         with inference_options(args, model, topk=False):
             new = generate(
                 model,
-                ids,
+                ids + forced,
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
-                eos_id=tokenizer.stop_ids,
+                eos_id=stops,
                 generator=gen,
                 attention_topk=args.attention_topk,
             )
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+        reply = tokenizer.decode(new, skip_special_tokens=True)
+        control = "".join(f"{tokenizer.id_to_token(t)} " for t in forced)
+        print(f"user: {args.prompt}\nassistant: {control}{reply}" if chat else args.prompt + reply)
     return 0
 
 
@@ -85,6 +112,10 @@ EVAL_COMMANDS: dict[str, tuple[str, str]] = {
     "unlearning": (
         "lmlab.eval.unlearning_command:unlearning_main",
         "TOFU / MUSE metrics on the unlearning benchmark: forget quality, model utility, PrivLeak",
+    ),
+    "safety": (
+        "lmlab.eval.safety_command:safety_main",
+        "refusals on harmful prompts, over-refusal and correctness on benign ones, POROver F1; threshold sweeps",
     ),
     "arithmetic": (
         "lmlab.eval.arithmetic:arithmetic_main",

@@ -1,9 +1,10 @@
 """Supervised fine-tuning (``lmlab sft CONFIG [key=value ...] --out DIR``).
 
 Reads JSONL records (conversations, prompt/completion pairs or plain ``text`` documents;
-``lmlab.data.chat``), or the facts world's Q&A when ``data.synthetic.world=facts`` and no file is
-given. Renders them with the chat template, learns the assistant tokens only (``sft.loss_on``), packs
-them into rows of ``train.seq_len`` with per-example attention isolation (``lmlab.data.packing``) and
+``lmlab.data.chat``), or the facts world's Q&A (``data.synthetic.world=facts``) or the safety world's chat
+records (``safety``) when no file is given; ``sft.refusal_tokens`` starts each reply with its control token
+(``lmlab.data.refusal_tokens``). Renders them with the chat template, learns the assistant tokens only
+(``sft.loss_on``), packs them into rows of ``train.seq_len`` with per-example attention isolation (``lmlab.data.packing``) and
 trains with the configured LM objective (goldfish, NEFTune, label smoothing, z-loss, distillation from a
 teacher, each logged per component). ``init_from`` gives the architecture, the weights and (unless
 ``tokenizer.path`` is set) the tokenizer; without it a BPE is trained on the records.
@@ -22,6 +23,8 @@ import torch
 from lmlab.config import RunConfig
 from lmlab.data.chat import SFTRecord, read_records, resolve_template
 from lmlab.data.packing import PackStats, Row, RowBatches, build_rows, iterate_batches
+from lmlab.data.refusal_tokens import add_control_tokens, needed_tokens, require_tokens, with_control_tokens
+from lmlab.data.synthetic.safety import SafetyWorld
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.data.training_order import TRAINING_ORDER_FILE, training_order_jsonl
 from lmlab.errors import ConfigError, DataError
@@ -49,9 +52,13 @@ def load_records(cfg: RunConfig) -> tuple[list[SFTRecord], list[SFTRecord]]:
         train = facts_records(cfg, "train")
         if not s.val_file:
             return train, facts_records(cfg, "heldout")
+    elif cfg.data.source == "synthetic" and cfg.data.synthetic.world == "safety":
+        train = safety_records(cfg, "train")
+        if not s.val_file:
+            return train, safety_records(cfg, "val")
     else:
         raise ConfigError(
-            "lmlab sft needs sft.train_file (a dataset file, folder or id), or data.synthetic.world=facts"
+            "lmlab sft needs sft.train_file (a dataset file, folder or id), or data.synthetic.world=facts or safety"
         )
     if s.val_file:
         return train, read_records(s.val_file, s.columns)
@@ -71,6 +78,17 @@ def facts_records(cfg: RunConfig, split: str) -> list[SFTRecord]:
     syn = cfg.data.synthetic
     convs = FactsWorld().qa_conversations(syn.seed, syn.n_docs, split)
     return [SFTRecord(f"facts:{split}:{c['person']}:{c['attribute']}", tuple(c["messages"])) for c in convs]
+
+
+def safety_records(cfg: RunConfig, split: str) -> list[SFTRecord]:
+    """The safety world's chat records with their refuse/category labels: ``data.synthetic.n_docs`` for ``train``,
+    a tenth as many for ``val`` (splits never share a prompt)."""
+    syn = cfg.data.synthetic
+    n = syn.n_docs if split == "train" else max(1, syn.n_docs // 10)
+    return [
+        SFTRecord(r["id"], tuple(r["messages"]), refuse=r["refuse"], category=r["category"])
+        for r in SafetyWorld().records(syn.seed, n, split)
+    ]
 
 
 def load_tokenizer(cfg: RunConfig, records: list[SFTRecord]) -> TextTokenizer:
@@ -168,9 +186,15 @@ class SFTRecipe:
         cfg = inherit_from_init(job.requested)
         train_records, val_records = load_records(cfg)
         own = job.run.path / "tokenizer.json"  # a continued run keeps the tokenizer it trained
-        tokenizer = (
-            TextTokenizer.load(own) if job.run.resuming and own.is_file() else load_tokenizer(cfg, train_records)
-        )
+        kept = job.run.resuming and own.is_file()
+        tokenizer = TextTokenizer.load(own) if kept else load_tokenizer(cfg, train_records)
+        mode = cfg.sft.refusal_tokens
+        train_records, val_records = with_control_tokens(train_records, mode), with_control_tokens(val_records, mode)
+        tokens = needed_tokens(train_records + val_records, mode)
+        if kept or cfg.tokenizer.path:
+            require_tokens(tokenizer, tokens, f"sft.refusal_tokens={mode}")
+        else:
+            tokenizer = add_control_tokens(tokenizer, tokens)
         cfg = fit_vocabulary(cfg, tokenizer)
         tokenizer = with_run_template(tokenizer, cfg)
         s, t, ctx = cfg.sft, cfg.train, job.ctx
