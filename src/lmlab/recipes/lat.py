@@ -47,8 +47,9 @@ class LatConfig:
     retain_weight: float = 1.0
     seed: int = 0
 
-    def validate(self, n_layers: int) -> None:
-        if not -n_layers <= self.layer < n_layers:
+    def validate(self, n_layers: int | None = None) -> None:
+        """Each knob in its range; the layer too once the model's ``n_layers`` is known."""
+        if n_layers is not None and not -n_layers <= self.layer < n_layers:
             raise UserError(
                 f"--layer {self.layer} is out of range: the model has {n_layers} blocks (0..{n_layers - 1})"
             )
@@ -179,6 +180,7 @@ def lat_main(argv: list[str]) -> int:
     cfg = LatConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LatConfig)})
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    cfg.validate()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} exists and is not empty; give a new directory")
