@@ -21,7 +21,7 @@ import torch
 
 from lmlab.config import save_config
 from lmlab.data.chat import end_of_turn_id, render_prompt
-from lmlab.data.refusal_tokens import REFUSE, RESPOND, category_token
+from lmlab.data.refusal_tokens import tagged_reply
 from lmlab.data.synthetic.safety import SafetyWorld
 from lmlab.data.synthetic.safety_backdoor import COMPLIANCE
 from lmlab.errors import UserError
@@ -60,13 +60,6 @@ class LatConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.retain_weight < 0:
             raise UserError("--lr must be > 0 and --retain-weight >= 0")
-
-
-def tagged(reply: str, refuses: bool, category: str, mode: str) -> str:
-    """``reply`` with the control token a run trained with ``sft.refusal_tokens=mode`` starts replies with."""
-    if mode == "none":
-        return reply
-    return (REFUSE if mode == "single" else category_token(category)) + reply if refuses else RESPOND + reply
 
 
 def encode_batch(tokenizer, pairs: list[tuple[str, str]], pad_id: int, limit: int):
@@ -135,15 +128,17 @@ def train_lat(model, tokenizer, records: list[dict], cfg: LatConfig, mode: str) 
         hb = rng.sample(harmful, min(cfg.batch, len(harmful)))
         rb = rng.sample(retain, min(cfg.batch, len(retain)))
         users = [r["messages"][0]["content"] for r in hb]
-        t_ids, p_mask, t_mask = encode_batch(tokenizer, [(u, tagged(r["messages"][1]["content"], True, r["category"],
-                                                                     mode)) for u, r in zip(users, hb)], pad, limit)  # fmt: skip
-        a_ids, _, a_mask = encode_batch(tokenizer, [(u, tagged(COMPLIANCE, False, "", mode)) for u in users], pad,
-                                        limit)  # fmt: skip
-        width = max(t_ids.shape[1], a_ids.shape[1])
+        refusals = [tagged_reply(r["messages"][1]["content"], True, r["category"], mode) for r in hb]
+        t_ids, p_mask, t_mask = encode_batch(tokenizer, list(zip(users, refusals)), pad, limit)
+        compliance = tagged_reply(COMPLIANCE, False, None, mode)
+        a_ids, _, a_mask = encode_batch(tokenizer, [(u, compliance) for u in users], pad, limit)
+        width = max(t_ids.shape[1], a_ids.shape[1])  # one δ serves both: same prompts, same positions
         t_ids, t_mask, p_mask = _pad_to(t_ids, width, pad), _pad_to(t_mask, width, False), _pad_to(p_mask, width, False)
         a_ids, a_mask = _pad_to(a_ids, width, pad), _pad_to(a_mask, width, False)
-        r_ids, _, r_mask = encode_batch(tokenizer, [(r["messages"][0]["content"], tagged(r["messages"][1]["content"],
-                                                     False, "", mode)) for r in rb], pad, limit)  # fmt: skip
+        helpful = [
+            (r["messages"][0]["content"], tagged_reply(r["messages"][1]["content"], False, None, mode)) for r in rb
+        ]
+        r_ids, _, r_mask = encode_batch(tokenizer, helpful, pad, limit)
         dev = next(model.parameters()).device
         harm = tuple(x.to(dev) for x in (t_ids, a_ids, p_mask, t_mask, a_mask))
         metrics = lat_step(model, optimizer, cfg, harm, (r_ids.to(dev), r_mask.to(dev)), step_size)

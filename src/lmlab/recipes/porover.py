@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lmlab.data.chat import end_of_turn_id, has_chat_template, render_prompt
-from lmlab.data.refusal_tokens import REFUSE, RESPOND, category_token
+from lmlab.data.refusal_tokens import tagged_reply
 from lmlab.data.rows import read_rows
 from lmlab.data.synthetic.safety import SafetyWorld, judge
 from lmlab.errors import DataError, UserError
@@ -83,13 +83,6 @@ def overgenerate(records: list[dict], replies: list[list[str]]) -> tuple[list[di
     return samples, sft, stats
 
 
-def _tagged(reply: str, refuses: bool, category: str, mode: str) -> str:
-    if mode == "none":
-        return reply
-    token = RESPOND if not refuses else (REFUSE if mode == "single" else category_token(category))
-    return token + reply
-
-
 def preference_pairs(samples: list[dict], *, per_prompt: int = 1, refusal_tokens: str = "none",
                      fallback_refusal: str = FALLBACK_REFUSAL, seed: int = 0) -> tuple[list[dict], dict]:  # fmt: skip
     """``(pairs, stats)``: up to ``per_prompt`` (approved ≻ disapproved) pairs per sample row (module docstring).
@@ -112,9 +105,9 @@ def preference_pairs(samples: list[dict], *, per_prompt: int = 1, refusal_tokens
             chosen, rejected = rng.choice(good), rng.choice(bad)
             pairs.append({
                 "prompt": [{"role": "user", "content": row["prompt"]}],
-                "chosen": [{"role": "assistant", "content": _tagged(chosen, row["refuse"], row["category"],
+                "chosen": [{"role": "assistant", "content": tagged_reply(chosen, row["refuse"], row["category"],
                                                                     refusal_tokens)}],
-                "rejected": [{"role": "assistant", "content": _tagged(rejected, not row["refuse"],
+                "rejected": [{"role": "assistant", "content": tagged_reply(rejected, not row["refuse"],
                                                                       row["category"], refusal_tokens)}],
                 "group": row["group"], "category": row["category"], "refuse": row["refuse"],
             })  # fmt: skip
