@@ -96,6 +96,16 @@ def test_porover_overgenerate_pairs_align(lab, capsys, tmp_path):
     assert code == 0, err
 
 
+def test_the_attacked_prompt_without_suffix_is_the_rendered_prompt(lab):
+    from lmlab.eval.attack_command import ChatPrompt
+    from lmlab.train.pretrained import run_tokenizer
+
+    tok = run_tokenizer(lab / "sft")
+    for rec in SafetyWorld().records(0, 40, "test"):
+        text = rec["messages"][0]["content"]
+        assert ChatPrompt.of(tok, text).ids() == render_prompt(tok, [{"role": "user", "content": text}])
+
+
 def test_gcg_then_filter_and_retokenize(lab, capsys, tmp_path):
     run = lab / "sft"
     code, out, err = lmlab(capsys, "safety", "gcg", run, "--out", tmp_path, "--n", "3", "--pool", "60", "--steps",
