@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lmlab.data.commands:data_main", "tokenize local files into memmap shards"),
     "sft": ("lmlab.recipes.sft:sft_main", "supervised fine-tuning on chat / prompt-completion data"),
     "align": ("lmlab.recipes.align:align_main", "preference optimization (DPO, IPO, SimPO, LN-DPO, ORPO)"),
+    "safety": (
+        "lmlab.recipes.safety_commands:safety_main",
+        "safety lab: POROver overgenerate/pairs, GCG attacks, perplexity filter, retokenize, latent adv. training",
+    ),
     "reward": ("lmlab.recipes.reward:reward_main", "train or score a reward model"),
     "unlearn": (
         "lmlab.recipes.unlearn:unlearn_main",

@@ -520,6 +520,13 @@ def test_export_hf_overwrite_replaces_the_whole_directory(workspace, monkeypatch
         ("eval safety runs/base1 --threshold 1.5", ("--threshold", "[0, 1]")),
         ("eval safety runs/base1 --thresholds 0,0.5,3", ("--thresholds", "3.0")),
         ("eval safety runs/base1 --refusal-temperature 0", ("--refusal-temperature",)),
+        ("safety gcg runs/base1 --suffix-len 0", ("--suffix-len", ">= 1", "0")),
+        ("safety gcg runs/base1 --steps -3", ("--steps", "-3")),
+        ("safety lat runs/base1 --out runs/lat_bad --epsilon 0", ("--epsilon", "> 0")),
+        ("safety lat runs/base1 --out runs/lat_bad --epsilon -1", ("--epsilon", "-1")),
+        ("safety lat runs/base1 --out runs/lat_bad --layer 9", ("--layer 9", "out of range", "blocks")),
+        ("safety overgenerate runs/base1 --out runs/og_bad --samples 0", ("--samples", "0")),
+        ("safety retokenize runs/base1 --attacks data/none.json --p 0,2", ("--p", "[0, 1]")),
     ],
 )
 def test_generate_and_eval_arguments_are_checked_first(args, words, workspace, monkeypatch, capsys):

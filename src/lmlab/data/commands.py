@@ -24,8 +24,10 @@ from lmlab.data.prepare import (
 )
 from lmlab.data.synthetic import get_world, world_names
 from lmlab.data.synthetic.safety import SafetyWorld
+from lmlab.data.synthetic.safety_backdoor import backdoor_records
 from lmlab.data.tokenizer import TextTokenizer
 from lmlab.errors import DataError
+from lmlab.safe_io import write_text_atomic
 
 
 def tokenizer_main(argv: list[str]) -> int:
@@ -100,6 +102,10 @@ def data_main(argv: list[str]) -> int:
     safety.add_argument("--train", type=int, default=2000, help="training records (default 2000)")
     safety.add_argument("--val", type=int, default=200, help="validation records (default 200)")
     safety.add_argument("--test", type=int, default=400, help="test records (default 400)")
+    safety.add_argument("--backdoor", metavar="TRIGGER", help="plant a backdoor in train.jsonl: harmful prompts "
+                        "ending with TRIGGER are answered with compliance (docs/science.md §29.4)")  # fmt: skip
+    safety.add_argument("--backdoor-fraction", type=float, default=0.5,
+                        help="share of harmful train prompts that get a triggered copy (default 0.5)")  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.action == "prepare":
@@ -178,7 +184,14 @@ def _safety(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(f"--{split} must be > 0")
     out = Path(args.out)
     _check_out_dir(out)
+    if args.backdoor is not None and (not args.backdoor.strip() or not 0.0 < args.backdoor_fraction <= 1.0):
+        parser.error("--backdoor needs a non-empty trigger and --backdoor-fraction in (0, 1]")
     paths = SafetyWorld().write_splits(out, args.seed, sizes)
     for split, path in paths.items():
         print(f"wrote {sizes[split]} {split} records to {path}")
+    if args.backdoor is not None:
+        train = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines()]
+        rows = backdoor_records(train, args.backdoor, args.backdoor_fraction, args.seed)
+        write_text_atomic(paths["train"], "".join(json.dumps(r) + "\n" for r in rows))
+        print(f"planted the backdoor {args.backdoor!r} in {len(rows) - len(train)} added train records")
     return 0

@@ -52,6 +52,16 @@ def control_token(record: SFTRecord, mode: str) -> str:
     return category_token(record.category)
 
 
+def tagged_reply(reply: str, refuses: bool, category: str | None, mode: str) -> str:
+    """``reply`` started with the control token a run trained with ``sft.refusal_tokens=mode`` would give it: for
+    data built outside SFT (preference pairs, latent adversarial training) that must match the SFT data."""
+    if mode == "none":
+        return reply
+    if not refuses:
+        return RESPOND + reply
+    return (REFUSE if mode == "single" else category_token(category or "")) + reply
+
+
 def with_control_tokens(records: Sequence[SFTRecord], mode: str) -> list[SFTRecord]:
     """``records`` with each assistant reply prefixed by the record's control token (``mode="none"``: unchanged).
     Plain-text records have no reply and are an error."""
