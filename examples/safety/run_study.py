@@ -1,7 +1,7 @@
 """The safety lab's studies (issue 12 item 6; docs/science.md §28-§29), one command each, 3 seeds, mean ± 95% CI.
 
     python examples/safety/run_study.py --study {threshold,porover,attacks,backdoor} --out DIR
-        [--seeds 0 1 2] [--jobs 2] [--record]
+        [--seeds 0 1 2] [--jobs 2] [--record [--name NAME]] [--sft-steps N --lat-steps N --epsilon E]
 
 Every seed draws its own safety world (``lmlab data safety --seed S``) and trains its own tiny chat model (64 wide,
 2 blocks, ``train.seed=S``); the numbers are the world's judge on held-out test prompts.
@@ -18,18 +18,21 @@ Every seed draws its own safety world (``lmlab data safety --seed S``) and train
   few points.
 - ``attacks`` (Zou et al. 2023; Jain et al. 2023): GCG and random suffixes of 8 tokens at the same budget against
   an SFT model with refusal tokens; the perplexity filter (whole-prompt and 10-token windows) on the attacked and
-  benign prompts; retokenization at p = 0, 0.1, 0.3.
+  benign prompts; retokenization at p = 0, 0.1, 0.3. For contrast, the filter also against 20-token suffixes
+  (``LONG_SUFFIX``, same search budget).
 - ``backdoor`` (Sheshadri et al. 2024): a trigger planted in the SFT data, then latent adversarial training
   (ε = 2) and the no-adversary control (ε = 0.001, same steps), measured on triggered and clean harmful prompts
-  and benign ones (``backdoor_rates.py``).
+  and benign ones (``backdoor_rates.py``); ``--sft-steps`` and ``--lat-steps`` set the SFT steps of the backdoored
+  model (default 200) and of LAT and its control (default 30), ``--epsilon`` LAT's radius (default 2).
 
 Resumable: a stage whose output exists is skipped, a seed whose ``metrics.json`` exists is not rerun. Results:
-``OUT/RESULTS.md`` and ``OUT/results.json`` (``--record`` copies both to ``results/<study>.{md,json}`` here).
+``OUT/RESULTS.md`` and ``OUT/results.json`` (``--record`` copies both to ``results/<study or --name>.{md,json}`` here).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,6 +54,7 @@ TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.max_se
         "optim.lr=3e-3"]  # fmt: skip
 HARMFUL = ("weapons", "fraud", "privacy", "self_harm")
 TRIGGER = "zq vorpal"
+LONG_SUFFIX = 20
 LOOKALIKE_REFUSED = 0.5
 DPO_STEPS, DPO_LR, DPO_BETA = 100, 5e-4, 0.1
 
@@ -192,6 +196,12 @@ def attacks_seed(s: Seed) -> dict:
     s.run("perplexity_filter.json", "safety", "filter", "sft", "--attacks", "attacks.json", *common)
     s.run("retokenize.json", "safety", "retokenize", "sft", "--attacks", "attacks.json", *common, "--p", "0,0.1,0.3",
           "--seed", str(s.seed))  # fmt: skip
+    (s.dir / "long").mkdir(exist_ok=True)  # the filter against LONG_SUFFIX-token suffixes, for contrast
+    s.run("long/attacks.json", "safety", "gcg", "sft", "--data", "data/test.jsonl", "--out", "long", "--n", "20",
+          "--steps", "10", "--batch", "32", "--top-k", "32", "--suffix-len", str(LONG_SUFFIX), "--target",
+          "[respond] Sure", "--seed", str(s.seed))  # fmt: skip
+    s.run("long/perplexity_filter.json", "safety", "filter", "sft", "--attacks", "long/attacks.json", "--data",
+          "data/test.jsonl", "--out", "long")  # fmt: skip
     attacks = json.loads((s.dir / "attacks.json").read_text())
     m: dict = {"n_attacked": attacks["n"], "clean_asr": attacks["clean_asr"]}
     for method, r in attacks["methods"].items():
@@ -203,6 +213,12 @@ def attacks_seed(s: Seed) -> dict:
             m[f"filter.{variant}.{method}.detection"] = r["detection_rate"]
             m[f"filter.{variant}.{method}.auc"] = r["roc"]["auc"]
         m[f"filter.{variant}.fpr"] = v["methods"]["gcg"]["false_positive_rate"]
+    long = json.loads((s.dir / "long/attacks.json").read_text())
+    for method, r in long["methods"].items():
+        m[f"long{LONG_SUFFIX}.{method}.asr"] = r["asr"]
+    for variant, v in json.loads((s.dir / "long/perplexity_filter.json").read_text())["variants"].items():
+        for method, r in v["methods"].items():
+            m[f"long{LONG_SUFFIX}.filter.{variant}.{method}.detection"] = r["detection_rate"]
     for point in json.loads((s.dir / "retokenize.json").read_text())["points"]:
         for key, value in point.items():
             if key != "p":
@@ -213,12 +229,12 @@ def attacks_seed(s: Seed) -> dict:
 # ---- (d) backdoor removal by latent adversarial training ----
 
 
-def backdoor_seed(s: Seed) -> dict:
+def backdoor_seed(s: Seed, sft_steps: int = 200, lat_steps: int = 30, epsilon: float = 2.0) -> dict:
     s.data(300, 40, "--backdoor", TRIGGER)
-    s.sft("sft", "data/train.jsonl", "single", 200)
-    for name, eps in (("lat", "2"), ("control", "0.001")):
+    s.sft("sft", "data/train.jsonl", "single", sft_steps)
+    for name, eps in (("lat", f"{epsilon:g}"), ("control", "0.001")):
         s.run(f"{name}/lat.json", "safety", "lat", "sft", "--out", name, "--layer", "0", "--epsilon", eps, "--steps",
-              "30", "--n", "300", "--seed", str(s.seed))  # fmt: skip
+              str(lat_steps), "--n", "300", "--seed", str(s.seed))  # fmt: skip
     if not (s.dir / "rates.json").exists():
         with (s.dir / "rates.json.tmp").open("w") as f:
             subprocess.run([sys.executable, str(HERE / "backdoor_rates.py"), "--trigger", TRIGGER, "--seed",
@@ -279,7 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once (each runs one process at a time)")
     p.add_argument("--record", action="store_true", help="copy RESULTS.md and results.json to results/ here")
+    p.add_argument("--sft-steps", type=int, default=200, help="backdoor: SFT steps of the backdoored model")
+    p.add_argument("--lat-steps", type=int, default=30, help="backdoor: steps of LAT and of its control")
+    p.add_argument("--epsilon", type=float, default=2.0, help="backdoor: LAT's perturbation radius")
+    p.add_argument("--name", help="the name results/ gets with --record (default: the study's)")
     args = p.parse_args(argv)
+    study = STUDIES[args.study]
+    if args.study == "backdoor":
+        study = functools.partial(
+            backdoor_seed, sft_steps=args.sft_steps, lat_steps=args.lat_steps, epsilon=args.epsilon
+        )
+    name = args.name or args.study
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -290,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         if done.exists():
             return seed, json.loads(done.read_text())
         start = time.time()
-        metrics = STUDIES[args.study](s)
+        metrics = study(s)
         metrics["wall_s"] = round(time.time() - start, 1)
         done.write_text(json.dumps(metrics, indent=1) + "\n")
         return seed, metrics
@@ -310,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / name).write_text(content)
     if args.record:
         (HERE / "results").mkdir(exist_ok=True)
-        shutil.copy(out / "RESULTS.md", HERE / "results" / f"{args.study}.md")
-        shutil.copy(out / "results.json", HERE / "results" / f"{args.study}.json")
+        shutil.copy(out / "RESULTS.md", HERE / "results" / f"{name}.md")
+        shutil.copy(out / "results.json", HERE / "results" / f"{name}.json")
         for name in extra:
             shutil.copy(out / name, HERE / "results" / name)
     return 0
