@@ -20,6 +20,7 @@ Results: ``OUT/RESULTS.md`` (``--record`` copies it and the recorded runs into t
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -91,8 +92,6 @@ def fit(results: Path, out: Path) -> dict:
 
 
 def held_optima(results: Path) -> list:
-    import csv
-
     rows = [r for r in csv.DictReader(results.open()) if r["status"] == "finished"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
